@@ -1,0 +1,533 @@
+"""Segmentation metrics: counts first, reductions second.
+
+Hard metrics go through one confusion matrix. ``confusion_matrix`` turns predictions (logits
+float [N, C, H, W] or labels int [N, H, W]) and ``target`` int [N, H, W] into int64 counts
+[C, C] with rows = truth and columns = prediction, or [N, C, C] with ``per_image=True``. Every
+reduction (``pixel_accuracy``, ``iou``, ``dice``, ``precision``, ``recall``, ``series_iou``)
+takes such a matrix, batched over any leading axes ([..., C, C]), and returns float64 [...]
+or [..., C]. Counts add up: the matrix of a dataset is the sum of its batches' matrices, so
+a validation loop sums matrices and reduces once at the end.
+
+Undefined scores are NaN, never a silent 0 or 1: a class's IoU or Dice is undefined when the
+class is absent from both truth and prediction, its precision when it is never predicted, its
+recall when it is absent from the truth. Means (``average="macro"``) are taken over the
+classes whose score is defined, so absent classes neither help nor hurt; ``"weighted"``
+weights defined classes by their share of the true pixels; ``"micro"`` pools the counts of
+all classes first. A mean with no defined class at all (an empty matrix) is NaN.
+
+Soft metrics work on softmax probabilities and stay differentiable: ``soft_stats`` gives the
+per-class soft intersection and sums that the overlap losses in :mod:`functional_seg.losses`
+are built on, ``soft_iou_metric`` the soft IoU itself.
+
+The article series' own figures (see ``SERIES.md``) are ``series_iou`` (micro Jaccard with
+class 1, BACKGROUND, ignored) and ``series_custom_iou`` (soft IoU per image, all classes
+pooled, +0.001 smoothing). ``summarize`` turns a matrix into plain Python floats for logs and
+JSON; ``format_table`` prints them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "confusion_matrix",
+    "pixel_accuracy",
+    "iou",
+    "mean_iou",
+    "imagewise_mean_iou",
+    "dice",
+    "mean_dice",
+    "precision",
+    "recall",
+    "series_iou",
+    "soft_stats",
+    "soft_iou_metric",
+    "series_custom_iou",
+    "summarize",
+    "format_table",
+]
+
+AVERAGES = (None, "macro", "weighted", "micro")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _shape(x: Tensor) -> str:
+    return f"[{', '.join(str(s) for s in x.shape)}]"
+
+
+def _check_target(target: Tensor, n: int, h: int, w: int, *, int64: bool) -> None:
+    ok_dtype = target.dtype == torch.int64 if int64 else _is_int(target)
+    if not isinstance(target, Tensor) or not ok_dtype or tuple(target.shape) != (n, h, w):
+        want = "int64" if int64 else "an integer tensor"
+        got = f"dtype={target.dtype}, shape={_shape(target)}" if isinstance(target, Tensor) else type(target)
+        raise ValueError(f"target must be {want} [N, H, W] matching logits' N, H, W = [{n}, {h}, {w}]; got {got}")
+
+
+def _is_int(x: Tensor) -> bool:
+    return not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool
+
+
+def _check_logits_target(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> int:
+    """Validate the (logits, target[, weight]) triple every loss and soft metric takes.
+
+    Only shapes and dtypes are checked (static under ``torch.compile`` and ``vmap``), never
+    values: a label outside [0, C) that is not the ignore index is the caller's error.
+
+    Returns:
+        The number of classes C.
+    """
+    if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point or logits.ndim != 4:
+        got = f"dtype={logits.dtype}, shape={_shape(logits)}" if isinstance(logits, Tensor) else type(logits)
+        raise ValueError(f"logits must be a float tensor [N, C, H, W]; got {got}")
+    n, c, h, w = logits.shape
+    _check_target(target, n, h, w, int64=True)
+    if weight is not None:
+        if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point or tuple(weight.shape) != (c,):
+            got = f"dtype={weight.dtype}, shape={_shape(weight)}" if isinstance(weight, Tensor) else type(weight)
+            raise ValueError(f"weight must be a float tensor [C] with C = {c} (logits' classes); got {got}")
+    return c
+
+
+def _check_cm(cm: Tensor) -> None:
+    if not isinstance(cm, Tensor) or cm.ndim < 2 or cm.shape[-1] != cm.shape[-2]:
+        got = _shape(cm) if isinstance(cm, Tensor) else type(cm)
+        raise ValueError(f"cm must be a confusion matrix [..., C, C] (rows = truth); got {got}")
+
+
+def _check_average(average: str | None) -> None:
+    if average not in AVERAGES:
+        raise ValueError(f"average must be one of {AVERAGES}; got {average!r}")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """Half-precision logits are upcast: softmax sums over a whole batch need float32."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+# ----------------------------------------------------------------------------- confusion matrix
+
+
+def confusion_matrix(
+    pred: Tensor,
+    target: Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int | None = None,
+    per_image: bool = False,
+) -> Tensor:
+    """Count (truth, prediction) label pairs with a single ``bincount``.
+
+    Each pixel maps to the flat bin ``truth * C + pred`` (offset by ``image * C * C`` when
+    ``per_image``); ignored pixels, and pixels whose truth or predicted label lies outside
+    [0, C), go to one extra bin that is dropped (as torchvision's reference ConfusionMatrix
+    does), so there is no boolean indexing and no host sync: it runs under
+    ``torch.compile(fullgraph=True)`` and on any device.
+
+    Args:
+        pred: logits float [N, C, H, W] (argmax over C is taken) or labels int [N, H, W].
+        target: int [N, H, W] true labels.
+        num_classes: C (static under compile).
+        ignore_index: label in ``target`` whose pixels are not counted (static).
+        per_image: return one matrix per image, [N, C, C] (static).
+
+    Returns:
+        int64 [C, C] (or [N, C, C]); ``cm[t, p]`` counts pixels of true class t predicted p.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+    if not isinstance(pred, Tensor):
+        raise ValueError(f"pred must be a tensor; got {type(pred)}")
+    if pred.dtype.is_floating_point:
+        if pred.ndim != 4 or pred.shape[1] != num_classes:
+            raise ValueError(
+                f"pred as logits must be float [N, C, H, W] with C = num_classes = {num_classes}; "
+                f"got shape {_shape(pred)}"
+            )
+        n, _, h, w = pred.shape
+        labels = pred.argmax(dim=1)
+        check_pred = False  # argmax is always in range
+    elif _is_int(pred) and pred.ndim == 3:
+        n, h, w = pred.shape
+        labels = pred.long()
+        check_pred = True
+    else:
+        raise ValueError(
+            f"pred must be logits float [N, C, H, W] or labels int [N, H, W]; "
+            f"got dtype={pred.dtype}, shape={_shape(pred)}"
+        )
+    _check_target(target, n, h, w, int64=False)
+
+    c = num_classes
+    truth = target.long()
+    flat = truth * c + labels
+    # Out-of-range labels would land in another class's bin; route them to the dropped bin.
+    valid = _in_range(truth, c)
+    if check_pred:
+        valid = valid & _in_range(labels, c)
+    if ignore_index is not None:
+        valid = valid & (truth != ignore_index)
+    bins = c * c
+    if per_image:
+        flat = flat + torch.arange(n, device=flat.device).view(n, 1, 1) * bins
+        bins = n * bins
+    flat = torch.where(valid, flat, bins)
+    counts = torch.bincount(flat.reshape(-1), minlength=bins + 1)[:bins]
+    return counts.view(n, c, c) if per_image else counts.view(c, c)
+
+
+def _in_range(labels: Tensor, c: int) -> Tensor:
+    return (labels >= 0) & (labels < c)
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def _stats(cm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(true positives, truth counts = tp + fn, predicted counts = tp + fp), each float64 [..., C]."""
+    _check_cm(cm)
+    cm = cm.to(torch.float64)  # exact integer counts up to 2**53
+    tp = torch.diagonal(cm, dim1=-2, dim2=-1)
+    return tp, cm.sum(dim=-1), cm.sum(dim=-2)
+
+
+def _divide(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, NaN where den == 0 (an undefined score), without a 0/0 in the graph."""
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(num, math.nan))
+
+
+def _reduce(num: Tensor, den: Tensor, support: Tensor, average: str | None) -> Tensor:
+    """Per-class scores num / den [..., C], or their macro / weighted / micro mean [...]."""
+    _check_average(average)
+    if average == "micro":
+        return _divide(num.sum(dim=-1), den.sum(dim=-1))
+    scores = _divide(num, den)
+    if average is None:
+        return scores
+    defined = den > 0
+    weights = defined.to(num.dtype) if average == "macro" else torch.where(defined, support, 0.0)
+    total = (weights * torch.where(defined, scores, 0.0)).sum(dim=-1)
+    return _divide(total, weights.sum(dim=-1))
+
+
+def pixel_accuracy(cm: Tensor) -> Tensor:
+    """Fraction of counted pixels whose predicted label is the true one (micro accuracy).
+
+    Args:
+        cm: confusion matrix [..., C, C].
+
+    Returns:
+        float64 [...]; NaN for an empty matrix.
+    """
+    tp, support, _ = _stats(cm)
+    return _divide(tp.sum(dim=-1), support.sum(dim=-1))
+
+
+def iou(cm: Tensor, *, average: str | None = None) -> Tensor:
+    """Intersection over union (Jaccard index) tp / (tp + fp + fn).
+
+    Args:
+        cm: confusion matrix [..., C, C].
+        average: None for per-class scores; ``"macro"`` (mean over classes present in truth or
+            prediction), ``"weighted"`` (by true-pixel frequency, the "frequency weighted IoU"
+            of Long et al. 2015) or ``"micro"`` (pooled counts).
+
+    Returns:
+        float64 [..., C] (NaN for a class absent from truth and prediction), or [...] if averaged.
+    """
+    tp, support, predicted = _stats(cm)
+    return _reduce(tp, support + predicted - tp, support, average)
+
+
+def mean_iou(cm: Tensor, *, average: str = "macro") -> Tensor:
+    """Mean IoU; by default the macro mean over classes present in truth or prediction.
+
+    A class absent from both is left out of the mean (its IoU is undefined), as torchmetrics'
+    ``MulticlassJaccardIndex(average="macro")`` does. A batched matrix [N, C, C] gives one
+    mean per image, [N].
+    """
+    if average is None:
+        raise ValueError("mean_iou needs average='macro', 'weighted' or 'micro'; use iou() per class")
+    return iou(cm, average=average)
+
+
+def imagewise_mean_iou(cm: Tensor) -> Tensor:
+    """Mean over images of each image's macro mean IoU (classes present in that image).
+
+    Args:
+        cm: per-image confusion matrices int [N, C, C] (``confusion_matrix(..., per_image=True)``).
+
+    Returns:
+        float64 0-d; images with no counted pixel are left out (NaN if all are empty).
+    """
+    _check_cm(cm)
+    if cm.ndim != 3:
+        raise ValueError(f"cm must be per-image confusion matrices [N, C, C]; got {_shape(cm)}")
+    per_image = mean_iou(cm)
+    defined = ~per_image.isnan()
+    return _divide(torch.where(defined, per_image, 0.0).sum(), defined.sum().to(per_image.dtype))
+
+
+def dice(cm: Tensor, *, average: str | None = None) -> Tensor:
+    """Dice score (F1) 2 tp / (2 tp + fp + fn); ``average`` as in :func:`iou`.
+
+    Returns:
+        float64 [..., C] (NaN for a class absent from truth and prediction), or [...] if averaged.
+    """
+    tp, support, predicted = _stats(cm)
+    return _reduce(2 * tp, support + predicted, support, average)
+
+
+def mean_dice(cm: Tensor, *, average: str = "macro") -> Tensor:
+    """Mean Dice over classes present in truth or prediction (by default macro)."""
+    if average is None:
+        raise ValueError("mean_dice needs average='macro', 'weighted' or 'micro'; use dice() per class")
+    return dice(cm, average=average)
+
+
+def precision(cm: Tensor, *, average: str | None = None) -> Tensor:
+    """Precision tp / (tp + fp); NaN for a class never predicted. ``average`` as in :func:`iou`."""
+    tp, support, predicted = _stats(cm)
+    return _reduce(tp, predicted, support, average)
+
+
+def recall(cm: Tensor, *, average: str | None = None) -> Tensor:
+    """Recall tp / (tp + fn); NaN for a class absent from the truth. ``average`` as in :func:`iou`."""
+    tp, support, _ = _stats(cm)
+    return _reduce(tp, support, support, average)
+
+
+def series_iou(cm: Tensor, *, ignore_class: int = 1) -> Tensor:
+    """The article series' "IoU": micro Jaccard with one class (BACKGROUND = 1) ignored.
+
+    Equals torchmetrics' ``MulticlassJaccardIndex(C, average="micro", ignore_index=1)`` on the
+    same pixels: pixels whose truth is ``ignore_class`` are dropped, then tp and tp + fp + fn
+    are pooled over the other classes (pixels *predicted* as ``ignore_class`` still count as
+    misses of their true class). The series computed it per batch; from an accumulated matrix
+    this is the dataset-level figure.
+
+    Args:
+        cm: confusion matrix [..., C, C], C >= 2.
+        ignore_class: the class left out (static).
+
+    Returns:
+        float64 [...]; NaN when no pixel is left.
+    """
+    _check_cm(cm)
+    c = cm.shape[-1]
+    if not 0 <= ignore_class < c:
+        raise ValueError(f"ignore_class must lie in [0, {c}); got {ignore_class}")
+    keep = torch.arange(c, device=cm.device) != ignore_class
+    tp, support, predicted = _stats(cm * keep.unsqueeze(-1).to(cm.dtype))
+    keep = keep.to(tp.dtype)
+    return _divide((tp * keep).sum(dim=-1), ((support + predicted - tp) * keep).sum(dim=-1))
+
+
+# ----------------------------------------------------------------------------- soft metrics
+
+
+def soft_stats(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int | None = None,
+    per_image: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Soft counts from softmax probabilities: the kernel of soft IoU, Dice and Tversky.
+
+    With p = softmax(logits) and t the one-hot target, sums over the batch and pixels give
+    the soft intersection I = sum p t, the predicted mass P = sum p and the true count
+    T = sum t per class; soft fp = P - I and fn = T - I. Ignored pixels are masked out of
+    all three (by multiplication, so they get exactly zero gradient).
+
+    Args:
+        logits: float [N, C, H, W].
+        target: int64 [N, H, W], labels in [0, C) or ``ignore_index``.
+        ignore_index: label whose pixels are left out (static).
+        per_image: sum per image instead of over the whole batch (static).
+
+    Returns:
+        (I, P, T), each float [C] (or [N, C] when ``per_image``), in the logits' dtype
+        (float32 for half-precision logits).
+    """
+    c = _check_logits_target(logits, target)
+    probs = torch.softmax(logits.to(_compute_dtype(logits)), dim=1)
+    classes = torch.arange(c, device=target.device).view(1, c, 1, 1)
+    onehot = (target.unsqueeze(1) == classes).to(probs.dtype)
+    if ignore_index is not None:
+        valid = (target != ignore_index).unsqueeze(1).to(probs.dtype)
+        probs = probs * valid
+        onehot = onehot * valid
+    dims = (2, 3) if per_image else (0, 2, 3)
+    return (probs * onehot).sum(dim=dims), probs.sum(dim=dims), onehot.sum(dim=dims)
+
+
+def _class_mean(scores: Tensor, weight: Tensor | None) -> Tensor:
+    """Macro mean over the last (class) axis, or the ``weight``-weighted mean."""
+    if weight is None:
+        return scores.mean(dim=-1)
+    weight = weight.to(scores.dtype)
+    den = weight.sum()
+    return (scores * weight).sum(dim=-1) / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def soft_iou_metric(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int | None = None,
+    eps: float = 1.0,
+) -> Tensor:
+    """Differentiable soft IoU M = mean_c (I_c + eps) / (U_c + eps), U = P + T - I.
+
+    Sums run over the whole batch ("batch" reduction, as in segmentation_models_pytorch).
+    The additive ``eps`` (Laplace smoothing) keeps every class finite: a class absent from the
+    truth and (softly) from the prediction scores 1, a correct "not here"; for classes
+    present in a real batch (millions of pixels) eps = 1 is negligible. ``soft_iou(log=False)``
+    is 1 - M and ``soft_iou(log=True)`` is -log M.
+
+    Args:
+        logits: float [N, C, H, W].
+        target: int64 [N, H, W].
+        weight: optional float [C]; the mean over classes becomes sum w_c M_c / sum w_c.
+        ignore_index: label whose pixels are left out (static).
+        eps: smoothing, > 0 (static).
+
+    Returns:
+        0-d float tensor in (0, 1].
+    """
+    _check_logits_target(logits, target, weight)
+    _check_eps(eps)
+    inter, pred_sum, true_sum = soft_stats(logits, target, ignore_index=ignore_index)
+    union = (pred_sum + true_sum - inter).clamp_min(0.0)
+    return _class_mean((inter + eps) / (union + eps), weight)
+
+
+def _check_eps(eps: float) -> None:
+    if not isinstance(eps, int | float) or not eps > 0:
+        raise ValueError(f"eps must be a positive number (it keeps absent classes finite); got {eps!r}")
+
+
+def series_custom_iou(logits: Tensor, target: Tensor, *, ignore_index: int | None = None, eps: float = 1e-3) -> Tensor:
+    """The article series' "custom IoU": per-image soft IoU, classes pooled, averaged over images.
+
+    For each image, (sum_{c,h,w} p t + eps) / (sum_{c,h,w} (p + t - p t) + eps) with the
+    series' eps = 0.001, then the mean over the N images. Differentiable (the series' loss was
+    ``-log`` of it).
+
+    Args:
+        logits: float [N, C, H, W].
+        target: int64 [N, H, W].
+        ignore_index: label whose pixels are left out (static).
+        eps: smoothing added to numerator and denominator (static).
+
+    Returns:
+        0-d float tensor.
+    """
+    _check_eps(eps)
+    inter, pred_sum, true_sum = soft_stats(logits, target, ignore_index=ignore_index, per_image=True)
+    inter = inter.sum(dim=-1)
+    union = (pred_sum.sum(dim=-1) + true_sum.sum(dim=-1) - inter).clamp_min(0.0)
+    return ((inter + eps) / (union + eps)).mean()
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _floats(x: Tensor) -> float | list[float]:
+    return x.detach().to("cpu", torch.float64).tolist()
+
+
+def summarize(cm: Tensor, class_names: Sequence[str] | None = None) -> dict[str, float | list[float]]:
+    """Every metric of a confusion matrix as plain Python floats (for logs and JSON).
+
+    Keys: ``pixel_accuracy``, ``mean_iou`` (macro over present classes), ``weighted_iou``,
+    ``micro_iou``, ``iou`` (per class), ``dice`` (per class), ``mean_dice``, ``precision`` and
+    ``recall`` (per class), ``mean_precision``, ``mean_recall``, ``series_iou`` (class 1
+    ignored; only when C >= 2), and ``imagewise_mean_iou`` when ``cm`` is per image
+    [N, C, C] (the other figures then use the summed matrix). With ``class_names``, each
+    per-class value is also given flat as ``"iou/<name>"``, ``"dice/<name>"``, ... for loggers
+    that want scalars. Undefined values are ``nan`` (see the module docstring).
+
+    Args:
+        cm: confusion matrix int [C, C] or per image [N, C, C].
+        class_names: optional C names.
+
+    Returns:
+        dict of str -> float or list[float] (length C).
+    """
+    _check_cm(cm)
+    if cm.ndim not in (2, 3):
+        raise ValueError(f"cm must be [C, C] or per image [N, C, C]; got {_shape(cm)}")
+    total = cm.sum(dim=0) if cm.ndim == 3 else cm
+    c = total.shape[-1]
+    if class_names is not None and len(class_names) != c:
+        raise ValueError(f"class_names must name all {c} classes; got {len(class_names)}")
+    out: dict[str, float | list[float]] = {
+        "pixel_accuracy": _floats(pixel_accuracy(total)),
+        "mean_iou": _floats(mean_iou(total)),
+        "weighted_iou": _floats(mean_iou(total, average="weighted")),
+        "micro_iou": _floats(mean_iou(total, average="micro")),
+        "iou": _floats(iou(total)),
+        "dice": _floats(dice(total)),
+        "mean_dice": _floats(mean_dice(total)),
+        "precision": _floats(precision(total)),
+        "recall": _floats(recall(total)),
+        "mean_precision": _floats(precision(total, average="macro")),
+        "mean_recall": _floats(recall(total, average="macro")),
+    }
+    if c >= 2:
+        out["series_iou"] = _floats(series_iou(total))
+    if cm.ndim == 3:
+        out["imagewise_mean_iou"] = _floats(imagewise_mean_iou(cm))
+    if class_names is not None:
+        for key in _PER_CLASS:
+            for name, value in zip(class_names, out[key]):
+                out[f"{key}/{name}"] = value
+    return out
+
+
+_PER_CLASS = ("iou", "dice", "precision", "recall")
+_HEADERS = {"iou": "IoU", "dice": "Dice", "precision": "Precision", "recall": "Recall"}
+_MEANS = {"iou": "mean_iou", "dice": "mean_dice", "precision": "mean_precision", "recall": "mean_recall"}
+_SCALARS = {
+    "pixel_accuracy": "pixel accuracy",
+    "mean_iou": "mean IoU (macro)",
+    "weighted_iou": "weighted IoU",
+    "micro_iou": "micro IoU",
+    "series_iou": "series IoU (class 1 ignored)",
+    "imagewise_mean_iou": "imagewise mean IoU",
+}
+
+
+def format_table(summary: Mapping[str, float | list[float]], class_names: Sequence[str] | None = None) -> str:
+    """A small plain-text table of a :func:`summarize` dict: one row per class, then the means.
+
+    Args:
+        summary: the dict from :func:`summarize`.
+        class_names: optional names for the rows (default ``class 0``, ``class 1``, ...).
+
+    Returns:
+        the table as one string (no trailing newline).
+    """
+    c = len(summary["iou"])
+    names = list(class_names) if class_names is not None else [f"class {i}" for i in range(c)]
+    if len(names) != c:
+        raise ValueError(f"class_names must name all {c} classes; got {len(names)}")
+    width = max(len(name) for name in [*names, "mean"])
+    lines = [f"{'':<{width}}" + "".join(f"{_HEADERS[k]:>11}" for k in _PER_CLASS)]
+    for i, name in enumerate(names):
+        lines.append(f"{name:<{width}}" + "".join(f"{summary[k][i]:>11.4f}" for k in _PER_CLASS))
+    lines.append(f"{'mean':<{width}}" + "".join(f"{summary[_MEANS[k]]:>11.4f}" for k in _PER_CLASS))
+    label_width = max(len(label) for label in _SCALARS.values())
+    for key, label in _SCALARS.items():
+        if key in summary:
+            lines.append(f"{label:<{label_width}} {summary[key]:.4f}")
+    return "\n".join(lines)
