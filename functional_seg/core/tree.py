@@ -116,6 +116,8 @@ def unstack(tree: Tree) -> list[Tree]:
     leaves, spec = pytree.tree_flatten(tree)
     if not leaves:
         return []
+    if any(leaf.dim() == 0 for leaf in leaves):
+        raise ValueError("unstack needs a leading (stacked) dimension on every leaf; got a 0-d leaf")
     n = leaves[0].shape[0]
     if any(leaf.shape[0] != n for leaf in leaves):
         raise ValueError("all leaves must share the leading (stacked) dimension")
@@ -138,12 +140,14 @@ def tree_clone(tree: Tree) -> Tree:
 
 
 def tree_allclose(a: Tree, b: Tree, *, rtol: float = 0.0, atol: float = 0.0) -> bool:
-    """True when both trees have the same structure and leaves equal within tolerance."""
+    """True when both trees have the same structure and leaves (same shape and dtype) equal within tolerance."""
     if tree_structure(a) != tree_structure(b):
         return False
     for x, y in zip(tree_leaves(a), tree_leaves(b)):
         if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or not torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True):
+            if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            if not torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True):
                 return False
         elif x != y:
             return False
