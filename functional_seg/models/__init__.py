@@ -1,5 +1,14 @@
-"""Model zoo and registry: ``create_model(name, **cfg)``, ``list_models()``, ``from_module``."""
+"""Model zoo and registry: ``create_model(name, **cfg)``, ``list_models()``, ``from_module``.
 
-from .base import Model, create_model, from_module, list_models, register_model
+Importing this package registers every family: ``segnet``, ``segnet_dsc`` (segnet.py), ``unet``,
+``vit``, ``segformer``, and torchvision's ``fcn_resnet50``, ``deeplabv3_mobilenet``,
+``lraspp_mobilenet`` lifted with ``from_module`` (lifted.py).
+"""
 
-__all__ = ["Model", "create_model", "from_module", "list_models", "register_model"]
+from . import lifted, segformer, segnet, unet, vit
+from .base import Model, build_cfg, create_model, from_module, list_models, register_model
+
+__all__ = [
+    "Model", "build_cfg", "create_model", "from_module", "list_models", "register_model",
+    "lifted", "segformer", "segnet", "unet", "vit",
+]
