@@ -78,7 +78,7 @@ def random_bits(k: torch.Tensor, shape: Sequence[int] | int, *, _salt: int = 0) 
     x = _mix(counter ^ k0 ^ _salt)
     x = _mix((x + k1) & _MASK)
     x = _mix(x ^ k0)
-    return x.reshape(*k.shape[:-1], *shape)
+    return x.reshape((*k.shape[:-1], *shape))  # a tuple: reshape() with no sizes fails for shape ()
 
 
 def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
@@ -106,10 +106,16 @@ def uniform(
     high: float | torch.Tensor = 1.0,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Uniform floats in [low, high) with 24 random bits (exact in float32)."""
+    """Uniform floats in [low, high), using as many random bits as ``dtype`` holds exactly (24 in float32)."""
     bits = random_bits(k, shape)
-    u = (bits >> 8).to(dtype) * (1.0 / (1 << 24))
-    return low + (high - low) * u
+    # mantissa bits + 1: 24 in float32, 11 in float16 (2**24 would overflow it to inf), 32 at most
+    nbits = min(round(-math.log2(torch.finfo(dtype).eps)) + 1, 32)
+    u = (bits >> (32 - nbits)).to(dtype) * (1.0 / (1 << nbits))
+    out = low + (high - low) * u
+    # low + (high - low) * u can round up onto high itself: keep the interval half-open (low == high gives low)
+    high_t = torch.as_tensor(high, dtype=out.dtype, device=out.device)
+    out = torch.minimum(out, torch.nextafter(high_t, torch.full_like(high_t, -math.inf)))
+    return torch.maximum(out, torch.as_tensor(low, dtype=out.dtype, device=out.device))
 
 
 def normal(
