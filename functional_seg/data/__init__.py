@@ -1,0 +1,59 @@
+"""Oxford-IIIT Pet data: reader, prepared cache, in-memory loader and pure on-device augmentation.
+
+Data flows one way::
+
+    files --prepare--> PreparedData (uint8 [N, 3, S, S], masks uint8 [N, S, S], names)
+          --Loader.epoch(key)--> uint8 images [B, 3, S, S], int64 masks [B, S, S] on the device
+          --to_float, augment(key, ..., cfg), normalize--> float model input
+
+Labels: 0 = pet, 1 = background, 2 = border (``CLASS_NAMES``); ``IGNORE_INDEX`` marks padding.
+"""
+
+from .augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    AugmentConfig,
+    augment,
+    augment_preset,
+    normalize,
+    to_float,
+)
+from .loader import Loader
+from .oxford_pets import (
+    CLASS_NAMES,
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    POLICIES,
+    SPLITS,
+    DataError,
+    DataWarning,
+    find_root,
+    read_split,
+)
+from .prepare import PreparedData, prepare
+from .synthetic import make_synthetic_dataset
+
+__all__ = [
+    "CLASS_NAMES",
+    "NUM_CLASSES",
+    "IGNORE_INDEX",
+    "SPLITS",
+    "POLICIES",
+    "DataError",
+    "DataWarning",
+    "find_root",
+    "read_split",
+    "PreparedData",
+    "prepare",
+    "Loader",
+    "AugmentConfig",
+    "PRESETS",
+    "augment",
+    "augment_preset",
+    "normalize",
+    "to_float",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "make_synthetic_dataset",
+]
