@@ -52,7 +52,9 @@ def batches(draw, labels=(0, 1, 2)):
     n, h, w = draw(st.integers(1, 4)), draw(st.integers(1, 32)), draw(st.integers(1, 32))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     images = torch.rand((n, 3, h, w), generator=g)
-    label_set = torch.tensor(draw(st.lists(st.sampled_from(labels), min_size=1, max_size=len(labels), unique=True)))
+    label_set = torch.tensor(
+        draw(st.lists(st.sampled_from(labels), min_size=1, max_size=len(labels), unique=True))
+    )
     masks = label_set[torch.randint(0, len(label_set), (n, h, w), generator=g)]
     return images, masks
 
@@ -163,7 +165,9 @@ def test_none_preset_is_identity(key):
 def test_full_area_square_crop_is_identity(key):
     images = torch.rand((3, 3, 9, 9), generator=torch.Generator().manual_seed(3))
     masks = torch.randint(0, 3, (3, 9, 9), generator=torch.Generator().manual_seed(4))
-    out_img, out_mask = augment(key, images, masks, AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0)))
+    out_img, out_mask = augment(
+        key, images, masks, AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    )
     torch.testing.assert_close(out_img, images, atol=1e-5, rtol=0)
     assert torch.equal(out_mask, masks)
 
@@ -260,7 +264,13 @@ def test_presets_and_config_validation():
     assert augment_preset("flip_jitter_crop").crop_scale == (0.5, 1.0)
     with pytest.raises(ValueError, match="flip_jitter_full"):
         augment_preset("nope")
-    for bad in (dict(hflip=1.5), dict(hue=0.6), dict(contrast=-1), dict(crop_scale=(0.0, 1.0)), dict(crop_p=2)):
+    for bad in (
+        dict(hflip=1.5),
+        dict(hue=0.6),
+        dict(contrast=-1),
+        dict(crop_scale=(0.0, 1.0)),
+        dict(crop_p=2),
+    ):
         with pytest.raises(ValueError):
             AugmentConfig(**bad)
 

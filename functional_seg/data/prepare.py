@@ -139,12 +139,20 @@ class PreparedData:
         )
 
 
+def _writable(p: Path) -> bool:
+    """Writable by us *and* not marked read-only: root passes ``os.access`` on an r-x folder."""
+    try:
+        return os.access(p, os.W_OK) and bool(p.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
 def default_cache_dir(root: Path) -> Path:
     """``<root>/.fseg_cache`` when the dataset folder is writable, else ``~/.cache/functional_seg``."""
     local = root / ".fseg_cache"
-    if local.is_dir() and os.access(local, os.W_OK):
+    if local.is_dir() and _writable(local) and _writable(root):
         return local
-    if not local.exists() and os.access(root, os.W_OK):
+    if not local.exists() and _writable(root):
         try:
             local.mkdir(exist_ok=True)
             return local
