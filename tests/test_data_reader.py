@@ -25,12 +25,18 @@ from functional_seg.data import (
 )
 from functional_seg.data.oxford_pets import image_path, load_sample, trimap_path, trimap_to_labels
 
-SAMPLE = Path(os.environ.get("FSEG_SAMPLE_DATA") or Path(__file__).parents[1].parent / "shared/data/oxford-pets-sample")
-needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real Oxford-IIIT Pet sample not found at {SAMPLE}")
+SAMPLE = Path(
+    os.environ.get("FSEG_SAMPLE_DATA") or Path(__file__).parents[1].parent / "shared/data/oxford-pets-sample"
+)
+needs_sample = pytest.mark.skipif(
+    not SAMPLE.is_dir(), reason=f"real Oxford-IIIT Pet sample not found at {SAMPLE}"
+)
 
 
 def _listed(path: Path) -> list[str]:
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return [
+        line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
 
 
 @pytest.fixture(scope="module")

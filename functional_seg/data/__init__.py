@@ -31,7 +31,7 @@ from .oxford_pets import (
     find_root,
     read_split,
 )
-from .prepare import PreparedData, prepare
+from .prepared import PreparedData, prepare
 from .synthetic import make_synthetic_dataset
 
 __all__ = [

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 
 from ..core import random as fr
-from .prepare import PreparedData
+from .prepared import PreparedData
 
 __all__ = ["Loader"]
 
