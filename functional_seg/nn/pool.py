@@ -31,6 +31,6 @@ def max_unpool2d(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int,
 
 def resize(x: torch.Tensor, size: tuple[int, int], *, mode: str = "bilinear") -> torch.Tensor:
     """Resize [N, C, H, W] to ``size``; bilinear uses align_corners=False (torch's default)."""
-    if mode == "nearest":
-        return F.interpolate(x, size=size, mode="nearest")
-    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+    if mode in ("bilinear", "bicubic"):
+        return F.interpolate(x, size=size, mode=mode, align_corners=False)
+    return F.interpolate(x, size=size, mode=mode)  # nearest, nearest-exact, area take no align_corners
