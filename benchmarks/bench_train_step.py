@@ -1,0 +1,423 @@
+"""Train-step throughput (images/s): this library's compiled functional step against the stateful baselines.
+
+Command (GPU, ~2 min with compiles):   python benchmarks/bench_train_step.py
+Command (CPU, ~1 min):                 python benchmarks/bench_train_step.py --quick
+
+Rows, all on the same prepared uint8 data (the sample's trainval, repeated so no epoch boundary
+falls inside the timed window), the same architecture and loss (cross-entropy), Adam lr 1e-3:
+
+  a   this library: ``make_train_step(..., compile=True)``, augmentation (flip + contrast jitter)
+      inside the one compiled step, batches gathered on the device from resident uint8 tensors.
+  a'  the same step in eager mode (``compile=False``).
+  b   the articles' way: the reference ``torch.nn.Module`` SegNet, ``torch.optim.Adam``, eager,
+      fp32, fed by a ``DataLoader`` whose workers run ``transforms.v2`` (RandomHorizontalFlip +
+      ColorJitter(contrast=0.3) on a paired ``tv_tensors.Image`` / ``tv_tensors.Mask``).
+  b16 as b under bf16 autocast (CUDA only): separates precision from the rest.
+  bin b's input pipeline alone (DataLoader iteration + copy to the device, no model).
+  c   ``torch.compile(module)`` + ``torch.optim.Adam(fused=True)`` (fused on CUDA only), bf16 on
+      CUDA, with a's on-device augmentation (compiled separately) and resident data.
+
+Each row warms up (compiles) first, then times ``--steps`` steps between CUDA synchronisations.
+Prints images/s and the ratios a/b and a/c (targets on a GPU: a/b >= 3, a/c >= 1.0; on CPU:
+a/b >= 1.0). ``--profile`` adds a torch.profiler table of the top ops of a, b and c.
+Writes ``<out>/bench_train_step_<device-kind>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+EXPERIMENT = "bench_train_step"
+QUICK_WIDTHS = (8, 16, 32, 32)
+
+
+def parse_args(argv=None):
+    p = C.base_parser(__doc__.split("\n")[0], epochs=1, size=128, batch_size=64)
+    p.add_argument("--model", default="segnet", help="registry name; the baseline module must exist for it")
+    p.add_argument("--widths", default=None, help="encoder widths, e.g. 16,32,64,64 (default: the series')")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30; quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default 3; quick 2)")
+    p.add_argument("--rows", default="b,b_input,b16,a_eager,a,c", help="which rows to run, comma separated")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers for b (default min(8, cpus))")
+    p.add_argument("--profile", action="store_true", help="also profile a few steps of a, b and c")
+    p.add_argument("--compile-report-steps", type=int, default=None,
+                   help="steps for compile_report on a (default 100 on CUDA, 0 on CPU)")
+    args = C.finish_args(p.parse_args(argv), quick_batch=8)
+    if args.steps is None:
+        args.steps = 5 if args.quick else 30
+    if args.warmup is None:
+        args.warmup = 2 if args.quick else 3
+    if args.widths is None and args.quick:
+        args.widths = ",".join(map(str, QUICK_WIDTHS))
+    if args.compile_report_steps is None:
+        args.compile_report_steps = 100 if args.device.type == "cuda" and not args.quick else 0
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1)
+    return args
+
+
+def model_cfg(args) -> dict:
+    return {"widths": tuple(int(w) for w in args.widths.split(","))} if args.widths else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) the articles' input pipeline: transforms.v2 on paired Image / Mask in DataLoader workers
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """uint8 images [N, 3, S, S] and masks [N, S, S] -> (float image [3, S, S], int64 mask [S, S])."""
+
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor):
+        from torchvision.transforms import v2
+
+        self.images, self.masks = images, masks
+        self.transform = v2.Compose([
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.ToDtype({"others": None, **_image_dtype()}, scale=True),
+            v2.ColorJitter(contrast=0.3),
+        ])
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        from torchvision import tv_tensors
+
+        image, mask = self.transform(tv_tensors.Image(self.images[i]), tv_tensors.Mask(self.masks[i]))
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).to(torch.int64)
+
+
+def _image_dtype():
+    from torchvision import tv_tensors
+
+    return {tv_tensors.Image: torch.float32}
+
+
+def make_dataloader(data, batch_size: int, workers: int, device: torch.device):
+    ds = PairedDataset(data.images, data.masks)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _resident_batches(data, batch_size: int, device: torch.device, seed: int):
+    """Endless (uint8 images, int64 masks) batches gathered on the device (the library's Loader)."""
+    from functional_seg.core import random as jr
+    from functional_seg.data import Loader
+
+    loader = Loader(data, batch_size, device=device, shuffle=True, drop_last=True, resident=True)
+    epoch = 0
+    while True:
+        yield from loader.epoch(jr.fold_in(jr.key(seed), epoch))
+        epoch += 1
+
+
+def _time_steps(step, batches, device, warmup: int, steps: int, batch_size: int) -> dict:
+    """Run ``warmup`` then ``steps`` calls of ``step(batch)``; images/s over the timed ones."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step(next(batches))
+    C.sync(device)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(next(batches))
+    C.sync(device)
+    dt = time.perf_counter() - t0
+    return {"images_per_s": steps * batch_size / dt, "ms_per_step": dt / steps * 1e3, "warmup_s": warm_s,
+            "steps": steps}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows: each builder returns (step, batches, info); step(batch) runs one training step.
+
+
+def reference_module(args) -> torch.nn.Module:
+    return C.reference_module(args.model, **model_cfg(args))
+
+
+def build_b(args, data, *, bf16: bool):
+    device = args.device
+    module = reference_module(args).to(device).train()
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    batches = _forever(make_dataloader(data, args.batch_size, args.workers, device))
+
+    def step(batch):
+        images, masks = batch
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        with C.autocast(device, bf16):
+            logits = module(images)
+            loss = F.cross_entropy(logits.float(), masks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    precision = "bf16" if bf16 and device.type == "cuda" else "fp32"
+    return step, batches, {"precision": precision, "workers": args.workers}
+
+
+def build_b_input(args, data):
+    """The DataLoader alone: how many images/s the articles' input pipeline can feed."""
+    device = args.device
+    batches = _forever(make_dataloader(data, args.batch_size, args.workers, device))
+
+    def step(batch):
+        images, masks = batch
+        return images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+
+    return step, batches, {"workers": args.workers, "precision": "-"}
+
+
+def build_c(args, data):
+    from functional_seg.core import random as jr
+    from functional_seg.data import augment, augment_preset, normalize, to_float
+
+    device = args.device
+    module = reference_module(args).to(device).train()
+    fused = device.type == "cuda"
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3, fused=fused)
+    cmodule = torch.compile(module)
+    aug_cfg = augment_preset("flip_jitter")
+
+    @torch.compile
+    def aug(key, images, masks):
+        x, masks = augment(key, to_float(images), masks, aug_cfg)
+        return normalize(x), masks
+
+    key = jr.key(args.seed).to(device)
+    batches = _resident_batches(data, args.batch_size, device, args.seed)
+    counter = [0]
+
+    def step(batch):
+        images, masks = batch
+        images, masks = aug(jr.fold_in(key, counter[0]), images, masks)
+        counter[0] += 1
+        with C.autocast(device):
+            logits = cmodule(images)
+            loss = F.cross_entropy(logits.float(), masks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, batches, {"precision": "bf16" if device.type == "cuda" else "fp32", "fused_adam": fused}
+
+
+def _library_step(args, *, compile: bool):
+    """The library's train step and a fresh train state for ``args.model``."""
+    from functional_seg.core import random as jr
+    from functional_seg.data import augment_preset
+    from functional_seg.losses import get_loss
+    from functional_seg.models import create_model
+    from functional_seg.train import init_train_state, make_optimizer, make_train_step
+
+    device = args.device
+    model = create_model(args.model, **model_cfg(args))
+    optimizer = make_optimizer(name="adam", lr=1e-3)
+    train_step = make_train_step(
+        model, get_loss("ce"), optimizer, compile=compile,
+        precision="bf16" if device.type == "cuda" else "fp32",
+        augment_cfg=augment_preset("flip_jitter"),
+    )
+    train_state = init_train_state(model, optimizer, jr.key(args.seed), device=device)
+    return train_step, train_state
+
+
+def build_a(args, data, *, compile: bool):
+    device = args.device
+    train_step, train_state = _library_step(args, compile=compile)
+    batches = _resident_batches(data, args.batch_size, device, args.seed)
+    holder = [train_state]
+    info = {"precision": "bf16" if device.type == "cuda" else "fp32", "compiled": compile}
+    if compile and args.compile_report_steps > 0:
+        # The report's steps double as the warm-up (one compile, not two).
+        info["compile_report"] = C.guarded("compile_report", lambda: _compile_report(train_step, holder, batches,
+                                                                                   args.compile_report_steps))
+
+    def step(batch):
+        holder[0], metrics = train_step(holder[0], batch)
+        return metrics
+
+    return step, batches, info
+
+
+def _compile_report(train_step, holder, batches, n_steps: int) -> dict:
+    from functional_seg.train import compile_report
+
+    t0 = time.perf_counter()
+    report = dict(compile_report(train_step, holder[0], next(batches), n_steps))
+    if "final_state" in report:
+        holder[0] = report.pop("final_state")
+    out = {**report, "seconds": time.perf_counter() - t0}
+    return {k: (v if isinstance(v, int | float | str | bool) or v is None else str(v)) for k, v in out.items()}
+
+
+def run_row(builder, args, device) -> tuple[dict, tuple | None]:
+    """Build, warm up and time one row; returns (result, (step, batches)) for profiling."""
+    t0 = time.perf_counter()
+    step, batches, info = builder()
+    build_s = time.perf_counter() - t0
+    n = args.steps * 2 if info.get("precision") == "-" else args.steps
+    out = _time_steps(step, batches, device, args.warmup, n, args.batch_size)
+    out["warmup_s"] += build_s
+    out.update(info)
+    return out, (step, batches)
+
+
+# ----------------------------------------------------------------------------------------------
+# Profile
+
+
+def profile_rows(live: dict, device: torch.device) -> str:
+    """Top ops by device (or CPU) self time over 3 more steps of each live row."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sections = []
+    for name in ("a", "b", "c"):
+        if name not in live:
+            continue
+        step, batches = live[name]
+        try:
+            with profile(activities=activities) as prof:
+                for _ in range(3):
+                    step(next(batches))
+                C.sync(device)
+            table = prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=60)
+            sections.append(f"## {ROW_LABELS[name]}\n\n```\n{table}\n```\n")
+        except Exception as err:  # noqa: BLE001
+            sections.append(f"## {ROW_LABELS[name]}\n\nfailed: {C.short_error(err)}\n")
+    return "\n".join(sections)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+ROW_LABELS = {
+    "a": "a: library, compiled functional step (aug inside)",
+    "a_eager": "a': library, eager functional step",
+    "b": "b: nn.Module + Adam, eager, DataLoader + transforms.v2 (articles)",
+    "b16": "b16: as b, bf16 autocast",
+    "b_input": "b input only: DataLoader + transforms.v2 -> device",
+    "c": "c: torch.compile(module) + Adam(fused), on-device aug",
+}
+
+
+def render(args, prov, train_n, data_n, results, ratios, targets, met, profile_md) -> tuple[dict, str]:
+    table_rows = [{"row": ROW_LABELS[n], **r} for n, r in results.items()]
+    md = C.md_header(
+        f"Train-step throughput: {args.model} at {args.size}x{args.size}, batch {args.batch_size}", prov,
+        notes=[f"model cfg: {model_cfg(args) or 'series widths'}; loss CE; Adam lr 1e-3; "
+               f"{args.warmup} warm-up + {args.steps} timed steps per row (input-only row: twice as many); "
+               f"data: {train_n} trainval images from `{args.data.name}` cycled to {data_n}",
+               "a, a', b16, c run bf16 autocast on CUDA; b is the articles' fp32 eager loop; "
+               "warm-up s includes building the row (and compiling)"],
+    )
+    md += "\n" + C.md_table(table_rows, [("row", "row"), ("images_per_s", "images/s"), ("ms_per_step", "ms/step"),
+                                         ("warmup_s", "warm-up s"), ("precision", "precision")])
+    if ratios:
+        md += "\n\n| ratio | value | target |\n|---|---|---|\n"
+        for k, v in ratios.items():
+            goal = f">= {targets[k]}: {'met' if met[k] else 'MISSED'}" if k in targets else ""
+            md += f"| {k} | {v:.2f} | {goal} |\n"
+    cr = results.get("a", {}).get("compile_report")
+    if cr:
+        md += f"\ncompile_report over {args.compile_report_steps} steps of a: `{cr}`\n"
+    if profile_md:
+        md += "\n# Profile (top ops by self time over 3 steps after the timed ones)\n\n" + profile_md
+    payload = {"experiment": EXPERIMENT, "provenance": prov,
+               "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+               "rows": results, "ratios": ratios, "targets": targets, "targets_met": met, "profile": profile_md}
+    return payload, md
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    C.set_threads()
+    budget = C.Budget(args.budget)
+    device = args.device
+    prov = C.provenance(device)
+    print(f"{EXPERIMENT}: {prov['device_name']}, torch {prov['torch']}, batch {args.batch_size}, {args.size} px, "
+          f"model {args.model} {model_cfg(args) or '(series widths)'}", flush=True)
+    train, _ = C.load_splits(args.data, args.size, test_split=None)
+    need = args.batch_size * (args.steps * 2 + args.warmup + 2)
+    data = train.repeat(max(need, len(train)))
+    stem = f"{EXPERIMENT}_{C.device_kind(device, args.quick)}"
+
+    rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if device.type != "cuda" and "b16" in rows_wanted:
+        rows_wanted.remove("b16")  # bf16 autocast is a CUDA row
+    builders = {
+        "a": lambda: build_a(args, data, compile=True),
+        "a_eager": lambda: build_a(args, data, compile=False),
+        "b": lambda: build_b(args, data, bf16=False),
+        "b16": lambda: build_b(args, data, bf16=True),
+        "b_input": lambda: build_b_input(args, data),
+        "c": lambda: build_c(args, data),
+    }
+    targets = {"a/b": 3.0, "a/c": 1.0} if device.type == "cuda" else {"a/b": 1.0}
+    results: dict[str, dict] = {}
+    live: dict[str, tuple] = {}
+    ratios: dict[str, float] = {}
+    met: dict[str, bool | None] = {}
+
+    def compute_ratios():
+        ratios.clear()
+        ips = {n: r.get("images_per_s") for n, r in results.items()}
+        for num, den in (("a", "b"), ("a", "c"), ("a", "a_eager"), ("c", "b"), ("b16", "b")):
+            if ips.get(num) and ips.get(den):
+                ratios[f"{num}/{den}"] = ips[num] / ips[den]
+        met.clear()
+        met.update({k: (ratios[k] >= v if k in ratios else None) for k, v in targets.items()})
+
+    for name in rows_wanted:
+        if budget.over(reserve=10):
+            results[name] = {"status": "skipped: time budget"}
+            continue
+        t0 = time.perf_counter()
+
+        def one(name=name):
+            out, handle = run_row(builders[name], args, device)
+            if args.profile and name in ("a", "b", "c"):
+                live[name] = handle
+            return out
+
+        results[name] = C.guarded(name, one)
+        r = results[name]
+        shown = f"{r['images_per_s']:.1f} images/s" if "images_per_s" in r else r["status"]
+        print(f"  {ROW_LABELS[name]}: {shown} ({time.perf_counter() - t0:.1f} s incl. build and warm-up)", flush=True)
+        compute_ratios()
+        C.write_results(args.out, stem, *render(args, prov, len(train), len(data), results, ratios, targets, met,
+                                                None))
+
+    for k, v in ratios.items():
+        goal = f" (target >= {targets[k]}: {'met' if met[k] else 'MISSED'})" if k in targets else ""
+        print(f"  ratio {k}: {v:.2f}{goal}", flush=True)
+    if args.profile and live:
+        profile_md = profile_rows(live, device)
+        C.write_results(args.out, stem, *render(args, prov, len(train), len(data), results, ratios, targets, met,
+                                                profile_md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The whole GPU run in one call: benchmarks, then experiments, each under its own time limit.
+#
+#   bash benchmarks/gpu_suite.sh DATA_ROOT            (from the repository root; ~9 min on an H200)
+#
+# DATA_ROOT is the Oxford-IIIT Pet layout (the sample or the full dataset). Needs python3 with
+# torch, torchvision, torchopt, optree, einops, safetensors, numpy, pillow (matplotlib for the
+# figures); the package is used from the checkout (PYTHONPATH=$PWD), nothing is installed.
+#
+# Parts, in order (expected time on an H100/H200 -> hard cap):
+#   prepare           decode + cache the 128 px splits                     ~10 s  -> 60 s
+#   bench_train_step  a / a' / b / b16 / b-input / c, compile report,      ~2.5 min -> 200 s
+#                     profile
+#   bench_ensemble    K=8 small SegNets, vmapped vs sequential (eager)     ~40 s  -> 60 s
+#   series_models     5 models, 128 px, 20 epochs                          ~1.5-2 min -> 150 s
+#   loss_comparison   7 losses + a K=4 vmapped CE+w*Dice sweep              ~1 min -> 90 s
+#   augmentation      5 variants                                           ~40 s  -> 60 s
+#   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~1.5 min -> 120 s
+# A part's limit is also cut so that every later part keeps its minimum share of SUITE_SECONDS
+# (default 540); each script gets a --budget a little under its limit, after which it records the
+# variants it did not start as "skipped: time budget" and still writes its tables. A part that
+# fails or times out does not stop the others (`|| true`).
+#
+# Output: $OUT/suite.log, $OUT/<part>.log, and $OUT/results.tgz (experiments/results/, refreshed
+# after every part). Without OUT set, everything goes to ./gpu_suite_out/.
+set -uo pipefail
+
+DATA_ROOT="${1:-${FSEG_DATA:-../shared/data/oxford-pets-sample}}"
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_suite_out}"
+mkdir -p "$OUT" experiments/results
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export FSEG_DATA="$DATA_ROOT"
+PY="${PYTHON:-python3}"
+TOTAL="${SUITE_SECONDS:-540}"
+START=$SECONDS
+LOG="$OUT/suite.log"
+
+say() { echo "[suite +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+
+pack() {
+  tar czf "$OUT/.results.tgz.tmp" -C experiments results 2>>"$LOG" && mv "$OUT/.results.tgz.tmp" "$OUT/results.tgz"
+}
+
+# part NAME MAX_SECONDS LATER_RESERVE CMD...: run CMD with timeout min(MAX, TOTAL - elapsed - LATER_RESERVE).
+# A literal BUDGET in CMD becomes the script's --budget value (limit minus 15 s for start-up and writing).
+part() {
+  local name="$1" max="$2" reserve="$3"
+  shift 3
+  local left=$((TOTAL - (SECONDS - START) - reserve))
+  local limit=$((left < max ? left : max))
+  if [ "$limit" -lt 20 ]; then
+    say "$name: skipped (only ${limit}s left in the suite's ${TOTAL}s)"
+    return 0
+  fi
+  local budget=$((limit - 15))
+  local args=()
+  for a in "$@"; do args+=("${a//BUDGET/$budget}"); done
+  say "$name: start (limit ${limit}s): ${args[*]}"
+  local t0=$SECONDS
+  timeout --kill-after=5 "$limit" "${args[@]}" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  say "$name: exit $rc after $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
+  pack
+  return 0
+}
+
+say "data: $DATA_ROOT; out: $OUT; total budget ${TOTAL}s"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+  "$PY" -c "import torch, torchvision, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available(), \
+torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1
+  "$PY" -c "import torchopt, matplotlib; print('torchopt', torchopt.__version__, 'matplotlib', matplotlib.__version__)" 2>&1
+  nproc
+} >>"$LOG" 2>&1
+
+# Reserves: the minimum each later part keeps (sum of the later parts' shares).
+R_E2E=80; R_AUG=$((R_E2E + 35)); R_LOSS=$((R_AUG + 50)); R_SERIES=$((R_LOSS + 80)); R_ENS=$((R_SERIES + 35))
+R_BENCH=$((R_ENS + 120))
+
+part prepare 60 "$R_BENCH" "$PY" -c "
+import sys, time
+from functional_seg.data import prepare
+t0 = time.perf_counter()
+for split in ('trainval', 'test'):
+    d = prepare(sys.argv[1], split, 128)
+    print(split, len(d), d.cache_path, f'{time.perf_counter() - t0:.1f} s')
+" "$DATA_ROOT"
+# prepare's output goes to suite.log rather than an eighth log file
+cat "$OUT/prepare.log" >>"$LOG" 2>/dev/null && rm -f "$OUT/prepare.log"
+
+part bench_train_step 200 "$R_ENS" "$PY" benchmarks/bench_train_step.py --data "$DATA_ROOT" --profile --budget BUDGET
+part bench_ensemble 60 "$R_SERIES" "$PY" benchmarks/bench_ensemble.py --data "$DATA_ROOT" --budget BUDGET
+part series_models 150 "$R_LOSS" "$PY" experiments/series_models.py --data "$DATA_ROOT" --budget BUDGET
+part loss_comparison 90 "$R_AUG" "$PY" experiments/loss_comparison.py --data "$DATA_ROOT" --budget BUDGET
+part augmentation 60 "$R_E2E" "$PY" experiments/augmentation.py --data "$DATA_ROOT" --budget BUDGET
+part bench_end_to_end 120 0 "$PY" benchmarks/bench_end_to_end.py --data "$DATA_ROOT" --timeout BUDGET
+
+say "done in $((SECONDS - START))s"
+pack
+ls -la "$OUT" >>"$LOG"
+exit 0
