@@ -11,6 +11,7 @@ x is float [N, C_in, H, W] with H and W divisible by the model's stride; logits 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,6 +116,22 @@ def _seed_from_key(key: torch.Tensor) -> int:
     return int(k[0]) << 32 | int(k[1])
 
 
+@contextlib.contextmanager
+def _seeded_rng(key: torch.Tensor, devices: list[torch.device]):
+    """Seed torch's CPU RNG and those of ``devices`` from ``key``, restoring all of them afterwards.
+
+    ``torch.manual_seed`` would also reseed every CUDA device without restoring it.
+    """
+    seed = _seed_from_key(key) % (2**63 - 1)
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def from_module(module: torch.nn.Module, *, name: str | None = None, num_classes: int | None = None,
                 stride: int = 1, in_channels: int = 3, output_key: str = "out") -> Model:
     """Lift a ``torch.nn.Module`` into the model protocol with ``torch.func.functional_call``.
@@ -130,8 +147,7 @@ def from_module(module: torch.nn.Module, *, name: str | None = None, num_classes
     cfg = ModuleCfg(num_classes=num_classes, output_key=output_key)
 
     def init_fn(cfg, key):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_from_key(key) % (2**63 - 1))
+        with _seeded_rng(key, [t.device for t in module.parameters()]):
             for sub in module.modules():
                 if hasattr(sub, "reset_parameters") and sub is not module:
                     sub.reset_parameters()
@@ -145,8 +161,7 @@ def from_module(module: torch.nn.Module, *, name: str | None = None, num_classes
         new_state = {n: b.clone() for n, b in flatten_with_names(state).items()}  # updated in place by BN
         tensors.update(new_state)
         if train and key is not None and not torch.compiler.is_compiling():
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                torch.manual_seed(_seed_from_key(key) % (2**63 - 1))
+            with _seeded_rng(key, [x.device]):
                 out = functional_call(module, tensors, (x,), strict=True)
         else:
             out = functional_call(module, tensors, (x,), strict=True)
