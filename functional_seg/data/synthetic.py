@@ -44,11 +44,11 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _shape_mask(rng: np.random.Generator, kind: str, h: int, w: int) -> Image.Image:
-    """Binary mask (mode L, 0/255) of one ellipse, polygon or star covering ~10-45% of the image."""
+    """Binary mask (mode L, 0/255) of one ellipse, polygon or star covering roughly 15-50% of the image."""
     mask = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(mask)
     cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
-    rx = rng.uniform(0.18, 0.38) * w
+    rx = rng.uniform(0.24, 0.42) * w
     ry = rx * rng.uniform(0.5, 1.6) * h / w
     ry = min(ry, 0.45 * h)
     if kind == "Ellipse":
@@ -59,11 +59,10 @@ def _shape_mask(rng: np.random.Generator, kind: str, h: int, w: int) -> Image.Im
         pts = np.stack([cx + x * np.cos(rot) - y * np.sin(rot), cy + x * np.sin(rot) + y * np.cos(rot)], 1)
     else:
         k = int(rng.integers(5, 9))
-        t = (
-            np.sort(rng.uniform(0, 2 * np.pi, size=k))
-            if kind == "Polygon"
-            else np.linspace(0, 2 * np.pi, 2 * k, endpoint=False)
-        )
+        n_vertices = k if kind == "Polygon" else 2 * k
+        step = 2 * np.pi / n_vertices
+        # Evenly spread corners, jittered: irregular but never a sliver.
+        t = rng.uniform(0, 2 * np.pi) + step * (np.arange(n_vertices) + rng.uniform(-0.3, 0.3, n_vertices))
         radius = rng.uniform(0.7, 1.0, size=t.size)
         if kind == "Star":
             radius[1::2] *= 0.5
@@ -86,7 +85,7 @@ def _sample(seed: int, index: int, kind: str, size: tuple[int, int]) -> tuple[Im
     fg = colour * shading[..., None] + rng.normal(0, 6, size=(h, w, 3))
     img = np.where(inside[..., None], fg, _background(rng, h, w))
     image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    band = int(rng.integers(1, 3))  # band half-width: the border is 3..5 px wide
+    band = int(rng.integers(1, 4))  # band half-width: the border is 3..7 px wide
     grown = np.asarray(shape.filter(ImageFilter.MaxFilter(2 * band + 1))) > 0
     shrunk = np.asarray(shape.filter(ImageFilter.MinFilter(2 * band + 1))) > 0
     trimap = np.full((h, w), 2, dtype=np.uint8)
