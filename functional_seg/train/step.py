@@ -34,7 +34,7 @@ from ..core import random as jr
 from .state import TrainState
 
 __all__ = ["make_train_step", "make_eval_step", "ensemble_step", "compile_step", "compile_report",
-           "resolve_precision"]
+           "resolve_precision", "confusion"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,42 @@ def _prepare_input(images: torch.Tensor, masks: torch.Tensor, key: torch.Tensor 
     return x, masks
 
 
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore_index: int | None = None
+              ) -> torch.Tensor:
+    """``metrics.confusion_matrix`` for labels, written so that it also runs under ``vmap``.
+
+    ``torch.bincount`` has no vmap batching rule, and under ``torch.compile(vmap(...))`` its
+    fallback needs a data-dependent size, which breaks the ensemble step. Comparing every
+    pixel's flat bin against the C*C bin ids and summing is exact int64 arithmetic that
+    inductor fuses into one reduction.
+
+    Args:
+        pred: int [N, H, W] predicted labels; target: int [N, H, W] true labels.
+    Returns:
+        int64 [C, C], ``cm[t, p]``; ignored and out-of-range truths are not counted.
+    """
+    c = num_classes
+    truth = target.long()
+    valid = (truth >= 0) & (truth < c)
+    if ignore_index is not None:
+        valid = valid & (truth != ignore_index)
+    flat = torch.where(valid, truth * c + pred.long(), c * c)  # c * c: matches no bin
+    bins = torch.arange(c * c, device=flat.device)
+    counts = (flat.reshape(-1, 1) == bins).sum(dim=0, dtype=torch.int64)
+    return counts.reshape(c, c)
+
+
+def _ordered_like(template, tree):
+    """``tree`` with its dict keys in ``template``'s order.
+
+    A model may return its new state with keys in another order than it was given; the next
+    compiled call would then fail the guard on the input's tree structure and recompile.
+    """
+    if isinstance(template, dict) and isinstance(tree, dict) and template.keys() == tree.keys():
+        return {k: _ordered_like(template[k], tree[k]) for k in template}
+    return tree
+
+
 def _pixel_accuracy(cm: torch.Tensor) -> torch.Tensor:
     total = cm.sum()
     return torch.diagonal(cm).sum().to(torch.float32) / torch.clamp(total, min=1).to(torch.float32)
@@ -76,7 +112,7 @@ def _pixel_accuracy(cm: torch.Tensor) -> torch.Tensor:
 
 def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, num_classes: int | None = None,
                     ignore_index: int | None = None, precision: str = "fp32", channels_last: bool = False,
-                    compile: bool = False, fullgraph: bool = True) -> Callable:
+                    compile: bool = False, fullgraph: bool = True, backend: str = "inductor") -> Callable:
     """Build the pure ``train_step(train_state, batch) -> (train_state, metrics)``.
 
     Args:
@@ -91,13 +127,13 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         channels_last: feed the model a channels-last input (faster convs on CUDA).
         compile: wrap the step in ``torch.compile`` (see :func:`compile_step`).
         fullgraph: ask dynamo for one graph (falls back with a warning if it cannot).
+        backend: the ``torch.compile`` backend ("aot_eager" traces the same graph without code
+            generation: what the CPU tests use, as inductor's C++ build takes minutes there).
 
     Returns:
         ``train_step``; batch is ``(images uint8 [B, 3, S, S], masks int64 [B, S, S])`` on the
         state's device.
     """
-    from ..metrics import confusion_matrix
-
     precision = resolve_precision(precision, "cpu") if precision == "auto" else precision
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -121,13 +157,13 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params,
                                               step=train_state.step, lr=train_state.hparams["lr"])
         params = torchopt.apply_updates(train_state.params, updates, inplace=False)
-        cm = confusion_matrix(logits.argmax(dim=1), target, num_classes, ignore_index=ignore_index)
+        cm = confusion(logits.argmax(dim=1), target, num_classes, ignore_index=ignore_index)
         metrics = {"loss": loss.detach(), "pixel_accuracy": _pixel_accuracy(cm), "confusion": cm}
-        new = TrainState(params=params, state=new_state, opt_state=opt_state, step=train_state.step + 1,
+        new = TrainState(params=params, state=_ordered_like(train_state.state, new_state), opt_state=opt_state, step=train_state.step + 1,
                          key=train_state.key, hparams=dict(train_state.hparams))
         return new, metrics
 
-    return compile_step(train_step, fullgraph=fullgraph) if compile else train_step
+    return compile_step(train_step, fullgraph=fullgraph, backend=backend) if compile else train_step
 
 
 def _series_custom_iou_per_image(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None,
@@ -143,7 +179,7 @@ def _series_custom_iou_per_image(logits: torch.Tensor, target: torch.Tensor, ign
 
 def make_eval_step(model, *, num_classes: int | None = None, ignore_index: int | None = None,
                    precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                   with_logits_metrics: bool = False) -> Callable:
+                   with_logits_metrics: bool = False, backend: str = "inductor") -> Callable:
     """Build ``eval_step(params, state, images uint8 [B,3,S,S], masks int64 [B,S,S])``.
 
     No augmentation, ``train=False`` (running batch-norm statistics), nothing returned to the
@@ -151,8 +187,6 @@ def make_eval_step(model, *, num_classes: int | None = None, ignore_index: int |
     ``{"confusion": [C, C], "custom_iou": float [B]}``, the second being the series' per-image
     soft IoU (average it over the real images of the split).
     """
-    from ..metrics import confusion_matrix
-
     num_classes = int(num_classes or model.num_classes)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -162,19 +196,24 @@ def make_eval_step(model, *, num_classes: int | None = None, ignore_index: int |
         with _autocast(precision, x.device.type):
             logits, _ = model.apply(params, state, x, train=False)
         logits = logits.float()
-        cm = confusion_matrix(logits.argmax(dim=1), target, num_classes, ignore_index=ignore_index)
+        cm = confusion(logits.argmax(dim=1), target, num_classes, ignore_index=ignore_index)
         if not with_logits_metrics:
             return cm
         return {"confusion": cm, "custom_iou": _series_custom_iou_per_image(logits, target, ignore_index)}
 
-    return compile_step(eval_step, fullgraph=True) if compile else eval_step
+    return compile_step(eval_step, fullgraph=True, backend=backend) if compile else eval_step
 
 
-def ensemble_step(step: Callable, *, compile: bool = False, fullgraph: bool = True) -> Callable:
-    """``vmap`` a (non-compiled) train step over stacked train states sharing one batch."""
+def ensemble_step(step: Callable, *, compile: bool = False, fullgraph: bool = True,
+                  backend: str = "inductor") -> Callable:
+    """``vmap`` a (non-compiled) train step over stacked train states sharing one batch.
+
+    Each member folds its own key, so members draw different augmentations unless their keys
+    are equal. Metrics come out stacked: loss [K], pixel_accuracy [K], confusion [K, C, C].
+    """
     vmapped = torch.func.vmap(step, in_dims=(0, None), randomness="error")
     if compile:
-        return compile_step(vmapped, fullgraph=fullgraph)
+        return compile_step(vmapped, fullgraph=fullgraph, backend=backend)
     return vmapped
 
 
@@ -182,14 +221,15 @@ def ensemble_step(step: Callable, *, compile: bool = False, fullgraph: bool = Tr
 # Compilation
 
 
-def compile_step(fn: Callable, *, fullgraph: bool = True, dynamic: bool = False) -> Callable:
+def compile_step(fn: Callable, *, fullgraph: bool = True, dynamic: bool = False,
+                 backend: str = "inductor") -> Callable:
     """``torch.compile(fn, fullgraph=..., dynamic=False)``, falling back to ``fullgraph=False``.
 
     If dynamo cannot capture the whole step in one graph, the first call raises; we then log a
     warning naming the reason and recompile allowing graph breaks. ``fn`` is pure, so running it
     again after a failed trace is safe.
     """
-    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=dynamic)
+    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
     if not fullgraph:
         return compiled
     state = {"fn": compiled, "checked": False}
@@ -204,7 +244,7 @@ def compile_step(fn: Callable, *, fullgraph: bool = True, dynamic: bool = False)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             warnings.warn(f"torch.compile could not capture the step in one graph ({first}); "
                           "compiling with graph breaks instead", RuntimeWarning, stacklevel=2)
-            state["fn"] = torch.compile(fn, fullgraph=False, dynamic=dynamic)
+            state["fn"] = torch.compile(fn, fullgraph=False, dynamic=dynamic, backend=backend)
             out = state["fn"](*args, **kwargs)
         state["checked"] = True
         return out
@@ -217,25 +257,24 @@ def compile_report(train_step: Callable, train_state: TrainState, batch, n_steps
     """Run ``n_steps`` steps and count what dynamo compiled meanwhile.
 
     Counts are deltas of ``torch._dynamo.utils.counters`` and of dynamo's compilation metrics
-    over the run: ``graphs`` (FX graphs captured), ``frames`` (frames compiled, first compile
-    included), ``recompiles`` (compilations that replaced or added to an existing cache entry,
+    over the run: ``graphs`` (FX graphs captured, the first compile included), ``recompiles`` (compilations that replaced or added to an existing cache entry,
     with their reasons), ``graph_breaks`` (with reasons). Call it on a freshly built step to see
     the whole story (1 graph, 0 recompiles is the target).
 
     Returns:
-        dict(graphs, frames, recompiles, recompile_reasons, graph_breaks, graph_break_reasons,
+        dict(graphs, recompiles, recompile_reasons, graph_breaks, graph_break_reasons,
         steps, final_state) -- ``final_state`` is the train state after the steps.
     """
     from torch._dynamo.utils import counters
 
     def snapshot():
-        return (counters["stats"]["unique_graphs"], counters["frames"]["ok"], dict(counters["graph_break"]))
+        return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
 
     metrics_before = _compilation_metrics()
-    graphs0, frames0, breaks0 = snapshot()
+    graphs0, breaks0 = snapshot()
     for _ in range(n_steps):
         train_state, _metrics = train_step(train_state, batch)
-    graphs1, frames1, breaks1 = snapshot()
+    graphs1, breaks1 = snapshot()
     if metrics_before is not None:
         seen = {id(m) for m in metrics_before}
         new_metrics = [m for m in _compilation_metrics() or [] if id(m) not in seen]
@@ -244,12 +283,11 @@ def compile_report(train_step: Callable, train_state: TrainState, batch, n_steps
     breaks = {k: v - breaks0.get(k, 0) for k, v in breaks1.items() if v - breaks0.get(k, 0) > 0}
     if new_metrics is not None:
         reasons = [m.recompile_reason for m in new_metrics if getattr(m, "recompile_reason", None)]
-    else:  # no metrics available: every frame compile beyond the first is a recompile (no breaks)
-        reasons = ["unknown"] * max(frames1 - frames0 - 1 - sum(breaks.values()), 0)
+    else:  # no metrics in this torch: without graph breaks, every graph beyond the first is a recompile
+        reasons = ["unknown"] * max(graphs1 - graphs0 - 1 - sum(breaks.values()), 0)
     return {
         "steps": n_steps,
         "graphs": graphs1 - graphs0,
-        "frames": frames1 - frames0,
         "recompiles": len(reasons),
         "recompile_reasons": reasons,
         "graph_breaks": sum(breaks.values()),
