@@ -222,7 +222,7 @@ def _shape(t) -> list[int]:
 
 def _compare(path, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
     missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
+    unexpected = sorted(k for k in tensors if k not in expected)
     mismatched = [
         f"{k}: file {tensors[k].dtype} {_shape(tensors[k])}, expected {expected[k].dtype} {_shape(expected[k])}"
         for k in expected
@@ -239,6 +239,8 @@ def _compare(path, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
     msg = [f"{path} does not match the model:"]
     msg += lines("missing", missing) + lines("unexpected", unexpected) + lines("shape/dtype mismatch", mismatched)
+    if all(k.startswith("opt_state.") for k in missing + unexpected) and (missing or unexpected) and not mismatched:
+        msg.append("  (only the optimizer state differs: was the file written with another optimizer?)")
     raise CheckpointError("\n".join(msg))
 
 
@@ -272,7 +274,7 @@ def load(path: str | os.PathLike, *, model=None, template=None, device: torch.de
         tensors = {k: v.to(devices[k]) for k, v in tensors.items()}
         trees = [unflatten_like(getattr(template, g), _group(tensors, g)) if getattr(template, g) is not None
                  else None for g in ("params", "state", "opt_state")]
-        hparams = _group(tensors, "hparams")
+        hparams = {k: tensors[f"hparams.{k}"] for k in template.hparams}  # the template's order
         return TrainState(*trees, step=tensors["step"], key=tensors["key"], hparams=hparams), meta
     if device is not None:
         tensors = {k: v.to(device) for k, v in tensors.items()}

@@ -162,7 +162,7 @@ def test_two_member_vmap_ensemble_equals_two_separate_runs(model):
         outs = [step(s, batch) for s in singles]
         singles = [o[0] for o in outs]
     assert vm["loss"].shape == (2,) and vm["confusion"].shape == (2, 3, 3)
-    for member, single, (_, m) in zip(unstack(stacked), singles, outs):
+    for member, single in zip(unstack(stacked), singles):
         assert _max_diff(member.params, single.params) < 1e-5
         assert _max_diff(member.state, single.state) < 1e-5
         assert torch.equal(member.step, single.step)

@@ -159,8 +159,8 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         params = torchopt.apply_updates(train_state.params, updates, inplace=False)
         cm = confusion(logits.argmax(dim=1), target, num_classes, ignore_index=ignore_index)
         metrics = {"loss": loss.detach(), "pixel_accuracy": _pixel_accuracy(cm), "confusion": cm}
-        new = TrainState(params=params, state=_ordered_like(train_state.state, new_state), opt_state=opt_state, step=train_state.step + 1,
-                         key=train_state.key, hparams=dict(train_state.hparams))
+        new = TrainState(params=params, state=_ordered_like(train_state.state, new_state), opt_state=opt_state,
+                         step=train_state.step + 1, key=train_state.key, hparams=dict(train_state.hparams))
         return new, metrics
 
     return compile_step(train_step, fullgraph=fullgraph, backend=backend) if compile else train_step
@@ -257,9 +257,10 @@ def compile_report(train_step: Callable, train_state: TrainState, batch, n_steps
     """Run ``n_steps`` steps and count what dynamo compiled meanwhile.
 
     Counts are deltas of ``torch._dynamo.utils.counters`` and of dynamo's compilation metrics
-    over the run: ``graphs`` (FX graphs captured, the first compile included), ``recompiles`` (compilations that replaced or added to an existing cache entry,
-    with their reasons), ``graph_breaks`` (with reasons). Call it on a freshly built step to see
-    the whole story (1 graph, 0 recompiles is the target).
+    over the run: ``graphs`` (FX graphs captured, the first compile included), ``recompiles``
+    (compilations that replaced or added to an existing cache entry, with their reasons),
+    ``graph_breaks`` (with reasons). Call it on a freshly built step to see the whole story
+    (1 graph, 0 recompiles is the target).
 
     Returns:
         dict(graphs, recompiles, recompile_reasons, graph_breaks, graph_break_reasons,
