@@ -23,7 +23,7 @@ from functional_seg.data import (
     normalize,
     to_float,
 )
-from functional_seg.data.augment import _blend, _gray, hsv_to_rgb, rgb_to_hsv
+from functional_seg.data.augment import _adjust_hue, _blend, _gray, _gray_mean, hsv_to_rgb, rgb_to_hsv
 
 PROPERTY = settings(max_examples=25, deadline=None)
 
@@ -198,7 +198,7 @@ def test_brightness_factor_range(key):
 def test_contrast_and_saturation_match_torchvision(factor):
     x = torch.rand((2, 3, 6, 5), generator=torch.Generator().manual_seed(5))
     f = torch.full((2,), factor)
-    ours_c = _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
+    ours_c = _blend(x, _gray_mean(x), f)
     ours_s = _blend(x, _gray(x), f)
     for i in range(2):
         torch.testing.assert_close(ours_c[i], TF.adjust_contrast(x[i], factor), atol=1e-5, rtol=0)
@@ -208,9 +208,22 @@ def test_contrast_and_saturation_match_torchvision(factor):
 @pytest.mark.parametrize("shift", [-0.5, -0.1, 0.0, 0.25, 0.5])
 def test_hue_matches_torchvision(shift):
     x = torch.rand((2, 3, 6, 5), generator=torch.Generator().manual_seed(6))
+    x[0, :, 0, 0] = 0.5  # grey
+    x[1, :, 0, 0] = torch.tensor([0.2, 0.2, 0.7])  # two channels tie
+    want = TF.adjust_hue(x, shift)
+    torch.testing.assert_close(_adjust_hue(x, torch.full((2,), shift)), want, atol=1e-5, rtol=0)
     hsv = rgb_to_hsv(x)
-    hsv = torch.stack([torch.remainder(hsv[:, 0] + shift, 1.0), hsv[:, 1], hsv[:, 2]], 1)
-    torch.testing.assert_close(hsv_to_rgb(hsv), TF.adjust_hue(x, shift), atol=1e-5, rtol=0)
+    hsv = torch.cat([torch.remainder(hsv[:, :1] + shift, 1.0), hsv[:, 1:]], 1)
+    torch.testing.assert_close(hsv_to_rgb(hsv), want, atol=1e-5, rtol=0)
+
+
+def test_hsv_matches_torchvision_internals():
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+    x = torch.rand((2, 3, 6, 5), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(rgb_to_hsv(x), _rgb_to_hsv(x), atol=1e-6, rtol=0)
+    hsv = rgb_to_hsv(x)
+    torch.testing.assert_close(hsv_to_rgb(hsv), _hsv_to_rgb(hsv), atol=1e-6, rtol=0)
 
 
 def test_compile_fullgraph_matches_eager(key):

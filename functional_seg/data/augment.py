@@ -148,45 +148,59 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
     return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
 
 
+def _gray_mean(images: torch.Tensor) -> torch.Tensor:
+    """Mean luma per image, [N, 1, 1, 1]: the luma of the channel means, one reduction pass."""
+    m = images.mean(dim=(2, 3))
+    return (_GRAY[0] * m[:, 0] + _GRAY[1] * m[:, 1] + _GRAY[2] * m[:, 2]).reshape(-1, 1, 1, 1)
+
+
 def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """factor * images + (1 - factor) * other, clamped to [0, 1]; ``factor`` is per sample [N]."""
-    f = factor.reshape(-1, 1, 1, 1)
-    return (f * images + (1.0 - f) * other).clamp(0.0, 1.0)
+    f = factor.to(images.dtype).reshape(-1, 1, 1, 1)
+    # One fused kernel, then an in-place clamp of that fresh tensor (the inputs are never written).
+    return torch.lerp(other.expand_as(images), images, f).clamp_(0.0, 1.0)
+
+
+def _hue_sector(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hue in sixths of a turn, [N, 1, H, W] in [-1, 5), with max and chroma (max - min) alike."""
+    r, g, b = images[:, 0:1], images[:, 1:2], images[:, 2:3]
+    maxc = images.amax(1, keepdim=True)
+    chroma = maxc - images.amin(1, keepdim=True)
+    d = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    sector = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
+    return sector, maxc, chroma
+
+
+_HSV_OFFSETS = (5.0, 3.0, 1.0)  # R, G, B in the branch-free HSV -> RGB formula
+
+
+def _from_sector(sector: torch.Tensor, maxc: torch.Tensor, chroma: torch.Tensor) -> torch.Tensor:
+    """RGB from hue sector, value and chroma: c_n = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6.
+
+    The closed form of HSV -> RGB without the six-way case split (gives the same values).
+    """
+    offsets = torch.tensor(_HSV_OFFSETS, dtype=sector.dtype, device=sector.device).reshape(1, 3, 1, 1)
+    k = torch.remainder(sector + offsets, 6.0)
+    return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
     """RGB [N, 3, H, W] in [0, 1] -> HSV [N, 3, H, W], hue in [0, 1) (branch-free, as torchvision's)."""
-    r, g, b = images.unbind(1)
-    maxc = images.amax(1)
-    minc = images.amin(1)
-    grey = maxc == minc
-    delta = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = delta / torch.where(grey, ones, maxc)
-    d = torch.where(grey, ones, delta)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
-    is_b = ~is_r & ~is_g
-    h = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
-    h = torch.remainder(h / 6.0, 1.0)
-    return torch.stack([h, s, maxc], dim=1)
+    sector, maxc, chroma = _hue_sector(images)
+    s = chroma / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    return torch.cat([torch.remainder(sector / 6.0, 1.0), s, maxc], dim=1)
 
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """HSV [N, 3, H, W] (hue in [0, 1)) -> RGB [N, 3, H, W] in [0, 1]."""
-    h, s, v = hsv.unbind(1)
-    h6 = h * 6.0
-    sector = torch.floor(h6)
-    f = h6 - sector
-    i = torch.remainder(sector, 6.0).to(torch.int64).unsqueeze(0)
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    r = torch.stack([v, q, p, p, t, v]).gather(0, i)[0]
-    g = torch.stack([t, v, v, q, p, p]).gather(0, i)[0]
-    b = torch.stack([p, p, t, v, v, q]).gather(0, i)[0]
-    return torch.stack([r, g, b], dim=1)
+    h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
+    return _from_sector(h * 6.0, v, v * s)
+
+
+def _adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` turns per sample [N]: RGB -> (hue, V, C) -> RGB, no S division needed."""
+    sector, maxc, chroma = _hue_sector(images)
+    return _from_sector(sector + 6.0 * shift.to(images.dtype).reshape(-1, 1, 1, 1), maxc, chroma)
 
 
 def _color_jitter(key: torch.Tensor, images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -194,18 +208,15 @@ def _color_jitter(key: torch.Tensor, images: torch.Tensor, cfg: AugmentConfig) -
     b_key, c_key, s_key, h_key = fr.split(key, 4)
     if cfg.brightness > 0:
         f = fr.uniform(b_key, (n,), low=max(0.0, 1.0 - cfg.brightness), high=1.0 + cfg.brightness)
-        images = (images * f.reshape(-1, 1, 1, 1)).clamp(0.0, 1.0)
+        images = (images * f.to(images.dtype).reshape(-1, 1, 1, 1)).clamp_(0.0, 1.0)
     if cfg.contrast > 0:
         f = fr.uniform(c_key, (n,), low=max(0.0, 1.0 - cfg.contrast), high=1.0 + cfg.contrast)
-        images = _blend(images, _gray(images).mean(dim=(1, 2, 3), keepdim=True), f)
+        images = _blend(images, _gray_mean(images), f)
     if cfg.saturation > 0:
         f = fr.uniform(s_key, (n,), low=max(0.0, 1.0 - cfg.saturation), high=1.0 + cfg.saturation)
         images = _blend(images, _gray(images), f)
     if cfg.hue > 0:
-        shift = fr.uniform(h_key, (n,), low=-cfg.hue, high=cfg.hue)
-        hsv = rgb_to_hsv(images)
-        hue = torch.remainder(hsv[:, 0] + shift.reshape(-1, 1, 1), 1.0)
-        images = hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1))
+        images = _adjust_hue(images, fr.uniform(h_key, (n,), low=-cfg.hue, high=cfg.hue))
     return images
 
 
