@@ -1,0 +1,157 @@
+"""The fit loop end to end on a tiny synthetic dataset: the run directory, exact resume (at an epoch
+end and mid-epoch), a diverging loss, and vmapped ensembles with a learning-rate sweep.
+
+Data: 16 synthetic training and 8 test images at 32 px, batch 8 (2 steps per epoch); model: a
+2-stage SegNet with 4/8 channels. Each fit takes a few seconds on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from functional_seg import checkpoint as ckpt
+from functional_seg.core.tree import flatten_with_names
+from functional_seg.data import CLASS_NAMES, Loader, augment_preset, make_synthetic_dataset, prepare
+from functional_seg.models import create_model
+from functional_seg.train import OptimizerConfig
+from functional_seg.train import loop as loop_mod
+from functional_seg.train.loop import TrainingDiverged, evaluate_ensemble, fit
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("syn") / "pets", n_trainval=16, n_test=8, size=48)
+    cache = tmp_path_factory.mktemp("cache")
+    train = prepare(root, "trainval", 32, cache_dir=cache, workers=1)
+    val = prepare(root, "test", 32, cache_dir=cache, workers=1)
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model("segnet", widths=(4, 8), convs_per_stage=(1, 1))
+
+
+def _fit(model, data, out_dir, **kw):
+    train, val = data
+    kw.setdefault("epochs", 2)
+    return fit(model, kw.pop("loss", "ce"), train, val, batch_size=8, seed=kw.pop("seed", 0),
+               optimizer_cfg=kw.pop("optimizer_cfg", OptimizerConfig(lr=1e-2)),
+               augment_cfg=augment_preset("flip_jitter"), device="cpu", out_dir=out_dir, progress=False,
+               class_names=CLASS_NAMES, log_every=1, **kw)
+
+
+def _params_equal(a, b) -> bool:
+    """Bit equality of two trees, leaf by flattened name (key order may differ)."""
+    fa, fb = flatten_with_names(a), flatten_with_names(b)
+    return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+@pytest.fixture(scope="module")
+def one_go(model, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_go")
+    return _fit(model, data, out), out
+
+
+def test_fit_writes_the_run_directory(one_go, model):
+    result, out = one_go
+    assert result["step"] == 4 and len(result["history"]) == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records == result["history"]
+    assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert math.isfinite(r["train_loss"]) and 0 <= r["train_pixel_accuracy"] <= 1
+        assert r["images_per_s"] > 0 and r["lr"] == pytest.approx(1e-2)
+        val = r["val"]
+        for key in ("pixel_accuracy", "mean_iou", "iou", "dice", "precision", "recall", "series_iou",
+                    "series_custom_iou", "confusion", "iou/pet"):
+            assert key in val
+        assert sum(map(sum, val["confusion"])) == 8 * 32 * 32
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "segnet" and config["args"]["size"] == 32
+    assert config["optimizer"]["steps_per_epoch"] == 2
+    ts, meta = ckpt.load(out / "last.safetensors", model=model)
+    assert int(ts.step) == 4 and meta["args"]["seed"] == 0
+    assert _params_equal(ts.params, result["train_state"].params)
+    best_score = max(r["val"]["mean_iou"] for r in records)
+    assert result["best_mean_iou"] == pytest.approx(best_score)
+    _, best_meta = ckpt.load(out / "best.safetensors", model=model)
+    assert best_meta["extra"]["best_mean_iou"] == pytest.approx(best_score)
+
+
+def test_resume_from_an_epoch_end_is_bit_identical(one_go, model, data, tmp_path):
+    first = _fit(model, data, tmp_path, epochs=1)
+    assert first["step"] == 2
+    resumed = _fit(model, data, tmp_path, epochs=2, resume=True)
+    assert resumed["step"] == 4
+    assert _params_equal(resumed["train_state"], one_go[0]["train_state"])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert json.loads(lines[1])["train_loss"] == one_go[0]["history"][1]["train_loss"]
+
+
+def test_resume_mid_epoch_is_bit_identical(one_go, model, data, tmp_path):
+    stopped = _fit(model, data, tmp_path, max_steps=3, checkpoint_every=1)
+    assert stopped["step"] == 3
+    resumed = _fit(model, data, tmp_path, resume=True)
+    assert resumed["step"] == 4
+    assert _params_equal(resumed["train_state"], one_go[0]["train_state"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]  # the partial epoch's record was replaced
+    assert records[1]["train_loss"] == one_go[0]["history"][1]["train_loss"]  # the epoch's sums carried over
+
+
+def test_resume_refuses_another_seed(model, data, tmp_path):
+    _fit(model, data, tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="seed=0"):
+        _fit(model, data, tmp_path, epochs=2, resume=True, seed=1)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model, data, tmp_path, monkeypatch):
+    real = loop_mod.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(train_state, batch):
+            new, metrics = step(train_state, batch)
+            bad = train_state.step >= 2  # the first step of epoch 2 (a tensor test: no sync)
+            metrics = {**metrics, "loss": torch.where(bad, torch.tensor(float("nan")), metrics["loss"])}
+            return new, metrics
+
+        return wrapped
+
+    monkeypatch.setattr(loop_mod, "make_train_step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"non-finite \(nan\) at epoch 2, step 3.*last good checkpoint"):
+        _fit(model, data, tmp_path)
+    ts, _ = ckpt.load(tmp_path / "last.safetensors", model=model)
+    assert int(ts.step) == 2
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_ensemble_with_an_lr_sweep_reports_each_member(model, data, tmp_path):
+    result = _fit(model, data, tmp_path, epochs=1, sweep={"lr": [1e-2, 1e-3]})
+    assert result["members"] == 2
+    record = result["history"][-1]
+    assert record["members"] == 2 and len(record["train_loss"]) == 2 and len(record["val"]) == 2
+    assert record["hparams"]["lr"] == pytest.approx([1e-2, 1e-3])
+    assert record["lr"] == pytest.approx([1e-2, 1e-3])
+    ts, meta = ckpt.load(tmp_path / "last.safetensors", model=model)
+    assert meta["ensemble"] == 2 and ts.step.tolist() == [2, 2]
+    _, val = data
+    summaries = evaluate_ensemble(model, ts.params, ts.state, Loader(val, 8, shuffle=False, drop_last=False),
+                                  class_names=CLASS_NAMES)
+    assert [s["mean_iou"] for s in summaries] == [v["mean_iou"] for v in record["val"]]
+
+
+def test_fit_rejects_bad_sweeps(model, data, tmp_path):
+    with pytest.raises(ValueError, match="cannot sweep 'momentum'"):
+        _fit(model, data, tmp_path, sweep={"momentum": [0.9, 0.8]})
+    with pytest.raises(ValueError, match="ce_dice"):
+        _fit(model, data, tmp_path, sweep={"loss_weight": [0.5, 1.0]})
+    with pytest.raises(ValueError, match="ensemble 3 disagrees"):
+        _fit(model, data, tmp_path, sweep={"lr": [1e-2, 1e-3]}, ensemble=3)
