@@ -68,10 +68,12 @@ keys = st.integers(0, 2**62).map(jr.key)
 
 @PROPERTY
 @given(keys, batches(), configs)
-def test_same_key_same_output(key, batch, cfg):
+def test_same_key_same_output_and_inputs_untouched(key, batch, cfg):
+    images, masks = batch[0].clone(), batch[1].clone()
     a_img, a_mask = augment(key, *batch, cfg)
-    b_img, b_mask = augment(key.clone(), batch[0].clone(), batch[1].clone(), cfg)
+    b_img, b_mask = augment(key.clone(), images.clone(), masks.clone(), cfg)
     assert torch.equal(a_img, b_img) and torch.equal(a_mask, b_mask)
+    assert torch.equal(batch[0], images) and torch.equal(batch[1], masks)
 
 
 @PROPERTY
