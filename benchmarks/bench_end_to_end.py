@@ -22,9 +22,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +87,7 @@ def cli_command(args, help_text: str, run_dir: Path) -> list[str] | None:
         "--out": str(run_dir), "--out-dir": str(run_dir), "--output": str(run_dir), "--run-dir": str(run_dir),
         "--augment": "flip_jitter", "--loss": "ce", "--seed": str(args.seed),
     }
+    switches = [f for f in ("--no-progress",) if _has(help_text, f)]
     used_out = False
     for flag, value in optional.items():
         if flag in ("--out", "--out-dir", "--output", "--run-dir"):
@@ -94,7 +97,7 @@ def cli_command(args, help_text: str, run_dir: Path) -> list[str] | None:
         elif not _has(help_text, flag):
             continue
         cmd += [flag, value]
-    cmd += args.extra.split()
+    cmd += switches + args.extra.split()
     return cmd
 
 
@@ -103,14 +106,19 @@ import json, sys, time
 t0 = time.perf_counter()
 from functional_seg.data import prepare
 from functional_seg.models import create_model
-from functional_seg.train import fit
+try:
+    from functional_seg.train import fit
+except ImportError:
+    from functional_seg.train.loop import fit
 cfg = json.loads(sys.argv[1])
 train = prepare(cfg["data"], "trainval", cfg["size"]).repeat(cfg["repeat_to"])
 test = prepare(cfg["data"], "test", cfg["size"])
 model = create_model(cfg["model"], **cfg["model_cfg"])
+from functional_seg.data import augment_preset
+from functional_seg.train import OptimizerConfig
 result = fit(model, "ce", train, test, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-             optimizer_cfg={"name": "adam", "lr": 1e-3}, augment_cfg="flip_jitter", seed=cfg["seed"],
-             device=cfg["device"], out_dir=cfg["out_dir"])
+             optimizer_cfg=OptimizerConfig(name="adam", lr=1e-3), augment_cfg=augment_preset("flip_jitter"),
+             seed=cfg["seed"], device=cfg["device"], out_dir=cfg["out_dir"], progress=False)
 print("FIT_WALL", time.perf_counter() - t0)
 """
 
@@ -132,28 +140,22 @@ def fit_command(args, run_dir: Path) -> list[str]:
     return [sys.executable, "-c", FIT_SCRIPT, json.dumps(cfg)]
 
 
-def epoch_times(run_dir: Path) -> list[float]:
-    """Per-epoch seconds from a JSON-lines metrics log in the run folder, if the run wrote one."""
-    times: list[float] = []
-    for path in sorted(run_dir.rglob("*.jsonl")) + sorted(run_dir.rglob("history*.json")):
+def epoch_records(run_dir: Path) -> list[dict]:
+    """Per-epoch {epoch, train_s, eval_s, images_per_s, val_mean_iou} from the run's metrics.jsonl, if any."""
+    out: list[dict] = []
+    for path in sorted(run_dir.rglob("metrics.jsonl")):
         try:
-            lines = path.read_text().splitlines()
-            records = [json.loads(x) for x in lines if x.strip().startswith("{")] if path.suffix == ".jsonl" \
-                else json.loads(path.read_text())
+            records = [json.loads(x) for x in path.read_text().splitlines() if x.strip().startswith("{")]
         except (OSError, ValueError):
             continue
-        if isinstance(records, dict):
-            records = records.get("history", [])
-        for r in records if isinstance(records, list) else []:
-            if not isinstance(r, dict):
-                continue
-            for key in ("epoch_s", "epoch_time", "epoch_seconds", "time_s", "train_s", "seconds"):
-                if isinstance(r.get(key), int | float):
-                    times.append(float(r[key]))
-                    break
-        if times:
-            return times
-    return times
+        for r in records:
+            val = r.get("val") if isinstance(r.get("val"), dict) else {}
+            out.append({"epoch": r.get("epoch"), "train_s": r.get("train_time_s"), "eval_s": r.get("eval_time_s"),
+                        "images_per_s": r.get("images_per_s"), "val_mean_iou": val.get("mean_iou"),
+                        "val_pixel_accuracy": val.get("pixel_accuracy")})
+        if out:
+            break
+    return out
 
 
 def run(args) -> dict:
@@ -169,22 +171,41 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=C.REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
+    timed_out = threading.Event()
+
+    def watchdog():
+        if args.timeout and not proc_done.wait(args.timeout):
+            timed_out.set()
+            proc.kill()
+
+    proc_done = threading.Event()
+    threading.Thread(target=watchdog, daemon=True).start()
     assert proc.stdout is not None
     for line in proc.stdout:
         print("  | " + line.rstrip(), flush=True)
         tail = (tail + [line.rstrip()])[-30:]
-        if args.timeout and time.perf_counter() - t0 > args.timeout:
-            proc.kill()
-            break
     rc = proc.wait()
+    proc_done.set()
     wall = time.perf_counter() - t0
-    if rc != 0:
-        raise RuntimeError(f"exit {rc} after {wall:.1f} s: {' / '.join(tail[-3:])}")
-    per_epoch = epoch_times(run_dir)
-    return {"mode": mode, "command": shown, "wall_s": wall, "epochs": args.epochs, "train_images": args.repeat_to,
-            "per_epoch_s": per_epoch, "mean_epoch_s": sum(per_epoch) / len(per_epoch) if per_epoch else None,
-            "wall_per_epoch_s": wall / max(args.epochs, 1),
-            "images_per_s": args.repeat_to * args.epochs / wall, "run_dir": str(run_dir), "log_tail": tail[-10:]}
+    records = epoch_records(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a 15 M-parameter model add up
+    if rc != 0 and not (timed_out.is_set() and records):
+        why = f"timed out after {args.timeout:.0f} s" if timed_out.is_set() else f"exit {rc}"
+        raise RuntimeError(f"{why} after {wall:.1f} s: {' / '.join(tail[-3:])}")
+    per_epoch = [r["train_s"] for r in records if isinstance(r.get("train_s"), int | float)]  # per epoch
+    evals = [r["eval_s"] for r in records if isinstance(r.get("eval_s"), int | float)]
+    done = f"{len(per_epoch)} of {args.epochs} epochs before the {args.timeout:.0f} s timeout" \
+        if timed_out.is_set() else "complete"
+    epochs_done = len(per_epoch) if timed_out.is_set() else args.epochs
+    return {"mode": mode, "command": shown, "completed": done, "wall_s": wall, "epochs": epochs_done,
+            "train_images": args.repeat_to,
+            "per_epoch_s": per_epoch, "first_epoch_s": per_epoch[0] if per_epoch else None,
+            "later_epoch_s": sum(per_epoch[1:]) / len(per_epoch[1:]) if len(per_epoch) > 1 else None,
+            "train_s": sum(per_epoch) if per_epoch else None, "eval_s": sum(evals) if evals else None,
+            "final_val_mean_iou": records[-1].get("val_mean_iou") if records else None,
+            "final_val_pixel_accuracy": records[-1].get("val_pixel_accuracy") if records else None,
+            "epoch_records": records, "wall_per_epoch_s": wall / max(epochs_done, 1),
+            "images_per_s": args.repeat_to * epochs_done / wall, "run_dir": str(run_dir), "log_tail": tail[-10:]}
 
 
 def main(argv=None) -> int:
@@ -202,8 +223,10 @@ def main(argv=None) -> int:
                "evaluation and checkpoints"],
     )
     md += "\n" + C.md_table([{"what": result.get("mode", "fseg train"), **result}], [
-        ("what", "mode"), ("wall_s", "wall s"), ("wall_per_epoch_s", "wall s / epoch"),
-        ("mean_epoch_s", "mean epoch s (run log)"), ("images_per_s", "train images/s (wall)")]) + "\n"
+        ("what", "mode"), ("completed", "run"), ("wall_s", "wall s"), ("train_s", "train s (log)"),
+        ("eval_s", "eval s (log)"),
+        ("first_epoch_s", "epoch 1 s (compile)"), ("later_epoch_s", "later epochs s"),
+        ("images_per_s", "images/s (wall)"), ("final_val_mean_iou", "final test mIoU")]) + "\n"
     if result.get("per_epoch_s"):
         md += "\nper-epoch s (run log): " + ", ".join(f"{t:.2f}" for t in result["per_epoch_s"]) + "\n"
     payload = {"experiment": EXPERIMENT, "provenance": prov,

@@ -192,6 +192,9 @@ def build_c(args, data):
 
     device = args.device
     module = reference_module(args).to(device).train()
+    channels_last = device.type == "cuda"
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
     fused = device.type == "cuda"
     opt = torch.optim.Adam(module.parameters(), lr=1e-3, fused=fused)
     cmodule = torch.compile(module)
@@ -200,7 +203,8 @@ def build_c(args, data):
     @torch.compile
     def aug(key, images, masks):
         x, masks = augment(key, to_float(images), masks, aug_cfg)
-        return normalize(x), masks
+        x = normalize(x)
+        return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), masks
 
     key = jr.key(args.seed).to(device)
     batches = _resident_batches(data, args.batch_size, device, args.seed)
@@ -235,6 +239,7 @@ def _library_step(args, *, compile: bool):
     train_step = make_train_step(
         model, get_loss("ce"), optimizer, compile=compile,
         precision="bf16" if device.type == "cuda" else "fp32",
+        channels_last=device.type == "cuda",  # as fit does on CUDA
         augment_cfg=augment_preset("flip_jitter"),
     )
     train_state = init_train_state(model, optimizer, jr.key(args.seed), device=device)
@@ -329,7 +334,8 @@ def render(args, prov, train_n, data_n, results, ratios, targets, met, profile_m
         notes=[f"model cfg: {model_cfg(args) or 'series widths'}; loss CE; Adam lr 1e-3; "
                f"{args.warmup} warm-up + {args.steps} timed steps per row (input-only row: twice as many); "
                f"data: {train_n} trainval images from `{args.data.name}` cycled to {data_n}",
-               "a, a', b16, c run bf16 autocast on CUDA; b is the articles' fp32 eager loop; "
+               "a, a', b16, c run bf16 autocast on CUDA (a, a', c also channels-last there); b is the articles' fp32 "
+               "eager loop; "
                "warm-up s includes building the row (and compiling)"],
     )
     md += "\n" + C.md_table(table_rows, [("row", "row"), ("images_per_s", "images/s"), ("ms_per_step", "ms/step"),

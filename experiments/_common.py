@@ -293,20 +293,16 @@ def load_splits(root: Path, size: int, *, train_split: str = "trainval", test_sp
 
 
 def reference_module(name: str, **cfg) -> torch.nn.Module:
-    """The plain ``torch.nn.Module`` twin of a registry model, from ``tests/reference_modules.py``."""
+    """The plain ``torch.nn.Module`` twin of registry model ``name`` (``tests/reference_modules.py``)."""
     import importlib
+
+    from functional_seg.models import create_model
 
     tests_dir = str(REPO / "tests")
     if tests_dir not in sys.path:
         sys.path.insert(0, tests_dir)
     mod = importlib.import_module("reference_modules")
-    factory = getattr(mod, "REFERENCE_MODULES", {}).get(name) if hasattr(mod, "REFERENCE_MODULES") else None
-    if factory is None:
-        classes = {"segnet": "SegNet", "segnet_dsc": "SegNetDSC", "vit": "ViT", "unet": "UNet"}
-        factory = getattr(mod, classes.get(name, name), None)
-    if factory is None:
-        raise ValueError(f"tests/reference_modules.py has no module for {name!r}")
-    return factory(**cfg)
+    return mod.build_reference(name, create_model(name, **cfg).cfg)
 
 
 # ----------------------------------------------------------------------------------------------
