@@ -1,14 +1,478 @@
-"""The ``fseg`` command line."""
+"""The ``fseg`` command line: train, eval, predict, prepare, summary, models.
+
+Every subcommand is a thin shell over the library: it parses arguments into the library's
+configs, calls one function and prints the result. Bad input (unknown model, missing data,
+unreadable checkpoint, malformed option) ends with one line ``fseg: error: ...`` on stderr and
+exit status 2; a diverged training run exits with 1 and names the epoch and step.
+
+    fseg train --model segnet --model-cfg widths=16,32,64,64 --size 64 --epochs 2   # synthetic data
+    fseg train --data DIR --epochs 20 --size 128 --batch-size 64 --out runs/segnet
+    fseg eval --checkpoint runs/segnet/best.safetensors --data DIR --split test [--json]
+    fseg predict --checkpoint runs/segnet/best.safetensors pet.jpg --out preds/
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser", "parse_kv", "parse_value"]
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments in one line (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"fseg: error: {message} (see '{self.prog} --help')\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small parsers
+
+
+def parse_value(text: str) -> Any:
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, 'none' -> None, '8,16,32' -> (8, 16, 32), else str."""
+    if "," in text:
+        return tuple(parse_value(part) for part in text.split(",") if part != "")
+    low = text.lower()
+    if low in ("true", "yes"):
+        return True
+    if low in ("false", "no"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{what} expects key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = parse_value(value.strip())
+    return out
+
+
+def parse_sweep(text: str | None) -> dict[str, list[float]]:
+    """'lr=1e-3,3e-4' or 'lr=1e-3,3e-4;loss_weight=0.5,1' -> {name: [values]}."""
+    if not text:
+        return {}
+    out = {}
+    for part in text.replace(" ", ";").split(";"):
+        if not part:
+            continue
+        key, sep, values = part.partition("=")
+        try:
+            vals = [float(v) for v in values.split(",") if v]
+        except ValueError:
+            raise CliError(f"--sweep values must be numbers, got {part!r}") from None
+        if not sep or not vals:
+            raise CliError(f"--sweep expects name=v1,v2,..., got {part!r}")
+        out[key] = vals
+    return out
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was asked for, but CUDA is not available here")
+    return device
+
+
+def _flag(value: str) -> bool | str:
+    value = value.lower()
+    if value in ("auto",):
+        return "auto"
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, on or off, got {value!r}")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
+def _make_model(name: str, cfg_items: list[str] | None):
+    from . import models  # noqa: F401  (registers the zoo)
+    from .models import create_model
+
+    return create_model(name, **parse_kv(cfg_items, "--model-cfg"))
+
+
+def _synthetic_root(arg: str | None) -> Path:
+    from .data import make_synthetic_dataset
+
+    root = Path(arg) if arg else Path(os.environ.get("FSEG_SYNTHETIC_DIR", Path(tempfile.gettempdir())
+                                                      / "functional_seg-synthetic"))
+    if not (root / "annotations" / "test.txt").exists():
+        print(f"generating the synthetic dataset in {root}", file=sys.stderr)
+        make_synthetic_dataset(root, n_trainval=64, n_test=32, seed=0)
+    return root
+
+
+def _prepare(root, split, size, args):
+    from .data import prepare
+
+    return prepare(root, split, size, policy=args.policy, cache_dir=args.cache_dir, workers=args.workers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_train(args) -> int:
+    from .data import CLASS_NAMES, augment_preset
+    from .metrics import format_table
+    from .train import OptimizerConfig
+    from .train.loop import fit
+
+    device = _device(args.device)
+    model = _make_model(args.model, args.model_cfg)
+    if args.size % model.stride:
+        raise CliError(f"--size {args.size} must be divisible by the model's stride {model.stride}")
+    loss_kwargs = parse_kv(args.loss_cfg, "--loss-cfg")
+    try:
+        from .losses import get_loss
+
+        get_loss(args.loss, **loss_kwargs)
+    except TypeError as err:
+        raise CliError(str(err)) from None
+    optimizer_cfg = OptimizerConfig(
+        name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        nesterov=args.nesterov, clip_norm=args.clip_norm, schedule=args.schedule, warmup_steps=args.warmup_steps,
+        min_lr_ratio=args.min_lr_ratio, power=args.power, step_size=args.step_size, gamma=args.gamma)
+    augment_cfg = augment_preset(args.augment)
+    sweep = parse_sweep(args.sweep)
+    root = Path(args.data) if args.data else _synthetic_root(args.synthetic)
+    train_data = _prepare(root, args.train_split, args.size, args)
+    val_data = _prepare(root, args.val_split, args.size, args) if args.val_split != "none" else None
+    if args.limit:
+        train_data = train_data.repeat(min(args.limit, len(train_data)))
+    out_dir = Path(args.out or Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    record["data_root"] = str(root)
+    print(f"training {model.name} on {len(train_data)} images at {args.size}px "
+          f"({device}, {args.epochs} epochs, batch {args.batch_size}) -> {out_dir}", file=sys.stderr)
+    result = fit(
+        model, args.loss, train_data, val_data, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer_cfg=optimizer_cfg, augment_cfg=augment_cfg, seed=args.seed, device=device,
+        out_dir=out_dir, resume=args.resume, ensemble=args.ensemble, sweep=sweep, log_every=args.log_every,
+        progress=not args.no_progress, checkpoint_every=args.checkpoint_every, precision=args.precision,
+        compile=args.compile, class_names=CLASS_NAMES, args=record, max_steps=args.max_steps,
+        loss_kwargs=loss_kwargs)
+    final = result["final"]
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "train_state"}, indent=2))
+        return 0
+    if not final:
+        print(f"nothing to do: {out_dir} is already at step {result['step']}")
+        return 0
+    print(f"epoch {final.get('epoch')}  step {final.get('step')}  train loss {_fmt(final.get('train_loss'))}  "
+          f"{_fmt(final.get('images_per_s'), '.1f')} images/s")
+    vals = final.get("val")
+    if vals:
+        for i, summary in enumerate(vals if isinstance(vals, list) else [vals]):
+            if isinstance(vals, list):
+                hp = ", ".join(f"{k}={v[i]:g}" for k, v in (final.get("hparams") or {}).items())
+                print(f"\nmember {i} ({hp})")
+            print(format_table(summary, CLASS_NAMES))
+            print(f"series custom IoU: {summary['series_custom_iou']:.4f}")
+    print(f"\ncheckpoints: {result['checkpoint']}"
+          + (f", {result['best_checkpoint']} (best mean IoU {result['best_mean_iou']:.4f}, epoch "
+             f"{result['best_epoch']})" if result.get("best_checkpoint") else ""))
+    return 0
+
+
+def _fmt(x, spec=".4f") -> str:
+    if isinstance(x, list):
+        return "[" + ", ".join(format(v, spec) for v in x) + "]"
+    return format(x, spec) if x is not None else "-"
+
+
+def _load(args):
+    from .checkpoint import load_model
+
+    device = _device(args.device)
+    model, params, state, meta = load_model(args.checkpoint, device=device)
+    k = meta.get("ensemble") or 0
+    return device, model, params, state, meta, k
+
+
+def _member(tree, i: int):
+    from .core.tree import tree_map
+
+    return tree_map(lambda t: t[i], tree)
+
+
+def cmd_eval(args) -> int:
+    from .data import CLASS_NAMES, IGNORE_INDEX, Loader
+    from .metrics import format_table
+    from .train.loop import evaluate
+    from .train.step import make_eval_step
+
+    device, model, params, state, meta, k = _load(args)
+    size = args.size or (meta.get("args") or {}).get("size")
+    if not size:
+        raise CliError(f"{args.checkpoint} does not record its training size; pass --size")
+    data = _prepare(Path(args.data), args.split, int(size), args)
+    loader = Loader(data, args.batch_size, device=device, shuffle=False, drop_last=False)
+    step = make_eval_step(model, ignore_index=IGNORE_INDEX, with_logits_metrics=True)
+    members = range(k) if k else [None]
+    if k and args.member is not None:
+        if not 0 <= args.member < k:
+            raise CliError(f"--member {args.member} out of range: the checkpoint holds {k} members")
+        members = [args.member]
+    results = []
+    for i in members:
+        p, s = (params, state) if i is None else (_member(params, i), _member(state, i))
+        summary = evaluate(model, p, s, loader, eval_step=step, class_names=CLASS_NAMES)
+        results.append({"member": i, **summary} if i is not None else summary)
+    if args.json:
+        print(json.dumps(results if k else results[0], indent=2))
+        return 0
+    print(f"{args.checkpoint}: {meta['model']} on {args.split} ({len(data)} images at {size}px)")
+    for summary in results:
+        if k:
+            print(f"\nmember {summary['member']}")
+        print(format_table(summary, CLASS_NAMES))
+        print(f"series custom IoU: {summary['series_custom_iou']:.4f}")
+    return 0
+
+
+_PALETTE = ((255, 140, 0), (0, 0, 0), (255, 255, 255))  # pet, background, border
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .data import normalize, to_float
+
+    device, model, params, state, meta, k = _load(args)
+    if k:
+        params, state = _member(params, args.member or 0), _member(state, args.member or 0)
+    size = int(args.size or (meta.get("args") or {}).get("size") or 128)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    palette = np.array([_PALETTE[i % len(_PALETTE)] for i in range(model.num_classes)], dtype=np.uint8)
+    for path in args.images:
+        path = Path(path)
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+            raise CliError(f"cannot read image {path}: {err}") from None
+        small = image.resize((size, size), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1)[None].to(device)
+        with torch.no_grad():
+            logits, _ = model.apply(params, state, normalize(to_float(x)), train=False)
+        labels = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+        mask = Image.fromarray(labels).resize(image.size, Image.Resampling.NEAREST)
+        m = np.asarray(mask)
+        scaled = (m.astype(np.uint16) * (255 // max(model.num_classes - 1, 1))).astype(np.uint8)
+        Image.fromarray(scaled).save(out / f"{path.stem}_mask.png")
+        rgb = np.asarray(image)
+        colour = palette[np.clip(m, 0, len(palette) - 1)]
+        blended = (0.55 * rgb + 0.45 * colour).astype(np.uint8)
+        side = np.concatenate([rgb, blended], axis=1)
+        Image.fromarray(side).save(out / f"{path.stem}_overlay.png")
+        counts = np.bincount(m.reshape(-1), minlength=model.num_classes) / m.size
+        print(f"{path} -> {out / (path.stem + '_mask.png')} ("
+              + ", ".join(f"{c:.0%}" for c in counts[: model.num_classes]) + ")")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data import CLASS_NAMES
+
+    data = _prepare(Path(args.data), args.split, args.size, args)
+    counts = data.class_counts().tolist()
+    info = {"split": args.split, "images": len(data), "size": data.size, "cache": str(data.cache_path),
+            "skipped": len(data.skipped), "class_pixels": dict(zip(CLASS_NAMES, counts))}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{args.split}: {len(data)} images at {data.size}px, cache {data.cache_path}"
+              + (f", {len(data.skipped)} skipped" if data.skipped else ""))
+        total = max(sum(counts), 1)
+        print("  pixels: " + ", ".join(f"{n} {c / total:.1%}" for n, c in zip(CLASS_NAMES, counts)))
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from . import summary as summary_mod
+
+    model = _make_model(args.model, args.model_cfg)
+    s = summary_mod.summarize(model, input_size=(args.size, args.size), batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(s.totals(), indent=2, default=str))
+    else:
+        print(summary_mod.format_summary(s))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from . import models  # noqa: F401
+    from .models import create_model, list_models
+
+    for name in list_models():
+        if args.verbose:
+            try:
+                cfg = dataclasses.asdict(create_model(name).cfg)
+            except Exception as err:  # a factory that needs arguments
+                cfg = f"({err})"
+            print(f"{name}: {cfg}")
+        else:
+            print(name)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None, help="where prepared tensors are cached (default: beside the data)")
+    p.add_argument("--policy", default="resize", choices=("resize", "pad"),
+                   help="resize: stretch to S x S; pad: keep the aspect ratio and pad (ignored pixels)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="decoding processes (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fseg", description="functional_seg: semantic segmentation tools")
-    parser.add_subparsers(dest="command")
+    from .train.optim import OPTIMIZERS, SCHEDULES
+
+    parser = _Parser(prog="fseg", description="functional_seg: semantic segmentation the JAX way on torch.func")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (synthetic data unless --data is given)")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--data", metavar="DIR", help="Oxford-IIIT Pet root (official layout)")
+    src.add_argument("--synthetic", metavar="DIR", nargs="?", const="",
+                     help="train on the built-in synthetic dataset (generated into DIR or a temp dir); the default")
+    t.add_argument("--train-split", default="trainval", help="split to train on (default trainval)")
+    t.add_argument("--val-split", default="test", help="split evaluated after every epoch, or 'none' (default test)")
+    t.add_argument("--model", default="segnet", help="registered model name (fseg models)")
+    t.add_argument("--model-cfg", nargs="*", metavar="KEY=VALUE", help="model cfg overrides, e.g. widths=16,32,64,64")
+    t.add_argument("--loss", default="ce", help="ce, soft_iou, soft_iou_log, dice, tversky, focal, ce_dice")
+    t.add_argument("--loss-cfg", nargs="*", metavar="KEY=VALUE", help="loss keywords, e.g. label_smoothing=0.1")
+    t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
+    t.add_argument("--nesterov", action="store_true")
+    t.add_argument("--clip-norm", type=_positive_float, default=None, help="clip the global gradient norm")
+    t.add_argument("--schedule", default="constant", choices=SCHEDULES)
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine/poly floor as a fraction of lr")
+    t.add_argument("--power", type=float, default=1.0, help="poly schedule exponent")
+    t.add_argument("--step-size", type=_positive_int, default=7, help="step schedule: epochs between decays")
+    t.add_argument("--gamma", type=float, default=0.7, help="step schedule: decay factor")
+    t.add_argument("--epochs", type=_positive_int, default=2)
+    t.add_argument("--batch-size", type=_positive_int, default=16)
+    t.add_argument("--size", type=_positive_int, default=64, help="square input side S")
+    t.add_argument("--augment", default="flip_jitter",
+                   help="none, flip, flip_jitter (the series' recipe), flip_jitter_full, flip_jitter_crop")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    t.add_argument("--compile", type=_flag, default="auto", help="auto (on for cuda), on, off")
+    t.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (default runs/<model>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.safetensors")
+    t.add_argument("--ensemble", type=_positive_int, default=1, help="train K members in one vmapped step")
+    t.add_argument("--sweep", default=None, metavar="NAME=V1,V2",
+                   help="one value per ensemble member: lr=1e-3,3e-4 (or loss_weight=... with --loss ce_dice)")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=None, help="also checkpoint every N steps")
+    t.add_argument("--log-every", type=_positive_int, default=10, help="steps between host syncs / progress updates")
+    t.add_argument("--max-steps", type=_positive_int, default=None, help="stop after N steps in total")
+    t.add_argument("--limit", type=_positive_int, default=None, help="train on the first N images only")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the result as JSON")
+    _data_options(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a split and print the metric table")
+    e.add_argument("--checkpoint", required=True, metavar="FILE")
+    e.add_argument("--data", required=True, metavar="DIR")
+    e.add_argument("--split", default="test")
+    e.add_argument("--size", type=_positive_int, default=None, help="default: the training size")
+    e.add_argument("--batch-size", type=_positive_int, default=32)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--member", type=int, default=None, help="one member of an ensemble checkpoint")
+    e.add_argument("--json", action="store_true")
+    _data_options(e)
+    e.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="write predicted masks and overlays for images")
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--size", type=_positive_int, default=None, help="default: the training size")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--member", type=int, default=None, help="member of an ensemble checkpoint (default 0)")
+    p.set_defaults(func=cmd_predict)
+
+    r = sub.add_parser("prepare", help="decode, resize and cache a split")
+    r.add_argument("--data", required=True, metavar="DIR")
+    r.add_argument("--split", default="trainval")
+    r.add_argument("--size", type=_positive_int, default=128)
+    r.add_argument("--json", action="store_true")
+    _data_options(r)
+    r.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("summary", help="layer table, parameters and mult-adds of a model")
+    s.add_argument("--model", default="segnet")
+    s.add_argument("--model-cfg", nargs="*", metavar="KEY=VALUE")
+    s.add_argument("--size", type=_positive_int, default=128)
+    s.add_argument("--batch-size", type=_positive_int, default=1)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_summary)
+
+    m = sub.add_parser("models", help="list the registered models")
+    m.add_argument("-v", "--verbose", action="store_true", help="with their default cfg")
+    m.set_defaults(func=cmd_models)
     return parser
 
 
@@ -18,7 +482,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    from .checkpoint import CheckpointError
+    from .train.loop import TrainingDiverged
+
+    try:
+        return args.func(args)
+    except TrainingDiverged as err:
+        print(f"fseg: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fseg: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        # DataError and CheckpointError are ValueErrors; their messages name the file and the fix.
+        print(f"fseg: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""The ``fseg`` command line: train on the real sample, eval, predict, prepare, models, summary, one-line
+errors, and a SIGKILLed run resumed to bit-identical parameters.
+
+The sample run trains a 2-stage SegNet (8/16 channels) at 64 px on the 300 trainval images of
+``../shared/data/oxford-pets-sample`` (override with FSEG_SAMPLE_DATA) for 2 epochs, about 20 s
+on two CPU cores. The kill-and-resume test runs three ``fseg train`` processes on 32 px
+synthetic data with one thread each (so the float reductions run in the same order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from functional_seg import checkpoint as ckpt
+from functional_seg.cli import main, parse_value
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = Path(os.environ.get("FSEG_SAMPLE_DATA", REPO.parent / "shared" / "data" / "oxford-pets-sample"))
+TINY = ["--model", "segnet", "--model-cfg", "widths=8,16", "convs_per_stage=1,1"]
+
+
+def _fseg(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "functional_seg.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=kw.get("cwd", REPO))
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    if not (SAMPLE / "annotations" / "trainval.txt").exists():
+        pytest.skip(f"the Oxford pets sample is not at {SAMPLE} (set FSEG_SAMPLE_DATA)")
+    out = tmp_path_factory.mktemp("sample_run")
+    cache = tmp_path_factory.mktemp("cache")
+    argv = ["train", "--data", str(SAMPLE), *TINY, "--size", "64", "--epochs", "2", "--batch-size", "32",
+            "--cache-dir", str(cache), "--out", str(out / "run"), "--no-progress", "--device", "cpu"]
+    return argv, out / "run", cache
+
+
+def test_train_on_the_sample_writes_metrics_and_a_loadable_checkpoint(sample_run, capsys):
+    argv, run, _ = sample_run
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mean IoU (macro)" in printed and "pixel accuracy" in printed and "series custom IoU" in printed
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["step"] == 2 * (300 // 32)
+    assert 0 < records[-1]["val"]["pixel_accuracy"] <= 1
+    model, params, state, meta = ckpt.load_model(run / "last.safetensors")
+    assert model.name == "segnet" and model.cfg.widths == (8, 16)
+    assert meta["args"]["size"] == 64 and meta["args"]["data"] == str(SAMPLE)
+    logits, _ = model.apply(params, state, torch.zeros(1, 3, 64, 64), train=False)
+    assert logits.shape == (1, 3, 64, 64)
+    assert (run / "best.safetensors").exists() and (run / "config.json").exists()
+
+
+def test_eval_prints_the_table_and_json(sample_run, capsys):
+    _, run, cache = sample_run
+    if not (run / "best.safetensors").exists():
+        pytest.skip("needs the sample run")
+    common = ["eval", "--checkpoint", str(run / "best.safetensors"), "--data", str(SAMPLE), "--split", "test",
+              "--cache-dir", str(cache), "--device", "cpu"]
+    assert main(common) == 0
+    text = capsys.readouterr().out
+    assert "test (298 images at 64px)" in text and "mean IoU (macro)" in text
+    assert main([*common, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {"pixel_accuracy", "mean_iou", "iou", "series_iou", "series_custom_iou"} <= set(summary)
+    assert sum(map(sum, summary["confusion"])) == 298 * 64 * 64
+
+
+def test_predict_writes_masks_and_overlays(sample_run, tmp_path, capsys):
+    _, run, _ = sample_run
+    if not (run / "best.safetensors").exists():
+        pytest.skip("needs the sample run")
+    images = sorted((SAMPLE / "images").glob("*.jpg"))[:2]
+    assert main(["predict", "--checkpoint", str(run / "best.safetensors"), *map(str, images), "--out",
+                 str(tmp_path), "--device", "cpu"]) == 0
+    for path in images:
+        with Image.open(path) as im:
+            size = im.size
+        mask = np.asarray(Image.open(tmp_path / f"{path.stem}_mask.png"))
+        overlay = Image.open(tmp_path / f"{path.stem}_overlay.png")
+        assert mask.shape == (size[1], size[0]) and set(np.unique(mask)) <= {0, 127, 254}
+        assert overlay.size == (2 * size[0], size[1])
+
+
+def test_prepare_and_models(tmp_path, capsys):
+    from functional_seg.data import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "syn", n_trainval=4, n_test=2, size=32)
+    assert main(["prepare", "--data", str(root), "--split", "test", "--size", "16", "--cache-dir",
+                 str(tmp_path / "c"), "--workers", "1", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["images"] == 2 and info["size"] == 16 and Path(info["cache"]).exists()
+    assert main(["models"]) == 0
+    assert "segnet" in capsys.readouterr().out.split()
+
+
+def test_summary_command(capsys):
+    pytest.importorskip("functional_seg.summary")
+    assert main(["summary", "--model", "segnet", "--model-cfg", "widths=8,16", "convs_per_stage=1,1", "--size",
+                 "32", "--json"]) == 0
+    totals = json.loads(capsys.readouterr().out)
+    assert totals
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "nosuch"], "unknown model 'nosuch'"),
+    (["train", "--model-cfg", "depth"], "--model-cfg expects key=value"),
+    (["train", "--model-cfg", "bogus=1"], "unknown field"),
+    (["train", "--loss", "nope"], "unknown loss 'nope'"),
+    (["train", "--loss-cfg", "gamma=2"], "takes keywords"),
+    (["train", "--data", "/nonexistent/pets"], "/nonexistent/pets"),
+    (["train", "--augment", "wild"], "unknown augment preset"),
+    (["train", "--sweep", "lr=fast"], "--sweep values must be numbers"),
+    (["train", "--size", "30", *TINY], "divisible by the model's stride"),
+    (["train", "--device", "cuda:0"] if not torch.cuda.is_available() else ["train", "--device", "tpu"], "device"),
+    (["eval", "--checkpoint", "/nonexistent.safetensors", "--data", "."], "does not exist"),
+    (["eval", "--checkpoint", __file__, "--data", "."], "expected a safetensors checkpoint"),
+])
+def test_bad_arguments_give_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fseg: error: ") and err.count("\n") == 1 and message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["train", "--epochs", "0"], ["train", "--optimizer", "lion"], ["frobnicate"],
+                                  ["eval", "--data", "."]])
+def test_argparse_errors_are_one_line_too(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fseg: error: ") and err.count("\n") == 1
+
+
+def test_entry_point_reports_errors_without_traceback():
+    proc = _fseg("train", "--model", "nosuch", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["fseg: error: unknown model 'nosuch'; available: "
+                                                + proc.stderr.split("available: ")[1].strip()]
+
+
+def test_parse_value():
+    assert parse_value("8,16,32") == (8, 16, 32)
+    assert parse_value("0.5") == 0.5 and parse_value("true") is True and parse_value("none") is None
+    assert parse_value("relu") == "relu" and parse_value("3") == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Kill -9 and resume
+
+
+def _step_in(path: Path) -> int:
+    try:
+        return int(ckpt.read(path)[0]["step"])
+    except ckpt.CheckpointError:  # not written yet
+        return -1
+
+
+def test_sigkilled_run_resumes_to_bit_identical_params(tmp_path):
+    syn = tmp_path / "syn"
+    common = ["train", "--synthetic", str(syn), *TINY, "--size", "32", "--limit", "16", "--batch-size", "4",
+              "--epochs", "3", "--val-split", "none", "--device", "cpu", "--no-progress", "--checkpoint-every", "1",
+              "--cache-dir", str(tmp_path / "cache"), "--seed", "7", "--optimizer", "sgd", "--lr", "0.05"]
+    one_go = _fseg(*common, "--out", str(tmp_path / "one_go"))
+    assert one_go.returncode == 0, one_go.stderr
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "functional_seg.cli", *common, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    last = out / "last.safetensors"
+    deadline = time.monotonic() + 120
+    # Kill it in epoch 2, once a checkpoint past the first epoch's end exists.
+    while _step_in(last) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    tensors, _ = ckpt.read(last)  # whatever the moment of the kill, the file is whole
+    stopped_at = int(tensors["step"])
+    assert 5 <= stopped_at < 12
+
+    resumed = _fseg(*common, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, _ = ckpt.read(tmp_path / "one_go" / "last.safetensors")
+    b, _ = ckpt.read(last)
+    assert int(a["step"]) == int(b["step"]) == 12
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"resumed from step {stopped_at}; differing tensors: {different[:5]}"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
