@@ -26,6 +26,7 @@ Writes ``<out>/bench_train_step_<device-kind>.{json,md}``.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -102,13 +103,31 @@ def _image_dtype():
     return {tv_tensors.Image: torch.float32}
 
 
+def _loader_plan(batch_bytes: int, workers: int, prefetch: int = 4) -> tuple[int, int]:
+    """Workers and prefetch factor whose in-flight batches fit in half of /dev/shm (containers often have 64 MB)."""
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return workers, prefetch
+    while workers > 0 and workers * prefetch * batch_bytes > free // 2:
+        if prefetch > 1:
+            prefetch -= 1
+        else:
+            workers -= 1
+    return workers, prefetch
+
+
 def make_dataloader(data, batch_size: int, workers: int, device: torch.device):
     ds = PairedDataset(data.images, data.masks)
-    return torch.utils.data.DataLoader(
+    s = data.size
+    batch_bytes = batch_size * (3 * s * s * 4 + s * s * 8)  # float32 images + int64 masks
+    workers, prefetch = _loader_plan(batch_bytes, workers)
+    loader = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=prefetch if workers > 0 else None,
     )
+    return loader, workers, prefetch
 
 
 def _forever(loader):
@@ -156,7 +175,8 @@ def build_b(args, data, *, bf16: bool):
     device = args.device
     module = reference_module(args).to(device).train()
     opt = torch.optim.Adam(module.parameters(), lr=1e-3)
-    batches = _forever(make_dataloader(data, args.batch_size, args.workers, device))
+    loader, workers, prefetch = make_dataloader(data, args.batch_size, args.workers, device)
+    batches = _forever(loader)
 
     def step(batch):
         images, masks = batch
@@ -171,19 +191,20 @@ def build_b(args, data, *, bf16: bool):
         return loss
 
     precision = "bf16" if bf16 and device.type == "cuda" else "fp32"
-    return step, batches, {"precision": precision, "workers": args.workers}
+    return step, batches, {"precision": precision, "workers": workers, "prefetch_factor": prefetch}
 
 
 def build_b_input(args, data):
     """The DataLoader alone: how many images/s the articles' input pipeline can feed."""
     device = args.device
-    batches = _forever(make_dataloader(data, args.batch_size, args.workers, device))
+    loader, workers, prefetch = make_dataloader(data, args.batch_size, args.workers, device)
+    batches = _forever(loader)
 
     def step(batch):
         images, masks = batch
         return images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
 
-    return step, batches, {"workers": args.workers, "precision": "-"}
+    return step, batches, {"workers": workers, "prefetch_factor": prefetch, "precision": "-"}
 
 
 def build_c(args, data):
@@ -339,7 +360,8 @@ def render(args, prov, train_n, data_n, results, ratios, targets, met, profile_m
                "warm-up s includes building the row (and compiling)"],
     )
     md += "\n" + C.md_table(table_rows, [("row", "row"), ("images_per_s", "images/s"), ("ms_per_step", "ms/step"),
-                                         ("warmup_s", "warm-up s"), ("precision", "precision")])
+                                         ("warmup_s", "warm-up s"), ("precision", "precision"),
+                                         ("workers", "loader workers")])
     if ratios:
         md += "\n\n| ratio | value | target |\n|---|---|---|\n"
         for k, v in ratios.items():

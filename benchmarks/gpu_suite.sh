@@ -33,6 +33,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export FSEG_DATA="$DATA_ROOT"
 PY="${PYTHON:-python3}"
+# EXTRA_ARGS (e.g. "--quick") is appended to every script's arguments: for a dry run of the suite on a CPU.
+read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
 TOTAL="${SUITE_SECONDS:-540}"
 START=$SECONDS
 LOG="$OUT/suite.log"
@@ -91,12 +93,12 @@ for split in ('trainval', 'test'):
 # prepare's output goes to suite.log rather than an eighth log file
 cat "$OUT/prepare.log" >>"$LOG" 2>/dev/null && rm -f "$OUT/prepare.log"
 
-part bench_train_step 200 "$R_ENS" "$PY" benchmarks/bench_train_step.py --data "$DATA_ROOT" --profile --budget BUDGET
-part bench_ensemble 60 "$R_SERIES" "$PY" benchmarks/bench_ensemble.py --data "$DATA_ROOT" --budget BUDGET
-part series_models 150 "$R_LOSS" "$PY" experiments/series_models.py --data "$DATA_ROOT" --budget BUDGET
-part loss_comparison 90 "$R_AUG" "$PY" experiments/loss_comparison.py --data "$DATA_ROOT" --budget BUDGET
-part augmentation 60 "$R_E2E" "$PY" experiments/augmentation.py --data "$DATA_ROOT" --budget BUDGET
-part bench_end_to_end 120 0 "$PY" benchmarks/bench_end_to_end.py --data "$DATA_ROOT" --timeout BUDGET
+part bench_train_step 200 "$R_ENS" "$PY" benchmarks/bench_train_step.py --data "$DATA_ROOT" --profile --budget BUDGET "${EXTRA[@]}"
+part bench_ensemble 60 "$R_SERIES" "$PY" benchmarks/bench_ensemble.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+part series_models 150 "$R_LOSS" "$PY" experiments/series_models.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+part loss_comparison 90 "$R_AUG" "$PY" experiments/loss_comparison.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+part augmentation 60 "$R_E2E" "$PY" experiments/augmentation.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+part bench_end_to_end 120 0 "$PY" benchmarks/bench_end_to_end.py --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
 
 say "done in $((SECONDS - START))s"
 pack

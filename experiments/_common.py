@@ -460,12 +460,17 @@ def model_cost(model, size: int) -> dict:
     return out
 
 
-def evaluate_clean(eval_step, params, state, data, device: torch.device, batch_size: int = 64) -> dict:
-    """Clean metrics (no augmentation) over all of ``data``: ``metrics.summarize`` + the series' custom IoU."""
+def eval_loader(data, device: torch.device, batch_size: int = 64):
+    """Ordered batches of all of ``data`` (kept on the device on CUDA)."""
     from functional_seg.data import Loader
+
+    return Loader(data, batch_size, device=device, shuffle=False, drop_last=False, resident=device.type == "cuda")
+
+
+def evaluate_clean(eval_step, params, state, loader) -> dict:
+    """Clean metrics (no augmentation) over a loader's data: ``metrics.summarize`` + the series' custom IoU."""
     from functional_seg.metrics import summarize
 
-    loader = Loader(data, batch_size, device=device, shuffle=False, drop_last=False)
     cm = None
     custom, count = 0.0, 0
     with torch.no_grad():
@@ -582,6 +587,7 @@ def train_and_evaluate(
     def members(ts):
         return [(ts.params, ts.state)] if k is None else list(zip(unstack(ts.params), unstack(ts.state)))
 
+    test_loader = eval_loader(test, device)
     history: list[dict] = []
     train_s = 0.0
     prefix = f"[{label}] " if label else ""
@@ -600,7 +606,7 @@ def train_and_evaluate(
         losses = (loss_sum / n).reshape(-1).tolist()
         accs = (acc_sum / n).reshape(-1).tolist()
         t1 = time.perf_counter()
-        evals = [evaluate_clean(eval_step, p, s, test, device) for p, s in members(train_state)]
+        evals = [evaluate_clean(eval_step, p, s, test_loader) for p, s in members(train_state)]
         eval_s = time.perf_counter() - t1
         for i, ev in enumerate(evals):
             if len(history) <= i:

@@ -87,7 +87,8 @@ def run_sweep(weights: list[float], args, train, test) -> dict:
 
 
 def render(args, prov, results: dict, sweep: dict | None, weights, n_train, n_test) -> tuple[dict, str]:
-    rows = [{"loss": LOSSES.get(n, n), **r} for n, r in results.items()]
+    ranked = sorted(results, key=lambda n: list(LOSSES).index(n) if n in LOSSES else len(LOSSES))
+    rows = [{"loss": LOSSES.get(n, n), **results[n]} for n in ranked]
     md = C.md_header(
         f"Loss comparison: {args.model} at {args.size}x{args.size}, {args.epochs} epochs", prov,
         notes=[
@@ -135,21 +136,32 @@ def main(argv=None) -> int:
     def save():
         C.write_results(args.out, stem, *render(args, prov, results, sweep, weights, len(train), len(test)))
 
-    for name in [n.strip() for n in args.losses.split(",") if n.strip()]:
-        if budget.over(reserve=5):
-            results[name] = {"status": "skipped: time budget"}
-            continue
-        t0 = time.perf_counter()
-        results[name] = C.guarded(name, lambda name=name: run_loss(name, args, train, test))
-        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s: {results[name].get('status')}", flush=True)
-        save()
-    if weights:
+    def run_sweep_now():
+        nonlocal sweep
         if budget.over(reserve=5):
             sweep = {"status": "skipped: time budget"}
         else:
             t0 = time.perf_counter()
             sweep = C.guarded("sweep", lambda: run_sweep(weights, args, train, test))
             print(f"[sweep] done in {time.perf_counter() - t0:.1f} s: {sweep.get('status')}", flush=True)
+        save()
+
+    names = [n.strip() for n in args.losses.split(",") if n.strip()]
+    # CE and CE + Dice first, then the sweep (its members w = 0 and 1 repeat them), then the rest:
+    # under a time budget the sweep is not the part that gets skipped.
+    first = [n for n in names if n in ("ce", "ce_dice")]
+    order = first + ["<sweep>"] + [n for n in names if n not in first]
+    for name in order:
+        if name == "<sweep>":
+            if weights:
+                run_sweep_now()
+            continue
+        if budget.over(reserve=5):
+            results[name] = {"status": "skipped: time budget"}
+            continue
+        t0 = time.perf_counter()
+        results[name] = C.guarded(name, lambda name=name: run_loss(name, args, train, test))
+        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s: {results[name].get('status')}", flush=True)
         save()
     save()
     if not args.no_figures:
