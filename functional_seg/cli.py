@@ -141,14 +141,19 @@ def _make_model(name: str, cfg_items: list[str] | None):
     return create_model(name, **parse_kv(cfg_items, "--model-cfg"))
 
 
+# The built-in dataset: enough images that a small SegNet learns visibly in 3 CPU epochs at 64 px
+# (about 0.6 mean IoU), generated in seconds.
+SYNTHETIC_TRAINVAL, SYNTHETIC_TEST = 256, 64
+
+
 def _synthetic_root(arg: str | None) -> Path:
     from .data import make_synthetic_dataset
 
-    root = Path(arg) if arg else Path(os.environ.get("FSEG_SYNTHETIC_DIR", Path(tempfile.gettempdir())
-                                                      / "functional_seg-synthetic"))
+    default = Path(tempfile.gettempdir()) / f"functional_seg-synthetic-{SYNTHETIC_TRAINVAL}-{SYNTHETIC_TEST}"
+    root = Path(arg) if arg else Path(os.environ.get("FSEG_SYNTHETIC_DIR", default))
     if not (root / "annotations" / "test.txt").exists():
         print(f"generating the synthetic dataset in {root}", file=sys.stderr)
-        make_synthetic_dataset(root, n_trainval=64, n_test=32, seed=0)
+        make_synthetic_dataset(root, n_trainval=SYNTHETIC_TRAINVAL, n_test=SYNTHETIC_TEST, seed=0)
     return root
 
 

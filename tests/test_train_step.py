@@ -305,3 +305,18 @@ def test_step_confusion_equals_metrics_confusion_matrix():
                        confusion_matrix(pred, target, 3, ignore_index=255))
     batched = torch.func.vmap(lambda p: confusion(p, target, 3, ignore_index=255))(torch.stack([pred, target % 3]))
     assert torch.equal(batched[1], confusion_matrix(target % 3, target, 3, ignore_index=255))
+
+
+def test_bf16_autocast_step_runs_and_auto_is_fp32_on_cpu(model):
+    opt = make_optimizer(OptimizerConfig(lr=1e-2))
+    ts = init_train_state(model, opt, jr.key(0))
+    batch = _batch()
+    fp32, m32 = _step(model, opt, precision="fp32")(ts, batch)
+    auto, mauto = _step(model, opt, precision="auto")(ts, batch)
+    _assert_trees_equal((fp32, m32), (auto, mauto))
+    bf16, m16 = _step(model, opt, precision="bf16")(ts, batch)
+    assert m16["loss"].dtype == torch.float32 and math.isfinite(float(m16["loss"]))
+    assert abs(float(m16["loss"]) - float(m32["loss"])) < 0.05
+    assert all(p.dtype == torch.float32 for p in tree_leaves(bf16.params))  # master weights stay fp32
+    with pytest.raises(ValueError, match="unknown precision"):
+        _step(model, opt, precision="fp8")

@@ -441,6 +441,8 @@ def fit(model, loss_name: str, train_data, val_data, *, epochs: int, batch_size:
                 record["partial"] = True  # stopped by max_steps: a resumed run replaces it
             record["time"] = time.time()
             _append_jsonl(metrics_path, record)
+            if progress:
+                _print_epoch(record, epochs)
             history.append(record)
             if score is not None and score == score and (best is None or score > best):
                 best, best_epoch = score, record["epoch"]
@@ -468,6 +470,25 @@ def fit(model, loss_name: str, train_data, val_data, *, epochs: int, batch_size:
     if members:
         result["members"] = members
     return result
+
+
+def _print_epoch(record: dict, epochs: int) -> None:
+    """One line per epoch on stderr (the progress bar itself does not stay)."""
+    import sys
+
+    def fmt(x, spec=".4f"):
+        return "[" + ", ".join(format(v, spec) for v in x) + "]" if isinstance(x, list) else format(x, spec)
+
+    parts = [f"epoch {record['epoch']}/{epochs}", f"step {record['step']}", f"loss {fmt(record['train_loss'])}"]
+    val = record.get("val")
+    if val:
+        vals = val if isinstance(val, list) else [val]
+        miou = [v["mean_iou"] for v in vals]
+        acc = [v["pixel_accuracy"] for v in vals]
+        parts += [f"val mIoU {fmt(miou if len(vals) > 1 else miou[0])}",
+                  f"pixel acc {fmt(acc if len(vals) > 1 else acc[0])}"]
+    parts.append(f"{record['images_per_s']:.1f} img/s")
+    print("  ".join(parts), file=sys.stderr, flush=True)
 
 
 def _step_of(train_state: TrainState) -> int:

@@ -123,7 +123,8 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         augment_cfg: an ``AugmentConfig`` (static) or None for no augmentation.
         num_classes: C for the confusion matrix (default ``model.num_classes``).
         ignore_index: label not counted in the metrics (the loss binds its own).
-        precision: "fp32", or "bf16" (autocast around the forward only; loss in fp32).
+        precision: "fp32", "bf16" (autocast around the forward only; loss in fp32) or "auto"
+            (bf16 on CUDA, fp32 elsewhere, decided by the batch's device).
         channels_last: feed the model a channels-last input (faster convs on CUDA).
         compile: wrap the step in ``torch.compile`` (see :func:`compile_step`).
         fullgraph: ask dynamo for one graph (falls back with a warning if it cannot).
@@ -134,9 +135,8 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         ``train_step``; batch is ``(images uint8 [B, 3, S, S], masks int64 [B, S, S])`` on the
         state's device.
     """
-    precision = resolve_precision(precision, "cpu") if precision == "auto" else precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
     num_classes = int(num_classes or model.num_classes)
 
     def train_step(train_state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -147,7 +147,7 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         extra = {k: v for k, v in train_state.hparams.items() if k != "lr"}
 
         def loss_of(params):
-            with _autocast(precision, x.device.type):
+            with _autocast(resolve_precision(precision, x.device), x.device.type):
                 logits, new_state = model.apply(params, train_state.state, x, train=True, key=model_key)
             logits = logits.float()
             loss = loss_fn(logits, target, **extra)
@@ -188,12 +188,12 @@ def make_eval_step(model, *, num_classes: int | None = None, ignore_index: int |
     soft IoU (average it over the real images of the split).
     """
     num_classes = int(num_classes or model.num_classes)
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
 
     def eval_step(params, state, images, masks):
         x, target = _prepare_input(images, masks, None, None, channels_last)
-        with _autocast(precision, x.device.type):
+        with _autocast(resolve_precision(precision, x.device), x.device.type):
             logits, _ = model.apply(params, state, x, train=False)
         logits = logits.float()
         cm = confusion(logits.argmax(dim=1), target, num_classes, ignore_index=ignore_index)
