@@ -135,9 +135,10 @@ def _init(cfg: SegNetCfg, key: torch.Tensor) -> tuple[dict, dict]:
 def _apply(cfg: SegNetCfg, params: dict, state: dict, x: torch.Tensor, train: bool, key: torch.Tensor | None
            ) -> tuple[torch.Tensor, dict]:
     del key  # no randomness in SegNet
-    new_state: dict = {"encoder": {}, "decoder": {}}
+    new_state: dict = {}  # same key order as init's, so the trees' structures match
     if cfg.input_bn:
         x, new_state["input_bn"] = batch_norm(params["input_bn"], state["input_bn"], x, train=train)
+    new_state["encoder"], new_state["decoder"] = {}, {}
     pooled: list[tuple[torch.Tensor, tuple[int, int]]] = []
     for i, n in enumerate(cfg.convs_per_stage):
         stage_state = {}
