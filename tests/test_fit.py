@@ -155,3 +155,9 @@ def test_fit_rejects_bad_sweeps(model, data, tmp_path):
         _fit(model, data, tmp_path, sweep={"loss_weight": [0.5, 1.0]})
     with pytest.raises(ValueError, match="ensemble 3 disagrees"):
         _fit(model, data, tmp_path, sweep={"lr": [1e-2, 1e-3]}, ensemble=3)
+
+
+def test_a_fresh_run_refuses_to_overwrite_an_old_one(one_go, model, data):
+    _, out = one_go
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        _fit(model, data, out)

@@ -220,7 +220,8 @@ def fit(model, loss_name: str, train_data, val_data, *, epochs: int, batch_size:
         seed: the one seed of the run (init, shuffling, augmentation).
         device: "cpu", "cuda", ...
         out_dir: the run directory.
-        resume: continue from ``out_dir/last.safetensors`` if it exists (bit-exact on CPU).
+        resume: continue from ``out_dir/last.safetensors`` if it exists (bit-exact on CPU). Without
+            it, a directory that already holds ``last.safetensors`` is refused (ValueError).
         ensemble: K members trained together by one vmapped step (different init keys).
         sweep: ``{"lr": [...]}`` and/or ``{"loss_weight": [...]}``, one value per member
             (implies ``ensemble = len(values)``).
@@ -302,8 +303,12 @@ def fit(model, loss_name: str, train_data, val_data, *, epochs: int, batch_size:
                                  f"this run has {field}={run_args[field]!r}")
         extra = dict(meta.get("extra") or {})
         history = _truncate_jsonl(metrics_path, _step_of(train_state))
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
+    else:
+        if last_path.exists():
+            raise ValueError(f"{out} already holds a run ({last_path.name}); resume it (--resume) or choose "
+                             "another output directory")
+        metrics_path.unlink(missing_ok=True)  # left by a run killed before its first checkpoint
+        best_path.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps({
         "model": model.name, "cfg": _jsonable(model.cfg), "optimizer": _jsonable(optimizer_cfg),
         "args": run_args}, indent=2) + "\n")
