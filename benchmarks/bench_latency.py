@@ -1,0 +1,144 @@
+"""Latency of every registered model: pure ``apply`` vs the same architecture as a plain ``nn.Module``.
+
+For each model (default cfg) and batch size, times four variants on zeros [N, 3, S, S] in eval under
+``torch.no_grad()``: the pure model's ``apply(train=False)`` eager and under ``torch.compile``, and
+its reference ``nn.Module`` (tests/reference_modules.py; torchvision's own module for the lifted
+models) eager and under ``torch.compile``. Prints the median milliseconds per batch and images per
+second, with the device, torch version and the command line on top.
+
+    python benchmarks/bench_latency.py                       # all models, batch 1 and 64, 128 px
+    python benchmarks/bench_latency.py --device cuda --models segnet vit
+    python benchmarks/bench_latency.py --quick               # few repeats; on CPU 3 models, batch 1 and 4
+
+Runtime: on a GPU a few minutes for everything (mostly compilation); on CPU, compilation takes tens
+of seconds per model and variant, and the big models at batch 64 take seconds per call, so use
+--quick or pick models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# The repo root (functional_seg without installing it) and tests/ (reference_modules; imported by its
+# own name, since a site-packages "tests" package would shadow a namespace-package import).
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_ROOT), str(_ROOT / "tests")]
+
+from reference_modules import build_reference  # noqa: E402
+
+from functional_seg.core import random as jr  # noqa: E402
+from functional_seg.core.tree import tree_map  # noqa: E402
+from functional_seg.models import create_model, list_models  # noqa: E402
+
+QUICK_CPU_MODELS = ("segnet", "segnet_dsc", "segformer")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` calls (the first compiled call compiles)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _init_on(model, device: torch.device):
+    try:
+        with torch.device(device):
+            params, state = model.init(jr.key(0, device=device))
+    except NotImplementedError:
+        params, state = model.init(jr.key(0))
+    return tree_map(lambda t: t.to(device), params), tree_map(lambda t: t.to(device), state)
+
+
+def bench_model(name: str, batch_sizes: list[int], size: int, device: torch.device, warmup: int, repeats: int,
+                compile_: bool) -> list[dict]:
+    model = create_model(name)
+    params, state = _init_on(model, device)
+    reference = build_reference(name, model.cfg).to(device).eval()
+    pure = lambda p, s, x: model.apply(p, s, x, train=False)[0]
+    variants = {"pure eager": lambda x: pure(params, state, x), "nn.Module eager": reference}
+    if compile_:
+        compiled_pure = torch.compile(pure, dynamic=False)
+        variants["pure compiled"] = lambda x: compiled_pure(params, state, x)
+        variants["nn.Module compiled"] = torch.compile(reference, dynamic=False)
+    rows = []
+    for batch in batch_sizes:
+        x = torch.zeros(batch, 3, size, size, device=device)
+        row = {"model": name, "batch": batch}
+        for label, fn in variants.items():
+            try:
+                with torch.no_grad():
+                    row[label] = time_fn(lambda fn=fn, x=x: fn(x), device, warmup, repeats)
+            except Exception as err:  # report and go on: one failure should not hide the rest
+                row[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"
+        rows.append(row)
+        print(format_row(row, list(variants)), flush=True)
+    torch._dynamo.reset()
+    return rows
+
+
+def format_row(row: dict, labels: list[str]) -> str:
+    cells = [f"{row['model']:<20}", f"{row['batch']:>5}"]
+    for label in labels:
+        value = row.get(label)
+        if isinstance(value, float):
+            cells.append(f"{value * 1e3:>10.2f} ms {row['batch'] / value:>9.1f}/s")
+        else:
+            cells.append(f"{str(value)[:24]:>24}")
+    return "  ".join(cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=None, help=f"default: all ({', '.join(list_models())})")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 1 64 (quick CPU: 1 4)")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="2 warm-up calls and 5 timed ones (else 5 and 20)")
+    parser.add_argument("--no-compile", action="store_true", help="eager variants only")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    quick_cpu = args.quick and device.type == "cpu"
+    models = args.models or (list(QUICK_CPU_MODELS) if quick_cpu else list_models())
+    batch_sizes = args.batch_sizes or ([1, 4] if quick_cpu else [1, 64])
+    warmup, repeats = (2, 5) if args.quick else (5, 20)
+    unknown = sorted(set(models) - set(list_models()))
+    if unknown:
+        parser.error(f"unknown models {unknown}; available: {', '.join(list_models())}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU, {torch.get_num_threads()} threads"
+
+    print(f"command: {' '.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}")
+    print(f"device: {device_name}; torch {torch.__version__}; input {args.size}x{args.size}, float32, eval, "
+          f"no_grad; median of {repeats} after {warmup} warm-up calls")
+    labels = ["pure eager", "nn.Module eager"] + ([] if args.no_compile else ["pure compiled", "nn.Module compiled"])
+    header = [f"{'model':<20}", f"{'batch':>5}", *(f"{label:>24}" for label in labels)]
+    print("  ".join(header), flush=True)
+    for name in models:
+        bench_model(name, batch_sizes, args.size, device, warmup, repeats, not args.no_compile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
