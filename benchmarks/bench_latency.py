@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 1 64 (quick CPU: 1 4)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="2 warm-up calls and 5 timed ones (else 5 and 20)")
+    parser.add_argument("--warmup", type=int, default=None, help="override the warm-up calls")
+    parser.add_argument("--repeats", type=int, default=None, help="override the timed calls")
     parser.add_argument("--no-compile", action="store_true", help="eager variants only")
     args = parser.parse_args(argv)
 
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models or (list(QUICK_CPU_MODELS) if quick_cpu else list_models())
     batch_sizes = args.batch_sizes or ([1, 4] if quick_cpu else [1, 64])
     warmup, repeats = (2, 5) if args.quick else (5, 20)
+    warmup, repeats = args.warmup if args.warmup is not None else warmup, args.repeats or repeats
     unknown = sorted(set(models) - set(list_models()))
     if unknown:
         parser.error(f"unknown models {unknown}; available: {', '.join(list_models())}")
