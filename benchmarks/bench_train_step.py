@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p = C.base_parser(__doc__.split("\n")[0], epochs=1, size=128, batch_size=64)
     p.add_argument("--model", default="segnet", help="registry name; the baseline module must exist for it")
     p.add_argument("--widths", default=None, help="encoder widths, e.g. 16,32,64,64 (default: the series')")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30; quick 5)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30; quick 10)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default 3; quick 2)")
     p.add_argument("--rows", default="b,b_input,b16,a_eager,a,c", help="which rows to run, comma separated")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers for b (default min(8, cpus))")
@@ -54,7 +54,7 @@ def parse_args(argv=None):
                    help="steps for compile_report on a (default 100 on CUDA, 0 on CPU)")
     args = C.finish_args(p.parse_args(argv), quick_batch=8)
     if args.steps is None:
-        args.steps = 5 if args.quick else 30
+        args.steps = 10 if args.quick else 30
     if args.warmup is None:
         args.warmup = 2 if args.quick else 3
     if args.widths is None and args.quick:
@@ -317,7 +317,7 @@ def profile_rows(live: dict, device: torch.device) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_keys = ["self_device_time_total", "self_cuda_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
     sections = []
     for name in ("a", "b", "c"):
         if name not in live:
@@ -328,7 +328,15 @@ def profile_rows(live: dict, device: torch.device) -> str:
                 for _ in range(3):
                     step(next(batches))
                 C.sync(device)
-            table = prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=60)
+            table = None
+            for sort_by in sort_keys:  # the CUDA key was renamed across torch versions
+                try:
+                    table = prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=60)
+                    break
+                except (AttributeError, KeyError, ValueError):
+                    continue
+            if table is None:
+                table = prof.key_averages().table(row_limit=15, max_name_column_width=60)
             sections.append(f"## {ROW_LABELS[name]}\n\n```\n{table}\n```\n")
         except Exception as err:  # noqa: BLE001
             sections.append(f"## {ROW_LABELS[name]}\n\nfailed: {C.short_error(err)}\n")
@@ -380,7 +388,7 @@ def render(args, prov, train_n, data_n, results, ratios, targets, met, profile_m
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    C.set_threads()
+    C.set_threads(args)
     budget = C.Budget(args.budget)
     device = args.device
     prov = C.provenance(device)

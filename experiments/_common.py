@@ -58,6 +58,7 @@ def base_parser(description: str, *, epochs: int, size: int, batch_size: int) ->
     p.add_argument("--batch-size", type=int, default=None, help=f"training batch (default {batch_size}; quick: 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; env FSEG_THREADS)")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training images (quick: 128)")
     p.add_argument("--test-limit", type=int, default=None, help="use the first N test images (quick: 96)")
     p.add_argument("--budget", type=float, default=None,
@@ -136,9 +137,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def set_threads() -> None:
-    """Leave the thread count alone unless FSEG_THREADS says otherwise (the CPU box is shared)."""
-    n = os.environ.get("FSEG_THREADS")
+def set_threads(args: argparse.Namespace | None = None) -> None:
+    """Leave the thread count alone unless ``--threads`` or FSEG_THREADS says otherwise (shared CPU boxes)."""
+    n = getattr(args, "threads", None) or os.environ.get("FSEG_THREADS")
     if n:
         torch.set_num_threads(int(n))
 
@@ -384,6 +385,7 @@ def plot_curves(histories: dict[str, list[dict]], keys: Sequence[tuple[str, str]
             if ys:
                 ax.plot(xs, ys, marker="o", markersize=2.5, label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)

@@ -123,7 +123,7 @@ def render(args, prov, results: dict, sweep: dict | None, weights, n_train, n_te
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    C.set_threads()
+    C.set_threads(args)
     budget = C.Budget(args.budget)
     prov = C.provenance(args.device)
     stem = f"{EXPERIMENT}_{C.device_kind(args.device, args.quick)}"

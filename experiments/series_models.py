@@ -108,7 +108,7 @@ def render(args, prov, results: dict, n_train: int, n_test: int) -> tuple[dict, 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    C.set_threads()
+    C.set_threads(args)
     budget = C.Budget(args.budget)
     prov = C.provenance(args.device)
     stem = f"{EXPERIMENT}_{C.device_kind(args.device, args.quick)}"
