@@ -7,15 +7,16 @@
 # torch, torchvision, torchopt, optree, einops, safetensors, numpy, pillow (matplotlib for the
 # figures); the package is used from the checkout (PYTHONPATH=$PWD), nothing is installed.
 #
-# Parts, in order (expected time on an H100/H200 -> hard cap):
+# Parts, in order (expected time on an H200, from a first run of these scripts there -> hard cap):
 #   prepare           decode + cache the 128 px splits                     ~10 s  -> 60 s
-#   bench_train_step  a / a' / b / b16 / b-input / c, compile report,      ~2.5 min -> 200 s
-#                     profile
-#   bench_ensemble    K=8 small SegNets, vmapped vs sequential (eager)     ~40 s  -> 60 s
-#   series_models     5 models, 128 px, 20 epochs                          ~1.5-2 min -> 150 s
-#   loss_comparison   7 losses + a K=4 vmapped CE+w*Dice sweep              ~1 min -> 90 s
-#   augmentation      5 variants                                           ~40 s  -> 60 s
-#   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~1.5 min -> 120 s
+#   bench_train_step  b / b-input / b16 / a' (~20 s), a (compile ~60 s),    ~2.5 min -> 200 s
+#                     c (compile ~50 s), profile
+#   bench_ensemble    K=8 small SegNets, vmapped vs sequential (eager)     ~20-40 s -> 60 s
+#   series_models     5 models, 128 px, 20 epochs (SegFormer ~30 s)        ~1.5 min -> 150 s
+#   loss_comparison   CE, CE+Dice, a K=4 vmapped CE+w*Dice sweep, 5 more   ~1.5 min -> 110 s
+#   augmentation      5 variants                                           ~50 s  -> 60 s
+#   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~2 min -> 160 s
+#                     (compiles the step and the eval step: ~60-90 s of it)
 # A part's limit is also cut so that every later part keeps its minimum share of SUITE_SECONDS
 # (default 540); each script gets a --budget a little under its limit, after which it records the
 # variants it did not start as "skipped: time budget" and still writes its tables. A part that
@@ -79,7 +80,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1
 } >>"$LOG" 2>&1
 
 # Reserves: the minimum each later part keeps (sum of the later parts' shares).
-R_E2E=80; R_AUG=$((R_E2E + 35)); R_LOSS=$((R_AUG + 50)); R_SERIES=$((R_LOSS + 80)); R_ENS=$((R_SERIES + 35))
+R_E2E=110; R_AUG=$((R_E2E + 40)); R_LOSS=$((R_AUG + 70)); R_SERIES=$((R_LOSS + 80)); R_ENS=$((R_SERIES + 30))
 R_BENCH=$((R_ENS + 120))
 
 part prepare 60 "$R_BENCH" "$PY" -c "
@@ -96,9 +97,9 @@ cat "$OUT/prepare.log" >>"$LOG" 2>/dev/null && rm -f "$OUT/prepare.log"
 part bench_train_step 200 "$R_ENS" "$PY" benchmarks/bench_train_step.py --data "$DATA_ROOT" --profile --budget BUDGET "${EXTRA[@]}"
 part bench_ensemble 60 "$R_SERIES" "$PY" benchmarks/bench_ensemble.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
 part series_models 150 "$R_LOSS" "$PY" experiments/series_models.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-part loss_comparison 90 "$R_AUG" "$PY" experiments/loss_comparison.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+part loss_comparison 110 "$R_AUG" "$PY" experiments/loss_comparison.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
 part augmentation 60 "$R_E2E" "$PY" experiments/augmentation.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-part bench_end_to_end 120 0 "$PY" benchmarks/bench_end_to_end.py --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
+part bench_end_to_end 160 0 "$PY" benchmarks/bench_end_to_end.py --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
 
 say "done in $((SECONDS - START))s"
 pack
