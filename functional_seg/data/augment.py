@@ -158,7 +158,7 @@ def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> t
     """factor * images + (1 - factor) * other, clamped to [0, 1]; ``factor`` is per sample [N]."""
     f = factor.to(images.dtype).reshape(-1, 1, 1, 1)
     # One fused kernel, then an in-place clamp of that fresh tensor (the inputs are never written).
-    return torch.lerp(other.expand_as(images), images, f).clamp_(0.0, 1.0)
+    return torch.lerp(other.expand_as(images), images, f).clamp(0.0, 1.0)
 
 
 def _hue_sector(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,7 +181,7 @@ def _from_sector(sector: torch.Tensor, maxc: torch.Tensor, chroma: torch.Tensor)
     """
     offsets = torch.tensor(_HSV_OFFSETS, dtype=sector.dtype, device=sector.device).reshape(1, 3, 1, 1)
     k = torch.remainder(sector + offsets, 6.0)
-    return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return maxc - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
@@ -208,7 +208,7 @@ def _color_jitter(key: torch.Tensor, images: torch.Tensor, cfg: AugmentConfig) -
     b_key, c_key, s_key, h_key = fr.split(key, 4)
     if cfg.brightness > 0:
         f = fr.uniform(b_key, (n,), low=max(0.0, 1.0 - cfg.brightness), high=1.0 + cfg.brightness)
-        images = (images * f.to(images.dtype).reshape(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+        images = (images * f.to(images.dtype).reshape(-1, 1, 1, 1)).clamp(0.0, 1.0)
     if cfg.contrast > 0:
         f = fr.uniform(c_key, (n,), low=max(0.0, 1.0 - cfg.contrast), high=1.0 + cfg.contrast)
         images = _blend(images, _gray_mean(images), f)
