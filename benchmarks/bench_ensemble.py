@@ -143,20 +143,13 @@ def render(args, prov, results, target) -> tuple[dict, str]:
             verdict = "met" if v["speedup"] >= target else "MISSED"
             md += f"\n{k}: speed-up {v['speedup']:.2f}x (target >= {target}: {verdict})"
     md += "\n"
-    payload = {"experiment": EXPERIMENT, "provenance": prov, "target": target,
-               "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "results": results}
-    return payload, md
+    return C.payload(EXPERIMENT, prov, args, results, target=target), md
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    C.set_threads(args)
-    budget = C.Budget(args.budget)
-    prov = C.provenance(args.device)
-    stem = f"{EXPERIMENT}_{C.device_kind(args.device, args.quick)}"
+    budget, prov, stem = C.start(args, EXPERIMENT, f", K={args.members}, widths {args.widths}")
     target = 3.0 if args.device.type == "cuda" else 1.0
-    print(f"{EXPERIMENT}: {prov['device_name']}, torch {prov['torch']}, K={args.members}, widths {args.widths}",
-          flush=True)
     train, _ = C.load_splits(args.data, args.size, test_split=None, train_limit=args.train_limit)
     modes = {"none": [False], "also": [False, True], "only": [True]}[args.compile]
     results: dict[str, dict] = {}

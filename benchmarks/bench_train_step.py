@@ -388,16 +388,12 @@ def render(args, prov, train_n, data_n, results, ratios, targets, met, profile_m
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    C.set_threads(args)
-    budget = C.Budget(args.budget)
     device = args.device
-    prov = C.provenance(device)
-    print(f"{EXPERIMENT}: {prov['device_name']}, torch {prov['torch']}, batch {args.batch_size}, {args.size} px, "
-          f"model {args.model} {model_cfg(args) or '(series widths)'}", flush=True)
+    budget, prov, stem = C.start(args, EXPERIMENT, f", batch {args.batch_size}, {args.size} px, "
+                                 f"model {args.model} {model_cfg(args) or '(series widths)'}")
     train, _ = C.load_splits(args.data, args.size, test_split=None)
     need = args.batch_size * (args.steps * 2 + args.warmup + 2)
     data = train.repeat(max(need, len(train)))
-    stem = f"{EXPERIMENT}_{C.device_kind(device, args.quick)}"
 
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     if device.type != "cuda" and "b16" in rows_wanted:

@@ -660,3 +660,22 @@ def strip_private(d: Any) -> Any:
     if isinstance(d, list):
         return [strip_private(v) for v in d]
     return d
+
+
+def start(args: argparse.Namespace, experiment: str, headline: str = "", device: torch.device | None = None
+          ) -> tuple[Budget, dict[str, Any], str]:
+    """What every script does first: threads, time budget, provenance, the results' file stem."""
+    device = device if device is not None else args.device
+    set_threads(args)
+    budget = Budget(args.budget)
+    prov = provenance(device)
+    print(f"{experiment}: {prov['device_name']}, torch {prov['torch']}{headline}", flush=True)
+    return budget, prov, f"{experiment}_{device_kind(device, args.quick)}"
+
+
+def payload(experiment: str, prov: dict[str, Any], args: argparse.Namespace, results: Any, **extra: Any
+            ) -> dict[str, Any]:
+    """The results JSON: experiment, provenance, the public arguments, results, then any extras."""
+    return {"experiment": experiment, "provenance": prov,
+            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "results": strip_private(results), **extra}

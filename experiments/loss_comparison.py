@@ -115,19 +115,12 @@ def render(args, prov, results: dict, sweep: dict | None, weights, n_train, n_te
             md += (f"\nsweep train time {sweep['train_s']:.1f} s for {len(weights)} members "
                    f"({sweep['train_s'] / len(weights):.1f} s per member; the single CE and CE + Dice runs "
                    f"took {singles:.1f} s together)\n")
-    payload = {"experiment": EXPERIMENT, "provenance": prov,
-               "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-               "results": C.strip_private(results), "sweep": C.strip_private(sweep), "sweep_weights": weights}
-    return payload, md
+    return C.payload(EXPERIMENT, prov, args, results, sweep=C.strip_private(sweep), sweep_weights=weights), md
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    C.set_threads(args)
-    budget = C.Budget(args.budget)
-    prov = C.provenance(args.device)
-    stem = f"{EXPERIMENT}_{C.device_kind(args.device, args.quick)}"
-    print(f"{EXPERIMENT}: {prov['device_name']}, torch {prov['torch']}, model {args.model}", flush=True)
+    budget, prov, stem = C.start(args, EXPERIMENT, f", model {args.model}")
     train, test = C.load_splits(args.data, args.size, train_limit=args.train_limit, test_limit=args.test_limit)
     weights = [float(w) for w in args.sweep.split(",") if w.strip()]
     results: dict[str, dict] = {}

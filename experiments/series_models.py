@@ -100,19 +100,12 @@ def render(args, prov, results: dict, n_train: int, n_test: int) -> tuple[dict, 
         ],
     )
     md += "\n" + C.md_table(rows, COLUMNS) + "\n"
-    payload = {"experiment": EXPERIMENT, "provenance": prov,
-               "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-               "results": C.strip_private(results)}
-    return payload, md
+    return C.payload(EXPERIMENT, prov, args, results), md
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    C.set_threads(args)
-    budget = C.Budget(args.budget)
-    prov = C.provenance(args.device)
-    stem = f"{EXPERIMENT}_{C.device_kind(args.device, args.quick)}"
-    print(f"{EXPERIMENT}: {prov['device_name']}, torch {prov['torch']}", flush=True)
+    budget, prov, stem = C.start(args, EXPERIMENT)
     train, test = C.load_splits(args.data, args.size, train_limit=args.train_limit, test_limit=args.test_limit)
     results: dict[str, dict] = {}
     names = [n.strip() for n in args.models.split(",") if n.strip()]
