@@ -199,6 +199,26 @@ def _first_leaf_value(x: torch.Tensor):
     return x.tolist() if x.dim() else x.item()
 
 
+def _resolve_sweep(sweep: Mapping[str, Sequence[float]] | None, ensemble: int
+                   ) -> tuple[dict[str, list[float]], int]:
+    """Check a hyperparameter sweep and return it with the ensemble size it implies."""
+    sweep = {k: [float(v) for v in vals] for k, vals in dict(sweep or {}).items()}
+    for name in sweep:
+        if name not in SWEEPABLE:
+            raise ValueError(f"cannot sweep {name!r}; sweepable: {', '.join(SWEEPABLE)}")
+    sizes = {len(v) for v in sweep.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"every swept hyperparameter needs the same number of values, got {sorted(sizes)}")
+    if sweep:
+        k_sweep = sizes.pop()
+        if ensemble not in (1, k_sweep):
+            raise ValueError(f"ensemble {ensemble} disagrees with the sweep's {k_sweep} values")
+        ensemble = k_sweep
+    if ensemble < 1:
+        raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+    return sweep, ensemble
+
+
 def fit(model, loss_name: str, train_data, val_data, *, epochs: int, batch_size: int,
         optimizer_cfg: OptimizerConfig | None = None, augment_cfg=None, seed: int = 0,
         device: torch.device | str = "cpu", out_dir: str | os.PathLike, resume: bool = False,
@@ -248,20 +268,7 @@ def fit(model, loss_name: str, train_data, val_data, *, epochs: int, batch_size:
     precision = resolve_precision(precision, device)
     use_compile = device.type == "cuda" if compile == "auto" else bool(compile)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
-    sweep = {k: [float(v) for v in vals] for k, vals in dict(sweep or {}).items()}
-    for name in sweep:
-        if name not in SWEEPABLE:
-            raise ValueError(f"cannot sweep {name!r}; sweepable: {', '.join(SWEEPABLE)}")
-    sizes = {len(v) for v in sweep.values()}
-    if len(sizes) > 1:
-        raise ValueError(f"every swept hyperparameter needs the same number of values, got {sorted(sizes)}")
-    if sweep:
-        k_sweep = sizes.pop()
-        if ensemble not in (1, k_sweep):
-            raise ValueError(f"ensemble {ensemble} disagrees with the sweep's {k_sweep} values")
-        ensemble = k_sweep
-    if ensemble < 1:
-        raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+    sweep, ensemble = _resolve_sweep(sweep, ensemble)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
 
@@ -309,9 +316,9 @@ def fit(model, loss_name: str, train_data, val_data, *, epochs: int, batch_size:
                              "another output directory")
         metrics_path.unlink(missing_ok=True)  # left by a run killed before its first checkpoint
         best_path.unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps({
+    ckpt.write_atomic(out / "config.json", (json.dumps({
         "model": model.name, "cfg": _jsonable(model.cfg), "optimizer": _jsonable(optimizer_cfg),
-        "args": run_args}, indent=2) + "\n")
+        "args": run_args}, indent=2) + "\n").encode())
 
     base_step = make_train_step(model, loss_fn, optimizer, augment_cfg=augment_cfg, ignore_index=IGNORE_INDEX,
                                 precision=precision, channels_last=channels_last, compile=use_compile and not members)
