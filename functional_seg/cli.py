@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -289,6 +290,15 @@ def cmd_eval(args) -> int:
 _PALETTE = ((255, 140, 0), (0, 0, 0), (255, 255, 255))  # pet, background, border
 
 
+def _save_png_atomic(image, path: Path) -> None:
+    """Encode in memory, then write through ``checkpoint.write_atomic``: no half-written PNGs."""
+    from .checkpoint import write_atomic
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
+
+
 def cmd_predict(args) -> int:
     import numpy as np
     import torch
@@ -318,12 +328,12 @@ def cmd_predict(args) -> int:
         mask = Image.fromarray(labels).resize(image.size, Image.Resampling.NEAREST)
         m = np.asarray(mask)
         scaled = (m.astype(np.uint16) * (255 // max(model.num_classes - 1, 1))).astype(np.uint8)
-        Image.fromarray(scaled).save(out / f"{path.stem}_mask.png")
+        _save_png_atomic(Image.fromarray(scaled), out / f"{path.stem}_mask.png")
         rgb = np.asarray(image)
         colour = palette[np.clip(m, 0, len(palette) - 1)]
         blended = (0.55 * rgb + 0.45 * colour).astype(np.uint8)
         side = np.concatenate([rgb, blended], axis=1)
-        Image.fromarray(side).save(out / f"{path.stem}_overlay.png")
+        _save_png_atomic(Image.fromarray(side), out / f"{path.stem}_overlay.png")
         counts = np.bincount(m.reshape(-1), minlength=model.num_classes) / m.size
         print(f"{path} -> {out / (path.stem + '_mask.png')} ("
               + ", ".join(f"{c:.0%}" for c in counts[: model.num_classes]) + ")")
