@@ -112,6 +112,8 @@ class ModuleCfg:
 
 
 def _seed_from_key(key: torch.Tensor) -> int:
+    if key.is_meta:  # a shapes-only init (e.g. checking a checkpoint's names): any seed will do
+        return 0
     k = key.detach().cpu()
     return int(k[0]) << 32 | int(k[1])
 
