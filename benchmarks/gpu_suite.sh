@@ -46,12 +46,18 @@ pack() {
   tar czf "$OUT/.results.tgz.tmp" -C experiments results 2>>"$LOG" && mv "$OUT/.results.tgz.tmp" "$OUT/results.tgz"
 }
 
-# part NAME MAX_SECONDS LATER_RESERVE CMD...: run CMD with timeout min(MAX, TOTAL - elapsed - LATER_RESERVE).
+# part NAME MAX_SECONDS LATER_RESERVE CMD...: run CMD with timeout min(MAX, TOTAL - elapsed - LATER_RESERVE'),
+# LATER_RESERVE' being LATER_RESERVE scaled by TOTAL / 540.
 # A literal BUDGET in CMD becomes the script's --budget value (limit minus 15 s for start-up and writing).
 part() {
   local name="$1" max="$2" reserve="$3"
   shift 3
-  local left=$((TOTAL - (SECONDS - START) - reserve))
+  # Reserves are sized for the default 540 s and shrink with a smaller SUITE_SECONDS; when even the
+  # shrunk reserve leaves this part under 20 s, earlier parts win: it takes what is left and later
+  # parts are the ones skipped (a short lease still measures the benchmarks first).
+  local remaining=$((TOTAL - (SECONDS - START)))
+  local left=$((remaining - reserve * TOTAL / 540))
+  [ "$left" -lt 20 ] && left=$remaining
   local limit=$((left < max ? left : max))
   if [ "$limit" -lt 20 ]; then
     say "$name: skipped (only ${limit}s left in the suite's ${TOTAL}s)"
