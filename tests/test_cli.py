@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sample_data import SAMPLE
 
 from functional_seg import checkpoint as ckpt
 from functional_seg.cli import main, parse_value
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = Path(os.environ.get("FSEG_SAMPLE_DATA", REPO.parent / "shared" / "data" / "oxford-pets-sample"))
 TINY = ["--model", "segnet", "--model-cfg", "widths=8,16", "convs_per_stage=1,1"]
 
 

@@ -7,7 +7,6 @@ touched.
 
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from sample_data import SAMPLE
 
 import functional_seg.data.prepared as prepare_module
 from functional_seg.data import (
@@ -27,10 +27,6 @@ from functional_seg.data import (
     make_synthetic_dataset,
     prepare,
     read_split,
-)
-
-SAMPLE = Path(
-    os.environ.get("FSEG_SAMPLE_DATA") or Path(__file__).parents[1].parent / "shared/data/oxford-pets-sample"
 )
 
 

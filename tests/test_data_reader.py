@@ -6,12 +6,12 @@ with ``FSEG_SAMPLE_DATA``); tests that need it skip with a reason only if it is 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sample_data import SAMPLE
 
 from functional_seg.data import (
     CLASS_NAMES,
@@ -25,9 +25,6 @@ from functional_seg.data import (
 )
 from functional_seg.data.oxford_pets import image_path, load_sample, trimap_path, trimap_to_labels
 
-SAMPLE = Path(
-    os.environ.get("FSEG_SAMPLE_DATA") or Path(__file__).parents[1].parent / "shared/data/oxford-pets-sample"
-)
 needs_sample = pytest.mark.skipif(
     not SAMPLE.is_dir(), reason=f"real Oxford-IIIT Pet sample not found at {SAMPLE}"
 )
