@@ -221,13 +221,11 @@ class _LayerTracer(TorchDispatchMode):
 
 
 def _init_on(model, device: torch.device) -> tuple[dict, dict]:
-    if device.type == "meta":
-        try:
-            with torch.device("meta"):
-                return model.init(jr.key(0))
-        except NotImplementedError:  # an init that reads the key's values (a lifted nn.Module)
-            pass
-    params, state = model.init(jr.key(0))
+    if device.type == "meta":  # shapes only: nothing is drawn (a lifted nn.Module still hands back CPU copies)
+        with torch.device("meta"):
+            params, state = model.init(jr.key(0))
+    else:
+        params, state = model.init(jr.key(0))
     return tree_map(lambda t: t.to(device), params), tree_map(lambda t: t.to(device), state)
 
 
