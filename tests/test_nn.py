@@ -128,6 +128,28 @@ def test_batch_norm_momentum_and_eps(key):
     close(new_state["running_var"], torch_bn.running_var)
 
 
+def test_batch_norm_training_rejects_one_value_per_channel():
+    params, state = fnn.init_batch_norm(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fnn.batch_norm(params, state, randn(1, 3, 1, 1), train=True)
+    with pytest.raises(ValueError):  # torch says the same
+        nn.BatchNorm2d(3).train()(randn(1, 3, 1, 1))
+
+
+def test_self_attention_init_follows_multihead_attention(key):
+    dim = 64
+    params = fnn.init_self_attention(key, dim)
+    torch_mha = nn.MultiheadAttention(dim, 4)
+    assert params["in_proj"]["weight"].shape == torch_mha.in_proj_weight.shape
+    bound = math.sqrt(6.0 / (dim + 3 * dim))  # xavier_uniform_ on in_proj_weight
+    w = params["in_proj"]["weight"]
+    assert float(w.abs().max()) <= bound
+    assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert float(w.std()) == pytest.approx(float(torch_mha.in_proj_weight.detach().std()), rel=0.1)
+    assert not params["in_proj"]["bias"].any() and not params["out_proj"]["bias"].any()
+    assert not torch_mha.in_proj_bias.any() and not torch_mha.out_proj.bias.any()
+
+
 def test_batch_norm_low_precision_keeps_float32_state(key):
     params, state = fnn.init_batch_norm(3)
     x = randn(2, 3, 4, 4).to(torch.bfloat16)
@@ -296,7 +318,8 @@ def test_init_is_a_function_of_the_key(key):
     with global_rng_unchanged():
         for make in makers:
             assert tree_allclose(make(a), make(a.clone()))
-            assert all(not torch.equal(x, y) for x, y in zip(tree_leaves(make(a)), tree_leaves(make(b))))
+            drawn = [(x, y) for x, y in zip(tree_leaves(make(a)), tree_leaves(make(b))) if x.any() or y.any()]
+            assert drawn and all(not torch.equal(x, y) for x, y in drawn)  # zero-init biases are the same
         params = fnn.init_linear(a, 3, 4)  # weight and bias come from different subkeys
         assert not torch.equal(params["weight"][0, :3], params["bias"][:3])
         fnn.init_batch_norm(4), fnn.init_layer_norm(4)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..core import random as jr
+from ._init import uniform_init
 from .activation import dropout
 from .linear import init_linear, linear
 
@@ -29,8 +30,14 @@ def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
 
 
 def init_self_attention(key: torch.Tensor, dim: int) -> dict:
+    """``nn.MultiheadAttention``'s scheme: Xavier-uniform fused in-projection, zero biases."""
     in_key, out_key = jr.split(key)
-    return {"in_proj": init_linear(in_key, dim, 3 * dim), "out_proj": init_linear(out_key, dim, dim)}
+    bound = math.sqrt(6.0 / (dim + 3 * dim))  # xavier_uniform_ on the [3*dim, dim] in_proj_weight
+    out_proj = init_linear(out_key, dim, dim)
+    return {
+        "in_proj": {"weight": uniform_init(in_key, (3 * dim, dim), bound), "bias": torch.zeros(3 * dim)},
+        "out_proj": {"weight": out_proj["weight"], "bias": torch.zeros(dim)},
+    }
 
 
 def self_attention(params: dict, x: torch.Tensor, *, num_heads: int, dropout_rate: float = 0.0,

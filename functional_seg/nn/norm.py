@@ -36,10 +36,12 @@ def batch_norm(params: dict, state: dict, x: torch.Tensor, *, train: bool, momen
         y = F.batch_norm(x, state["running_mean"], state["running_var"], params["weight"], params["bias"],
                          training=False, eps=eps)
         return y, state
+    n = x.numel() // x.shape[1]
+    if n < 2:  # as torch: one value per channel has no variance to normalise by
+        raise ValueError(f"batch_norm in training needs more than 1 value per channel, got input {tuple(x.shape)}")
     dims = [0] + list(range(2, x.dim()))
     xf = x.float()
     var, mean = torch.var_mean(xf, dim=dims, correction=0)
-    n = x.numel() // x.shape[1]
     unbiased = var * (n / max(n - 1, 1))
     new_state = {
         "running_mean": (1 - momentum) * state["running_mean"] + momentum * mean.detach(),
