@@ -679,3 +679,17 @@ def payload(experiment: str, prov: dict[str, Any], args: argparse.Namespace, res
     return {"experiment": experiment, "provenance": prov,
             "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "results": strip_private(results), **extra}
+
+
+def write_figures(curves: dict[str, dict], predictions: dict[str, dict], test, out: Path, stem: str, *,
+                  loss_label: str, title: str) -> None:
+    """The two figures every experiment writes: per-epoch curves of ``curves``' runs, and the
+    image / truth / prediction grid of ``predictions``' runs on the first clean test images."""
+    guarded("curves", lambda: {"path": plot_curves(
+        {n: r["history"] for n, r in curves.items()},
+        [("train_loss", loss_label), ("test_pixel_accuracy", "test pixel accuracy"),
+         ("test_mean_iou", "test mean IoU")],
+        out / f"{stem}_curves.png", title)})
+    guarded("predictions", lambda: {"path": plot_predictions(
+        test.images[:4], test.masks[:4], {n: r["_preds"] for n, r in predictions.items()},
+        out / f"{stem}_predictions.png", "clean test images")})

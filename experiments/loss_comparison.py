@@ -161,14 +161,9 @@ def main(argv=None) -> int:
         ok = {LOSSES.get(n, n): r for n, r in results.items() if r.get("status") == "ok"}
         if sweep and sweep.get("status") == "ok":
             ok.update({f"sweep w={w}": m for w, m in zip(weights, sweep["members"])})
-        C.guarded("curves", lambda: {"path": C.plot_curves(
-            {n: r["history"] for n, r in ok.items()},
-            [("train_loss", "train loss (own scale)"), ("test_pixel_accuracy", "test pixel accuracy"),
-             ("test_mean_iou", "test mean IoU")],
-            args.out / f"{stem}_curves.png", f"losses, {args.model} {args.size}px, {prov['device_name']}")})
-        C.guarded("predictions", lambda: {"path": C.plot_predictions(
-            test.images[:4], test.masks[:4], {n: r["_preds"] for n, r in ok.items() if not n.startswith("sweep")},
-            args.out / f"{stem}_predictions.png", "clean test images")})
+        single_runs = {n: r for n, r in ok.items() if not n.startswith("sweep")}
+        C.write_figures(ok, single_runs, test, args.out, stem, loss_label="train loss (own scale)",
+                        title=f"losses, {args.model} {args.size}px, {prov['device_name']}")
     print(C.md_table([{"loss": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0
 

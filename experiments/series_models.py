@@ -124,14 +124,8 @@ def main(argv=None) -> int:
     C.write_results(args.out, stem, *render(args, prov, results, len(train), len(test)))
     if not args.no_figures:
         ok = {n: r for n, r in results.items() if r.get("status") == "ok"}
-        C.guarded("curves", lambda: {"path": C.plot_curves(
-            {n: r["history"] for n, r in ok.items()},
-            [("train_loss", "train loss (CE)"), ("test_pixel_accuracy", "test pixel accuracy"),
-             ("test_mean_iou", "test mean IoU")],
-            args.out / f"{stem}_curves.png", f"series models, {args.size}px, {prov['device_name']}")})
-        C.guarded("predictions", lambda: {"path": C.plot_predictions(
-            test.images[:4], test.masks[:4], {n: r["_preds"] for n, r in ok.items()},
-            args.out / f"{stem}_predictions.png", "clean test images")})
+        C.write_figures(ok, ok, test, args.out, stem, loss_label="train loss (CE)",
+                        title=f"series models, {args.size}px, {prov['device_name']}")
     print(C.md_table([{"model": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0
 
