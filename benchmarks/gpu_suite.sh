@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU run in one call: benchmarks, then experiments, each under its own time limit.
 #
-#   bash benchmarks/gpu_suite.sh DATA_ROOT            (from the repository root; ~9 min on an H200)
+#   bash benchmarks/gpu_suite.sh DATA_ROOT            (from the repository root; ~11 min on an H200)
+#   PARTS="loss_comparison augmentation" PARALLEL=1 SUITE_SECONDS=200 bash benchmarks/gpu_suite.sh DATA_ROOT
+#                                                     (a subset; PARALLEL runs the parts side by side,
+#                                                      for experiments whose timings are not the point)
 #
 # DATA_ROOT is the Oxford-IIIT Pet layout (the sample or the full dataset). Needs python3 with
 # torch, torchvision, torchopt, optree, einops, safetensors, numpy, pillow (matplotlib for the
@@ -9,15 +12,15 @@
 #
 # Parts, in order (expected time on an H200, from a first run of these scripts there -> hard cap):
 #   prepare           decode + cache the 128 px splits                     ~10 s  -> 60 s
-#   bench_train_step  b / b-input / b16 / a' (~20 s), a (compile ~60 s),    ~2.5 min -> 200 s
-#                     c (compile ~50 s), profile
+#   bench_train_step  b / b-input / b16 / a' (~20 s), a (compile ~60 s),    ~3.5 min -> 230 s
+#                     acg (CUDA graphs, ~40 s), c (compile ~50 s), profile
 #   bench_ensemble    K=8 small SegNets, vmapped vs sequential (eager)     ~20-40 s -> 60 s
-#   series_models     5 models, 128 px, 20 epochs (SegFormer ~30 s)        ~1.5 min -> 150 s
-#   loss_comparison   CE, CE+Dice, a K=4 vmapped CE+w*Dice sweep, 5 more   ~1.5 min -> 110 s
-#   augmentation      5 variants                                           ~50 s  -> 60 s
-#   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~2 min -> 160 s
+#   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~2 min -> 170 s
 #                     (compiles the step and the eval step: ~60-90 s of it)
-# A part's limit is also cut so that every later part keeps its minimum share of SUITE_SECONDS
+#   series_models     5 models, 128 px, 20 epochs (SegFormer ~30 s)        ~1.5 min -> 150 s
+#   loss_comparison   CE, CE+Dice, a K=4 vmapped CE+w*Dice sweep, 5 more   ~1.5 min -> 120 s
+#   augmentation      5 variants                                           ~50 s  -> 70 s
+# A part's limit is also cut so that every later part in PARTS keeps its minimum share of SUITE_SECONDS
 # (default 540); each script gets a --budget a little under its limit, after which it records the
 # variants it did not start as "skipped: time budget" and still writes its tables. A part that
 # fails or times out does not stop the others (`|| true`).
@@ -37,21 +40,44 @@ PY="${PYTHON:-python3}"
 # EXTRA_ARGS (e.g. "--quick") is appended to every script's arguments: for a dry run of the suite on a CPU.
 read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
 TOTAL="${SUITE_SECONDS:-540}"
+ALL_PARTS="prepare bench_train_step bench_ensemble bench_end_to_end series_models loss_comparison augmentation"
+PARTS="${PARTS:-$ALL_PARTS}"
+PARALLEL="${PARALLEL:-}"
+# the minimum share of a 540 s suite each part keeps while earlier parts run
+declare -A SHARE=([prepare]=10 [bench_train_step]=120 [bench_ensemble]=30 [bench_end_to_end]=110
+                  [series_models]=80 [loss_comparison]=70 [augmentation]=40)
 START=$SECONDS
 LOG="$OUT/suite.log"
 
 say() { echo "[suite +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 
 pack() {
-  tar czf "$OUT/.results.tgz.tmp" -C experiments results 2>>"$LOG" && mv "$OUT/.results.tgz.tmp" "$OUT/results.tgz"
+  local tmp="$OUT/.results.$BASHPID.tgz.tmp"
+  tar czf "$tmp" -C experiments results 2>>"$LOG" && mv "$tmp" "$OUT/results.tgz"
 }
 
-# part NAME MAX_SECONDS LATER_RESERVE CMD...: run CMD with timeout min(MAX, TOTAL - elapsed - LATER_RESERVE'),
-# LATER_RESERVE' being LATER_RESERVE scaled by TOTAL / 540.
+wanted() { [[ " $PARTS " == *" $1 "* ]]; }
+
+# later_reserve NAME: the shares of the parts in PARTS that run after NAME (0 when PARALLEL)
+later_reserve() {
+  local sum=0 after=""
+  for p in $ALL_PARTS; do
+    if [ -n "$after" ] && wanted "$p"; then sum=$((sum + SHARE[$p])); fi
+    [ "$p" = "$1" ] && after=1
+  done
+  [ -n "$PARALLEL" ] && sum=0
+  echo "$sum"
+}
+
+# part NAME MAX_SECONDS CMD...: run CMD with timeout min(MAX, TOTAL - elapsed - LATER_RESERVE'),
+# LATER_RESERVE' being the later parts' shares scaled by TOTAL / 540.
 # A literal BUDGET in CMD becomes the script's --budget value (limit minus 15 s for start-up and writing).
 part() {
-  local name="$1" max="$2" reserve="$3"
-  shift 3
+  local name="$1" max="$2"
+  shift 2
+  wanted "$name" || return 0
+  local reserve
+  reserve=$(later_reserve "$name")
   # Reserves are sized for the default 540 s and shrink with a smaller SUITE_SECONDS; when even the
   # shrunk reserve leaves this part under 20 s, earlier parts win: it takes what is left and later
   # parts are the ones skipped (a short lease still measures the benchmarks first).
@@ -85,11 +111,10 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1
   nproc
 } >>"$LOG" 2>&1
 
-# Reserves: the minimum each later part keeps (sum of the later parts' shares).
-R_E2E=110; R_AUG=$((R_E2E + 40)); R_LOSS=$((R_AUG + 70)); R_SERIES=$((R_LOSS + 80)); R_ENS=$((R_SERIES + 30))
-R_BENCH=$((R_ENS + 120))
+# run NAME ...: a part, in the background when PARALLEL is set
+run() { if [ -n "$PARALLEL" ]; then part "$@" & else part "$@"; fi; }
 
-part prepare 60 "$R_BENCH" "$PY" -c "
+part prepare 60 "$PY" -c "
 import sys, time
 from functional_seg.data import prepare
 t0 = time.perf_counter()
@@ -100,12 +125,13 @@ for split in ('trainval', 'test'):
 # prepare's output goes to suite.log rather than an eighth log file
 cat "$OUT/prepare.log" >>"$LOG" 2>/dev/null && rm -f "$OUT/prepare.log"
 
-part bench_train_step 200 "$R_ENS" "$PY" benchmarks/bench_train_step.py --data "$DATA_ROOT" --profile --budget BUDGET "${EXTRA[@]}"
-part bench_ensemble 60 "$R_SERIES" "$PY" benchmarks/bench_ensemble.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-part series_models 150 "$R_LOSS" "$PY" experiments/series_models.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-part loss_comparison 110 "$R_AUG" "$PY" experiments/loss_comparison.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-part augmentation 60 "$R_E2E" "$PY" experiments/augmentation.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-part bench_end_to_end 160 0 "$PY" benchmarks/bench_end_to_end.py --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
+run bench_train_step 230 "$PY" benchmarks/bench_train_step.py --data "$DATA_ROOT" --profile --budget BUDGET "${EXTRA[@]}"
+run bench_ensemble 60 "$PY" benchmarks/bench_ensemble.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+run bench_end_to_end 170 "$PY" benchmarks/bench_end_to_end.py --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
+run series_models 150 "$PY" experiments/series_models.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+run loss_comparison 120 "$PY" experiments/loss_comparison.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+run augmentation 70 "$PY" experiments/augmentation.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+wait
 
 say "done in $((SECONDS - START))s"
 pack

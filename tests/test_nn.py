@@ -195,10 +195,41 @@ def test_max_pool_and_unpool_match_torch(x):
     assert torch.equal(pooled, torch_pooled) and torch.equal(indices, torch_indices)
     assert indices.dtype == torch.int64
     assert torch.equal(fnn.max_pool2d(x, 2), torch_pooled)
-    unpooled = fnn.max_unpool2d(pooled, indices, x.shape[-2:])
-    assert torch.equal(unpooled, nn.MaxUnpool2d(2)(torch_pooled, torch_indices))
+    expected = nn.MaxUnpool2d(2)(torch_pooled, torch_indices)
+    for kernel in (None, 2):  # the general scatter and the elementwise window path
+        unpooled = fnn.max_unpool2d(pooled, indices, x.shape[-2:], kernel_size=kernel)
+        assert torch.equal(unpooled, expected)
     # each max comes back to where it was, everything else is zero
     assert torch.equal(unpooled == x, (unpooled != 0) | (x == 0))
+
+
+@given(x=image_batches(max_side=11), kernel=st.integers(2, 3))
+def test_window_unpool_equals_scatter_on_any_size(x, kernel):
+    """Odd sizes (the pool floors them) and 3x3 windows: both paths agree with torch, gradients too."""
+    if min(x.shape[-2:]) < kernel:
+        return
+    pooled, indices = fnn.max_pool2d_with_indices(x, kernel)
+    size = x.shape[-2:]
+    expected = nn.MaxUnpool2d(kernel)(pooled, indices, output_size=size)
+    assert torch.equal(fnn.max_unpool2d(pooled, indices, size, kernel_size=kernel), expected)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    grads = [torch.func.grad(lambda p, k=k: (fnn.max_unpool2d(p, indices, size, kernel_size=k) * g).sum())(pooled)
+             for k in (None, kernel)]
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_window_unpool_keeps_channels_last_and_vmaps():
+    x = randn(2, 3, 8, 6).contiguous(memory_format=torch.channels_last)
+    pooled, indices = fnn.max_pool2d_with_indices(x, 2)
+    out = fnn.max_unpool2d(pooled, indices, (8, 6), kernel_size=2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, fnn.max_unpool2d(pooled.contiguous(), indices.contiguous(), (8, 6)))
+    stacked = torch.stack([x, 2 * x]).contiguous()
+    pooled_k, indices_k = torch.func.vmap(lambda t: fnn.max_pool2d_with_indices(t, 2))(stacked)
+    batched = torch.func.vmap(lambda p, i: fnn.max_unpool2d(p, i, (8, 6), kernel_size=2))(pooled_k, indices_k)
+    assert torch.equal(batched[1], fnn.max_unpool2d(pooled_k[1], indices_k[1], (8, 6)))
+    with pytest.raises(ValueError, match="output_size"):
+        fnn.max_unpool2d(pooled, indices, (6, 6), kernel_size=2)
 
 
 def test_max_pool_overlapping_windows_and_odd_sizes():
@@ -360,6 +391,8 @@ LAYERS = {
 FUNCTIONS = {
     "max_pool2d": (lambda x: fnn.max_pool2d(x, 2), randn(2, 3, 6, 6)),
     "pool_unpool": (lambda x: fnn.max_unpool2d(*fnn.max_pool2d_with_indices(x, 2), x.shape[-2:]), randn(2, 3, 6, 6)),
+    "pool_unpool_window": (lambda x: fnn.max_unpool2d(*fnn.max_pool2d_with_indices(x, 2), x.shape[-2:], 2),
+                           randn(2, 3, 7, 6)),
     "resize_bilinear": (lambda x: fnn.resize(x, (9, 7)), randn(2, 3, 6, 6)),
     "resize_nearest": (lambda x: fnn.resize(x, (12, 12), mode="nearest"), randn(2, 3, 6, 6)),
     "dropout": (lambda x: fnn.dropout(x, 0.5, train=True, key=jr.key(1)), randn(2, 3, 6, 6)),

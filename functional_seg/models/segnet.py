@@ -152,7 +152,7 @@ def _apply(cfg: SegNetCfg, params: dict, state: dict, x: torch.Tensor, train: bo
     last_stage = len(cfg.widths) - 1
     for i, n in enumerate(reversed(cfg.convs_per_stage)):
         indices, size = pooled.pop()
-        x = max_unpool2d(x, indices, size)
+        x = max_unpool2d(x, indices, size, kernel_size=2)
         stage_state = {}
         for j in range(n):
             p, s = params["decoder"][str(i)][str(j)], state["decoder"][str(i)][str(j)]

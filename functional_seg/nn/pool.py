@@ -1,7 +1,10 @@
 """Max-pool that returns indices, the matching max-unpool, and bilinear/nearest resize.
 
-``max_unpool2d`` scatters values back to the flat positions recorded by the pool (as
-``torch.nn.MaxUnpool2d``), written with ``scatter`` so it vmaps and compiles cleanly.
+``max_unpool2d`` puts values back at the flat positions recorded by the pool (as
+``torch.nn.MaxUnpool2d``). For non-overlapping windows (kernel == stride, SegNet's 2x2 pools)
+every value returns inside its own window, so the unpool is elementwise: a nearest upsample
+masked by "is this the recorded slot of the window". That is one fused kernel under compile,
+keeps channels-last, and has an elementwise backward; the general case is a ``scatter``.
 """
 
 from __future__ import annotations
@@ -20,13 +23,45 @@ def max_pool2d(x: torch.Tensor, kernel_size: int = 2, stride: int | None = None)
     return F.max_pool2d(x, kernel_size, stride or kernel_size)
 
 
-def max_unpool2d(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
-    """Place x [N, C, h, w] at ``indices`` in a zero map [N, C, *output_size]."""
+def max_unpool2d(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int, int],
+                 kernel_size: int | None = None, stride: int | None = None) -> torch.Tensor:
+    """Place x [N, C, h, w] at ``indices`` in a zero map [N, C, *output_size].
+
+    Pass the pool's ``kernel_size`` (and ``stride``, default the kernel) to take the elementwise
+    path when the windows do not overlap; without them, or for overlapping windows, it scatters.
+    Both give the same result for indices from :func:`max_pool2d_with_indices`.
+    """
+    stride = stride or kernel_size
+    if kernel_size is not None and kernel_size == stride:
+        return _unpool_windows(x, indices, output_size, kernel_size)
     n, c = x.shape[:2]
     h, w = output_size
     out = x.new_zeros(n, c, h * w)
     out = out.scatter(2, indices.flatten(2), x.flatten(2))
     return out.reshape(n, c, h, w)
+
+
+def _unpool_windows(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int, int], k: int) -> torch.Tensor:
+    """Unpool for k x k windows at stride k: each index lies in its own window."""
+    h, w = x.shape[-2:]
+    out_h, out_w = output_size
+    if k * h > out_h or k * w > out_w:
+        raise ValueError(f"max_unpool2d: output_size {tuple(output_size)} is smaller than {k} x the pooled size "
+                         f"{(h, w)}")
+    rows = torch.arange(h, device=x.device) * k
+    cols = torch.arange(w, device=x.device) * k
+    # slot of the max inside its window, dy * k + dx in [0, k*k), at the pooled resolution
+    slot = (indices // out_w - rows[:, None]) * k + (indices % out_w - cols)
+    up_size = (k * h, k * w)
+    value = F.interpolate(x, size=up_size, mode="nearest")  # keeps x's memory format
+    slot = F.interpolate(slot.to(x.dtype), size=up_size, mode="nearest")  # small ints: exact in any float
+    grid_y = torch.arange(k * h, device=x.device) % k
+    grid_x = torch.arange(k * w, device=x.device) % k
+    here = (grid_y[:, None] * k + grid_x).to(x.dtype)  # [k*h, k*w]: the slot each output pixel is
+    out = torch.where(slot == here, value, 0.0)
+    if up_size != (out_h, out_w):  # the pool floored an odd size: zero rows / columns at the end
+        out = F.pad(out, (0, out_w - k * w, 0, out_h - k * h))
+    return out
 
 
 def resize(x: torch.Tensor, size: tuple[int, int], *, mode: str = "bilinear") -> torch.Tensor:

@@ -112,7 +112,8 @@ def _pixel_accuracy(cm: torch.Tensor) -> torch.Tensor:
 
 def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, num_classes: int | None = None,
                     ignore_index: int | None = None, precision: str = "fp32", channels_last: bool = False,
-                    compile: bool = False, fullgraph: bool = True, backend: str = "inductor") -> Callable:
+                    compile: bool = False, fullgraph: bool = True, backend: str = "inductor",
+                    mode: str | None = None) -> Callable:
     """Build the pure ``train_step(train_state, batch) -> (train_state, metrics)``.
 
     Args:
@@ -130,6 +131,9 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         fullgraph: ask dynamo for one graph (falls back with a warning if it cannot).
         backend: the ``torch.compile`` backend ("aot_eager" traces the same graph without code
             generation: what the CPU tests use, as inductor's C++ build takes minutes there).
+        mode: ``torch.compile`` mode, e.g. "reduce-overhead" (CUDA graphs: one launch per step;
+            call ``torch.compiler.cudagraph_mark_step_begin()`` before each step and do not keep
+            the previous step's outputs alive).
 
     Returns:
         ``train_step``; batch is ``(images uint8 [B, 3, S, S], masks int64 [B, S, S])`` on the
@@ -163,7 +167,7 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
                          step=train_state.step + 1, key=train_state.key, hparams=dict(train_state.hparams))
         return new, metrics
 
-    return compile_step(train_step, fullgraph=fullgraph, backend=backend) if compile else train_step
+    return compile_step(train_step, fullgraph=fullgraph, backend=backend, mode=mode) if compile else train_step
 
 
 def _series_custom_iou_per_image(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None,
@@ -222,14 +226,15 @@ def ensemble_step(step: Callable, *, compile: bool = False, fullgraph: bool = Tr
 
 
 def compile_step(fn: Callable, *, fullgraph: bool = True, dynamic: bool = False,
-                 backend: str = "inductor") -> Callable:
+                 backend: str = "inductor", mode: str | None = None) -> Callable:
     """``torch.compile(fn, fullgraph=..., dynamic=False)``, falling back to ``fullgraph=False``.
 
     If dynamo cannot capture the whole step in one graph, the first call raises; we then log a
     warning naming the reason and recompile allowing graph breaks. ``fn`` is pure, so running it
     again after a failed trace is safe.
     """
-    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+    options = {"mode": mode} if mode is not None else {}
+    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=dynamic, backend=backend, **options)
     if not fullgraph:
         return compiled
     state = {"fn": compiled, "checked": False}
@@ -244,7 +249,7 @@ def compile_step(fn: Callable, *, fullgraph: bool = True, dynamic: bool = False,
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             warnings.warn(f"torch.compile could not capture the step in one graph ({first}); "
                           "compiling with graph breaks instead", RuntimeWarning, stacklevel=2)
-            state["fn"] = torch.compile(fn, fullgraph=False, dynamic=dynamic, backend=backend)
+            state["fn"] = torch.compile(fn, fullgraph=False, dynamic=dynamic, backend=backend, **options)
             out = state["fn"](*args, **kwargs)
         state["checked"] = True
         return out
