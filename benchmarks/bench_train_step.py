@@ -9,8 +9,6 @@ falls inside the timed window), the same architecture and loss (cross-entropy), 
   a   this library: ``make_train_step(..., compile=True)``, augmentation (flip + contrast jitter)
       inside the one compiled step, batches gathered on the device from resident uint8 tensors.
   a'  the same step in eager mode (``compile=False``).
-  acg a compiled with ``mode="reduce-overhead"`` (CUDA graphs: the whole step is one graph launch;
-      CUDA only).
   b   the articles' way: the reference ``torch.nn.Module`` SegNet, ``torch.optim.Adam``, eager,
       fp32, fed by a ``DataLoader`` whose workers run ``transforms.v2`` (RandomHorizontalFlip +
       ColorJitter(contrast=0.3) on a paired ``tv_tensors.Image`` / ``tv_tensors.Mask``).
@@ -19,7 +17,7 @@ falls inside the timed window), the same architecture and loss (cross-entropy), 
   c   ``torch.compile(module)`` + ``torch.optim.Adam(fused=True)`` (fused on CUDA only), bf16 on
       CUDA, with a's on-device augmentation (compiled separately) and resident data.
 
-cuDNN autotuning (``torch.backends.cudnn.benchmark``) is on for a, a', acg and c (``fit`` turns it
+cuDNN autotuning (``torch.backends.cudnn.benchmark``) is on for a, a' and c (``fit`` turns it
 on for CUDA runs) and left at torch's default (off) for b and b16, the articles' loop.
 
 Each row warms up (compiles) first, then times ``--steps`` steps between CUDA synchronisations.
@@ -52,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--widths", default=None, help="encoder widths, e.g. 16,32,64,64 (default: the series')")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30; quick 10)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default 3; quick 2)")
-    p.add_argument("--rows", default="b,b_input,b16,a_eager,a,a_cg,c", help="which rows to run, comma separated")
+    p.add_argument("--rows", default="b,b_input,b16,a_eager,a,c", help="which rows to run, comma separated")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers for b (default min(8, cpus))")
     p.add_argument("--profile", action="store_true", help="also profile a few steps of a, b and c")
     p.add_argument("--compile-report-steps", type=int, default=None,
@@ -251,7 +249,7 @@ def build_c(args, data):
     return step, batches, {"precision": "bf16" if device.type == "cuda" else "fp32", "fused_adam": fused}
 
 
-def _library_step(args, *, compile: bool, mode: str | None = None):
+def _library_step(args, *, compile: bool):
     """The library's train step and a fresh train state for ``args.model``."""
     from functional_seg.core import random as jr
     from functional_seg.data import augment_preset
@@ -263,7 +261,7 @@ def _library_step(args, *, compile: bool, mode: str | None = None):
     model = create_model(args.model, **model_cfg(args))
     optimizer = make_optimizer(name="adam", lr=1e-3)
     train_step = make_train_step(
-        model, get_loss("ce"), optimizer, compile=compile, mode=mode,
+        model, get_loss("ce"), optimizer, compile=compile,
         precision="bf16" if device.type == "cuda" else "fp32",
         channels_last=device.type == "cuda",  # as fit does on CUDA
         augment_cfg=augment_preset("flip_jitter"),
@@ -272,21 +270,18 @@ def _library_step(args, *, compile: bool, mode: str | None = None):
     return train_step, train_state
 
 
-def build_a(args, data, *, compile: bool, mode: str | None = None):
+def build_a(args, data, *, compile: bool):
     device = args.device
-    train_step, train_state = _library_step(args, compile=compile, mode=mode)
+    train_step, train_state = _library_step(args, compile=compile)
     batches = _resident_batches(data, args.batch_size, device, args.seed)
     holder = [train_state]
     info = {"precision": "bf16" if device.type == "cuda" else "fp32", "compiled": compile}
-    cuda_graphs = mode == "reduce-overhead"
-    if compile and not cuda_graphs and args.compile_report_steps > 0:
+    if compile and args.compile_report_steps > 0:
         # The report's steps double as the warm-up (one compile, not two).
         info["compile_report"] = C.guarded("compile_report", lambda: _compile_report(train_step, holder, batches,
                                                                                    args.compile_report_steps))
 
     def step(batch):
-        if cuda_graphs:  # a new iteration: the previous step's outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
         holder[0], metrics = train_step(holder[0], batch)
         return metrics
 
@@ -327,7 +322,7 @@ def profile_rows(live: dict, device: torch.device) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_keys = ["self_device_time_total", "self_cuda_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
     sections = []
-    for name in ("a", "a_cg", "b", "c"):
+    for name in ("a", "b", "c"):
         if name not in live:
             continue
         step, batches = live[name]
@@ -355,12 +350,11 @@ def profile_rows(live: dict, device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-AUTOTUNED = ("a", "a_eager", "a_cg", "c")  # rows run with cudnn.benchmark on (b, b16: torch's default)
+AUTOTUNED = ("a", "a_eager", "c")  # rows run with cudnn.benchmark on (b, b16: torch's default)
 
 ROW_LABELS = {
     "a": "a: library, compiled functional step (aug inside)",
     "a_eager": "a': library, eager functional step",
-    "a_cg": "acg: a with CUDA graphs (mode reduce-overhead)",
     "b": "b: nn.Module + Adam, eager, DataLoader + transforms.v2 (articles)",
     "b16": "b16: as b, bf16 autocast",
     "b_input": "b input only: DataLoader + transforms.v2 -> device",
@@ -375,8 +369,8 @@ def render(args, prov, train_n, data_n, results, ratios, targets, met, profile_m
         notes=[f"model cfg: {model_cfg(args) or 'series widths'}; loss CE; Adam lr 1e-3; "
                f"{args.warmup} warm-up + {args.steps} timed steps per row (input-only row: twice as many); "
                f"data: {train_n} trainval images from `{args.data.name}` cycled to {data_n}",
-               "a, a', acg, b16, c run bf16 autocast on CUDA (a, a', acg, c also channels-last there); b is the "
-               "articles' fp32 eager loop; cudnn.benchmark on for a, a', acg, c, off (torch's default) for b, b16; "
+               "a, a', b16, c run bf16 autocast on CUDA (a, a', c also channels-last there); b is the "
+               "articles' fp32 eager loop; cudnn.benchmark on for a, a', c, off (torch's default) for b, b16; "
                "warm-up s includes building the row (and compiling)"],
     )
     md += "\n" + C.md_table(table_rows, [("row", "row"), ("images_per_s", "images/s"), ("ms_per_step", "ms/step"),
@@ -408,18 +402,17 @@ def main(argv=None) -> int:
     data = train.repeat(max(need, len(train)))
 
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-    if device.type != "cuda":  # bf16 autocast and CUDA graphs are CUDA rows
-        rows_wanted = [r for r in rows_wanted if r not in ("b16", "a_cg")]
+    if device.type != "cuda":  # bf16 autocast is a CUDA row
+        rows_wanted = [r for r in rows_wanted if r != "b16"]
     builders = {
         "a": lambda: build_a(args, data, compile=True),
         "a_eager": lambda: build_a(args, data, compile=False),
-        "a_cg": lambda: build_a(args, data, compile=True, mode="reduce-overhead"),
         "b": lambda: build_b(args, data, bf16=False),
         "b16": lambda: build_b(args, data, bf16=True),
         "b_input": lambda: build_b_input(args, data),
         "c": lambda: build_c(args, data),
     }
-    targets = ({"a/b": 3.0, "a/c": 1.0, "a_cg/b": 3.0, "a_cg/c": 1.0} if device.type == "cuda" else {"a/b": 1.0})
+    targets = {"a/b": 3.0, "a/c": 1.0} if device.type == "cuda" else {"a/b": 1.0}
     results: dict[str, dict] = {}
     live: dict[str, tuple] = {}
     ratios: dict[str, float] = {}
@@ -428,8 +421,7 @@ def main(argv=None) -> int:
     def compute_ratios():
         ratios.clear()
         ips = {n: r.get("images_per_s") for n, r in results.items()}
-        for num, den in (("a", "b"), ("a", "c"), ("a_cg", "b"), ("a_cg", "c"), ("a", "a_eager"), ("c", "b"),
-                         ("b16", "b")):
+        for num, den in (("a", "b"), ("a", "c"), ("a", "a_eager"), ("c", "b"), ("b16", "b")):
             if ips.get(num) and ips.get(den):
                 ratios[f"{num}/{den}"] = ips[num] / ips[den]
         met.clear()
@@ -444,7 +436,7 @@ def main(argv=None) -> int:
 
         def one(name=name):
             out, handle = run_row(builders[name], args, device)
-            if args.profile and name in ("a", "a_cg", "b", "c"):
+            if args.profile and name in ("a", "b", "c"):
                 live[name] = handle
             return out
 

@@ -12,8 +12,8 @@
 #
 # Parts, in order (expected time on an H200, from a first run of these scripts there -> hard cap):
 #   prepare           decode + cache the 128 px splits                     ~10 s  -> 60 s
-#   bench_train_step  b / b-input / b16 / a' (~20 s), a (compile ~60 s),    ~3.5 min -> 230 s
-#                     acg (CUDA graphs, ~40 s), c (compile ~50 s), profile
+#   bench_train_step  b / b-input / b16 / a' (~20 s), a (compile ~50 s),    ~2.5 min -> 200 s
+#                     c (compile ~25 s), profile
 #   bench_ensemble    K=8 small SegNets, vmapped vs sequential (eager)     ~20-40 s -> 60 s
 #   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~2 min -> 170 s
 #                     (compiles the step and the eval step: ~60-90 s of it)
@@ -125,7 +125,7 @@ for split in ('trainval', 'test'):
 # prepare's output goes to suite.log rather than an eighth log file
 cat "$OUT/prepare.log" >>"$LOG" 2>/dev/null && rm -f "$OUT/prepare.log"
 
-run bench_train_step 230 "$PY" benchmarks/bench_train_step.py --data "$DATA_ROOT" --profile --budget BUDGET "${EXTRA[@]}"
+run bench_train_step 200 "$PY" benchmarks/bench_train_step.py --data "$DATA_ROOT" --profile --budget BUDGET "${EXTRA[@]}"
 run bench_ensemble 60 "$PY" benchmarks/bench_ensemble.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
 run bench_end_to_end 170 "$PY" benchmarks/bench_end_to_end.py --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
 run series_models 150 "$PY" experiments/series_models.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"

@@ -2,9 +2,10 @@
 
 ``max_unpool2d`` puts values back at the flat positions recorded by the pool (as
 ``torch.nn.MaxUnpool2d``). For non-overlapping windows (kernel == stride, SegNet's 2x2 pools)
-every value returns inside its own window, so the unpool is elementwise: a nearest upsample
-masked by "is this the recorded slot of the window". That is one fused kernel under compile,
-keeps channels-last, and has an elementwise backward; the general case is a ``scatter``.
+every value returns inside its own window, so the unpool is elementwise: each value spread
+over its window, masked by "is this the recorded slot". Under compile that is one fused kernel
+written in whatever layout the next conv wants, with a plain reduction as its backward; the
+general case is a ``scatter``.
 """
 
 from __future__ import annotations
@@ -42,24 +43,25 @@ def max_unpool2d(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int,
 
 
 def _unpool_windows(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int, int], k: int) -> torch.Tensor:
-    """Unpool for k x k windows at stride k: each index lies in its own window."""
-    h, w = x.shape[-2:]
+    """Unpool for k x k windows at stride k: each index lies in its own window.
+
+    Every pooled value is spread over its window's k*k slots, kept where the slot is the
+    recorded one; the backward is then a where and a sum over the slots (a nearest upsample
+    would differentiate into an atomic index_put).
+    """
+    *lead, h, w = x.shape
     out_h, out_w = output_size
     if k * h > out_h or k * w > out_w:
         raise ValueError(f"max_unpool2d: output_size {tuple(output_size)} is smaller than {k} x the pooled size "
                          f"{(h, w)}")
     rows = torch.arange(h, device=x.device) * k
     cols = torch.arange(w, device=x.device) * k
-    # slot of the max inside its window, dy * k + dx in [0, k*k), at the pooled resolution
+    # slot of the max inside its window, dy * k + dx in [0, k*k)
     slot = (indices // out_w - rows[:, None]) * k + (indices % out_w - cols)
-    up_size = (k * h, k * w)
-    value = F.interpolate(x, size=up_size, mode="nearest")  # keeps x's memory format
-    slot = F.interpolate(slot.to(x.dtype), size=up_size, mode="nearest")  # small ints: exact in any float
-    grid_y = torch.arange(k * h, device=x.device) % k
-    grid_x = torch.arange(k * w, device=x.device) % k
-    here = (grid_y[:, None] * k + grid_x).to(x.dtype)  # [k*h, k*w]: the slot each output pixel is
-    out = torch.where(slot == here, value, 0.0)
-    if up_size != (out_h, out_w):  # the pool floored an odd size: zero rows / columns at the end
+    slots = torch.arange(k * k, device=x.device)
+    spread = torch.where(slot[..., None] == slots, x[..., None], 0.0)  # [..., h, w, k*k]
+    out = spread.unflatten(-1, (k, k)).transpose(-3, -2).reshape(*lead, k * h, k * w)  # [..., h, dy, w, dx]
+    if (k * h, k * w) != (out_h, out_w):  # the pool floored an odd size: zero rows / columns at the end
         out = F.pad(out, (0, out_w - k * w, 0, out_h - k * h))
     return out
 

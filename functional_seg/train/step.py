@@ -76,7 +76,7 @@ def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ign
     ``torch.bincount`` has no vmap batching rule, and under ``torch.compile(vmap(...))`` its
     fallback needs a data-dependent size, which breaks the ensemble step. Comparing every
     pixel's flat bin against the C*C bin ids and summing is exact int64 arithmetic that
-    inductor fuses into one reduction.
+    inductor fuses into one reduction (no atomics, unlike a scatter-add).
 
     Args:
         pred: int [N, H, W] predicted labels; target: int [N, H, W] true labels.
@@ -90,8 +90,10 @@ def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ign
         valid = valid & (truth != ignore_index)
     flat = torch.where(valid, truth * c + pred.long(), c * c)  # c * c: matches no bin
     bins = torch.arange(c * c, device=flat.device)
-    counts = (flat.reshape(-1, 1) == bins).sum(dim=0, dtype=torch.int64)
-    return counts.reshape(c, c)
+    # per image first, reducing along the innermost axis: N * C * C parallel sums instead of
+    # C * C sums over every pixel (measured 0.6 ms per step on an H200 for the latter)
+    per_image = (flat.reshape(flat.shape[0], 1, -1) == bins[:, None]).sum(dim=-1, dtype=torch.int64)
+    return per_image.sum(dim=0).reshape(c, c)
 
 
 def _ordered_like(template, tree):
@@ -112,8 +114,7 @@ def _pixel_accuracy(cm: torch.Tensor) -> torch.Tensor:
 
 def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, num_classes: int | None = None,
                     ignore_index: int | None = None, precision: str = "fp32", channels_last: bool = False,
-                    compile: bool = False, fullgraph: bool = True, backend: str = "inductor",
-                    mode: str | None = None) -> Callable:
+                    compile: bool = False, fullgraph: bool = True, backend: str = "inductor") -> Callable:
     """Build the pure ``train_step(train_state, batch) -> (train_state, metrics)``.
 
     Args:
@@ -131,9 +132,6 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         fullgraph: ask dynamo for one graph (falls back with a warning if it cannot).
         backend: the ``torch.compile`` backend ("aot_eager" traces the same graph without code
             generation: what the CPU tests use, as inductor's C++ build takes minutes there).
-        mode: ``torch.compile`` mode, e.g. "reduce-overhead" (CUDA graphs: one launch per step;
-            call ``torch.compiler.cudagraph_mark_step_begin()`` before each step and do not keep
-            the previous step's outputs alive).
 
     Returns:
         ``train_step``; batch is ``(images uint8 [B, 3, S, S], masks int64 [B, S, S])`` on the
@@ -167,7 +165,7 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
                          step=train_state.step + 1, key=train_state.key, hparams=dict(train_state.hparams))
         return new, metrics
 
-    return compile_step(train_step, fullgraph=fullgraph, backend=backend, mode=mode) if compile else train_step
+    return compile_step(train_step, fullgraph=fullgraph, backend=backend) if compile else train_step
 
 
 def _series_custom_iou_per_image(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None,
@@ -226,15 +224,14 @@ def ensemble_step(step: Callable, *, compile: bool = False, fullgraph: bool = Tr
 
 
 def compile_step(fn: Callable, *, fullgraph: bool = True, dynamic: bool = False,
-                 backend: str = "inductor", mode: str | None = None) -> Callable:
+                 backend: str = "inductor") -> Callable:
     """``torch.compile(fn, fullgraph=..., dynamic=False)``, falling back to ``fullgraph=False``.
 
     If dynamo cannot capture the whole step in one graph, the first call raises; we then log a
     warning naming the reason and recompile allowing graph breaks. ``fn`` is pure, so running it
     again after a failed trace is safe.
     """
-    options = {"mode": mode} if mode is not None else {}
-    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=dynamic, backend=backend, **options)
+    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
     if not fullgraph:
         return compiled
     state = {"fn": compiled, "checked": False}
@@ -249,7 +246,7 @@ def compile_step(fn: Callable, *, fullgraph: bool = True, dynamic: bool = False,
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             warnings.warn(f"torch.compile could not capture the step in one graph ({first}); "
                           "compiling with graph breaks instead", RuntimeWarning, stacklevel=2)
-            state["fn"] = torch.compile(fn, fullgraph=False, dynamic=dynamic, backend=backend, **options)
+            state["fn"] = torch.compile(fn, fullgraph=False, dynamic=dynamic, backend=backend)
             out = state["fn"](*args, **kwargs)
         state["checked"] = True
         return out
