@@ -218,11 +218,16 @@ def test_window_unpool_equals_scatter_on_any_size(x, kernel):
     assert torch.equal(grads[0], grads[1])
 
 
-def test_window_unpool_takes_channels_last_and_vmaps():
+def test_window_unpool_writes_channels_last_and_vmaps():
+    """Channels-last out (what the next conv reads on CUDA) from either layout in, same values."""
     x = randn(2, 3, 8, 6).contiguous(memory_format=torch.channels_last)
     pooled, indices = fnn.max_pool2d_with_indices(x, 2)
     out = fnn.max_unpool2d(pooled, indices, (8, 6), kernel_size=2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    from_nchw = fnn.max_unpool2d(pooled.contiguous(), indices.contiguous(), (8, 6), kernel_size=2)
+    assert from_nchw.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, fnn.max_unpool2d(pooled.contiguous(), indices.contiguous(), (8, 6)))
+    assert torch.equal(from_nchw, out)
     stacked = torch.stack([x, 2 * x]).contiguous()
     pooled_k, indices_k = torch.func.vmap(lambda t: fnn.max_pool2d_with_indices(t, 2))(stacked)
     batched = torch.func.vmap(lambda p, i: fnn.max_unpool2d(p, i, (8, 6), kernel_size=2))(pooled_k, indices_k)
