@@ -341,6 +341,16 @@ class Budget:
         return self.left() < reserve
 
 
+def run_budgeted(label: str, fn: Callable[[], dict], budget: Budget, reserve: float = 5.0) -> dict:
+    """One variant of an experiment: skipped once the budget is spent, else ``guarded``, timed and reported."""
+    if budget.over(reserve=reserve):
+        return {"status": "skipped: time budget"}
+    t0 = time.perf_counter()
+    result = guarded(label, fn)
+    print(f"[{label}] done in {time.perf_counter() - t0:.1f} s: {result.get('status')}", flush=True)
+    return result
+
+
 class Stopwatch:
     def __init__(self, device: torch.device):
         self.device = device

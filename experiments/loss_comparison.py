@@ -18,7 +18,6 @@ Writes ``<out>/loss_comparison_<device-kind>.{json,md}``, ``..._curves.png`` and
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -129,16 +128,6 @@ def main(argv=None) -> int:
     def save():
         C.write_results(args.out, stem, *render(args, prov, results, sweep, weights, len(train), len(test)))
 
-    def run_sweep_now():
-        nonlocal sweep
-        if budget.over(reserve=5):
-            sweep = {"status": "skipped: time budget"}
-        else:
-            t0 = time.perf_counter()
-            sweep = C.guarded("sweep", lambda: run_sweep(weights, args, train, test))
-            print(f"[sweep] done in {time.perf_counter() - t0:.1f} s: {sweep.get('status')}", flush=True)
-        save()
-
     names = [n.strip() for n in args.losses.split(",") if n.strip()]
     # CE and CE + Dice first, then the sweep (its members w = 0 and 1 repeat them), then the rest:
     # under a time budget the sweep is not the part that gets skipped.
@@ -147,14 +136,10 @@ def main(argv=None) -> int:
     for name in order:
         if name == "<sweep>":
             if weights:
-                run_sweep_now()
+                sweep = C.run_budgeted("sweep", lambda: run_sweep(weights, args, train, test), budget)
+                save()
             continue
-        if budget.over(reserve=5):
-            results[name] = {"status": "skipped: time budget"}
-            continue
-        t0 = time.perf_counter()
-        results[name] = C.guarded(name, lambda name=name: run_loss(name, args, train, test))
-        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s: {results[name].get('status')}", flush=True)
+        results[name] = C.run_budgeted(name, lambda name=name: run_loss(name, args, train, test), budget)
         save()
     save()
     if not args.no_figures:

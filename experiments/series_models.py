@@ -20,7 +20,6 @@ Writes ``<out>/series_models_<device-kind>.{json,md}``, ``series_models_<device-
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,12 +112,7 @@ def main(argv=None) -> int:
         if name not in FULL:
             results[name] = {"status": f"failed: unknown model {name!r}"}
             continue
-        if budget.over(reserve=5):
-            results[name] = {"status": "skipped: time budget"}
-            continue
-        t0 = time.perf_counter()
-        results[name] = C.guarded(name, lambda name=name: run_one(name, args, train, test))
-        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s: {results[name].get('status')}", flush=True)
+        results[name] = C.run_budgeted(name, lambda name=name: run_one(name, args, train, test), budget)
         C.write_results(args.out, stem, *render(args, prov, results, len(train), len(test)))
 
     C.write_results(args.out, stem, *render(args, prov, results, len(train), len(test)))
