@@ -18,9 +18,7 @@ of seconds per model and variant, and the big models at batch 64 take seconds pe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,8 +26,9 @@ import torch
 # The repo root (functional_seg without installing it) and tests/ (reference_modules; imported by its
 # own name, since a site-packages "tests" package would shadow a namespace-package import).
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(_ROOT), str(_ROOT / "tests")]
+sys.path[:0] = [str(_ROOT), str(_ROOT / "tests"), str(_ROOT / "experiments")]
 
+import _common as C  # noqa: E402
 from reference_modules import build_reference  # noqa: E402
 
 from functional_seg.core import random as jr  # noqa: E402
@@ -37,25 +36,6 @@ from functional_seg.core.tree import tree_map  # noqa: E402
 from functional_seg.models import create_model, list_models  # noqa: E402
 
 QUICK_CPU_MODELS = ("segnet", "segnet_dsc", "segformer")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of ``fn()`` after ``warmup`` calls (the first compiled call compiles)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _init_on(model, device: torch.device):
@@ -85,7 +65,8 @@ def bench_model(name: str, batch_sizes: list[int], size: int, device: torch.devi
         for label, fn in variants.items():
             try:
                 with torch.no_grad():
-                    row[label] = time_fn(lambda fn=fn, x=x: fn(x), device, warmup, repeats)
+                    # median seconds after the warm-up calls (the first compiled call compiles)
+                    row[label] = C.median_ms(lambda fn=fn, x=x: fn(x), device, warmup=warmup, iters=repeats) / 1e3
             except Exception as err:  # report and go on: one failure should not hide the rest
                 row[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"
         rows.append(row)
