@@ -174,6 +174,18 @@ def reference_module(args) -> torch.nn.Module:
     return C.reference_module(args.model, **model_cfg(args))
 
 
+def module_update(module, opt, images, masks, device: torch.device, bf16: bool) -> torch.Tensor:
+    """One stateful step as the articles write it (b, b16 and c share it): forward, CE in fp32,
+    backward, optimizer step; ``bf16`` adds autocast on CUDA."""
+    with C.autocast(device, bf16):
+        logits = module(images)
+        loss = F.cross_entropy(logits.float(), masks)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def build_b(args, data, *, bf16: bool):
     device = args.device
     module = reference_module(args).to(device).train()
@@ -185,13 +197,7 @@ def build_b(args, data, *, bf16: bool):
         images, masks = batch
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
-        with C.autocast(device, bf16):
-            logits = module(images)
-            loss = F.cross_entropy(logits.float(), masks)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
+        return module_update(module, opt, images, masks, device, bf16)
 
     precision = "bf16" if bf16 and device.type == "cuda" else "fp32"
     return step, batches, {"precision": precision, "workers": workers, "prefetch_factor": prefetch}
@@ -238,13 +244,7 @@ def build_c(args, data):
         images, masks = batch
         images, masks = aug(jr.fold_in(key, counter[0]), images, masks)
         counter[0] += 1
-        with C.autocast(device):
-            logits = cmodule(images)
-            loss = F.cross_entropy(logits.float(), masks)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
+        return module_update(cmodule, opt, images, masks, device, bf16=True)
 
     return step, batches, {"precision": "bf16" if device.type == "cuda" else "fp32", "fused_adam": fused}
 
