@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU run in one call: benchmarks, then experiments, each under its own time limit.
 #
-#   bash benchmarks/gpu_suite.sh DATA_ROOT            (from the repository root; ~11 min on an H200)
+#   bash benchmarks/gpu_suite.sh DATA_ROOT            (from the repository root; ~9 min on an H200)
 #   PARTS="loss_comparison augmentation" PARALLEL=1 SUITE_SECONDS=200 bash benchmarks/gpu_suite.sh DATA_ROOT
 #                                                     (a subset; PARALLEL runs the parts side by side,
 #                                                      for experiments whose timings are not the point)
@@ -10,14 +10,14 @@
 # torch, torchvision, torchopt, optree, einops, safetensors, numpy, pillow (matplotlib for the
 # figures); the package is used from the checkout (PYTHONPATH=$PWD), nothing is installed.
 #
-# Parts, in order (expected time on an H200, from a first run of these scripts there -> hard cap):
-#   prepare           decode + cache the 128 px splits                     ~10 s  -> 60 s
-#   bench_train_step  b / b-input / b16 / a' (~20 s), a (compile ~50 s),    ~2.5 min -> 200 s
+# Parts, in order (time measured on an H200 on 2026-11-27, experiments/results/gpu_logs -> hard cap):
+#   prepare           decode + cache the 128 px splits                     ~5 s   -> 60 s
+#   bench_train_step  b / b-input / b16 / a' (~20 s), a (compile 50-80 s), ~2.3 min -> 200 s
 #                     c (compile ~25 s), profile
-#   bench_ensemble    K=8 small SegNets, vmapped vs sequential (eager)     ~20-40 s -> 60 s
-#   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~2 min -> 170 s
-#                     (compiles the step and the eval step: ~60-90 s of it)
-#   series_models     5 models, 128 px, 20 epochs (SegFormer ~30 s)        ~1.5 min -> 150 s
+#   bench_ensemble    K=8 small SegNets, vmapped vs sequential (eager)     ~20 s  -> 60 s
+#   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~1.8 min -> 170 s
+#                     (the first epoch, with both compiles, is ~50 s of it)
+#   series_models     5 models, 128 px, 20 epochs (SegFormer ~20 s)        ~70 s  -> 150 s
 #   loss_comparison   CE, CE+Dice, a K=4 vmapped CE+w*Dice sweep, 5 more   ~1.5 min -> 120 s
 #   augmentation      5 variants                                           ~50 s  -> 70 s
 # A part's limit is also cut so that every later part in PARTS keeps its minimum share of SUITE_SECONDS
