@@ -1,0 +1,72 @@
+"""The preprocessing contract: how raw RGB becomes model input, and what its labels mean.
+
+One ``Preprocess`` is built when a run starts, recorded in every checkpoint's metadata
+(``meta["preprocess"]``) and read back by ``fseg eval``, ``predict``, ``export`` and the
+experiments, so a model is always fed the way it was trained::
+
+    uint8 [N, 3, H, W] --to_float--> [0, 1] --normalize(mean, std)--> (channels_last) --> model
+
+``size`` and ``policy`` say how the prepared data was made (stretch to S x S, or keep the
+aspect ratio and pad with ignored pixels); ``precision`` and ``channels_last`` how the model
+ran; ``class_names`` what label i means (C = its length) and ``ignore_index`` the label that
+no loss or metric counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
+from .oxford_pets import CLASS_NAMES, IGNORE_INDEX, POLICIES
+
+__all__ = ["Preprocess"]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int
+    policy: str = "resize"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    channels_last: bool = False
+    precision: str = "fp32"
+    class_names: tuple[str, ...] = CLASS_NAMES
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"preprocess size must be a positive integer, got {self.size!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean!r}, {self.std!r}")
+        if not self.class_names:
+            raise ValueError("class_names must name at least one class")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] (or float in [0, 1]) -> normalised float32 [N, 3, H, W] for the model."""
+        x = to_float(images) if images.dtype == torch.uint8 else images.float()
+        x = normalize(x, self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
+        """From checkpoint metadata; fields a file does not record keep their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        return cls(**values)
