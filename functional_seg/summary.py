@@ -30,11 +30,18 @@ sample rather than per token. Totals of parameters agree exactly.
 Sizes: ``param_bytes`` (params), ``state_bytes`` (batch-norm statistics), ``activation_bytes``
 (the rows' outputs, one forward pass; torchinfo doubles its figure for the backward pass),
 ``input_bytes``.
+
+Memory: every summary is first measured on the meta device (shapes only, nothing allocated, the
+same figures). On a real device the model is then run only if its estimated total (params, state,
+activations and input) fits in the memory available there (:func:`available_memory`: MemAvailable
+from /proc/meminfo for the CPU, free memory for CUDA); otherwise a one-line ValueError names the
+estimate, so ``widths=100000,...`` is refused in well under a second instead of allocating.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -47,7 +54,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .core import random as jr
 from .core.tree import flatten_with_names, tree_bytes, tree_map, tree_size
 
-__all__ = ["LayerRow", "ModelSummary", "summarize", "format_summary"]
+__all__ = ["LayerRow", "ModelSummary", "summarize", "format_summary", "available_memory", "check_fits"]
 
 _aten = torch.ops.aten
 _OTHER = "(other)"
@@ -220,10 +227,49 @@ class _LayerTracer(TorchDispatchMode):
         return out
 
 
+def available_memory(device: str | torch.device = "cpu") -> int | None:
+    """Bytes that can be allocated on ``device`` now, or None where that is not known.
+
+    CPU: ``MemAvailable`` from /proc/meminfo, else free pages x page size (``os.sysconf``); CUDA:
+    the free memory ``torch.cuda.mem_get_info`` reports; meta: unlimited (None).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def check_fits(s: ModelSummary, device: str | torch.device = "cpu") -> None:
+    """Raise a one-line ValueError if the summary's estimated total bytes exceed :func:`available_memory`."""
+    available = available_memory(device)
+    total = s.param_bytes + s.state_bytes + s.activation_bytes + s.input_bytes
+    if available is not None and total > available:
+        raise ValueError(
+            f"{s.model_name}: input {list(s.input_shape)} needs an estimated {_gb(total)} on {torch.device(device)} "
+            f"({s.total_params:,} parameters, {_gb(s.param_bytes)}; activations {_gb(s.activation_bytes)}; "
+            f"state and input {_gb(s.state_bytes + s.input_bytes)}) but only {_gb(available)} is available")
+
+
 def _init_on(model, device: torch.device) -> tuple[dict, dict]:
-    if device.type == "meta":  # shapes only: nothing is drawn (a lifted nn.Module still hands back CPU copies)
+    if device.type == "meta":  # shapes only: nothing is drawn or allocated
         with torch.device("meta"):
-            params, state = model.init(jr.key(0))
+            params, state = model.init(jr.key(0, device="meta"))
     else:
         params, state = model.init(jr.key(0))
     return tree_map(lambda t: t.to(device), params), tree_map(lambda t: t.to(device), state)
@@ -240,12 +286,23 @@ def summarize(model, input_size: int | Sequence[int] = (128, 128), batch_size: i
             figures in a fraction of the time (initialising a big model on CPU dominates otherwise).
     Returns:
         A :class:`ModelSummary`.
+    Raises:
+        ValueError: the input size does not suit the model, or (on a real device) the estimate from
+            the meta-device pass does not fit in the memory available there (:func:`check_fits`).
     """
-    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     device = torch.device(device)
-    params, state = _init_on(model, device)
+    estimate = _measure(model, input_size, batch_size, torch.device("meta"))
+    if device.type == "meta":
+        return estimate
+    check_fits(estimate, device)
+    return _measure(model, input_size, batch_size, device)
+
+
+def _measure(model, input_size: int | Sequence[int], batch_size: int, device: torch.device) -> ModelSummary:
+    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     x = torch.zeros(batch_size, model.in_channels, h, w, device=device)
     model.check_input(x)
+    params, state = _init_on(model, device)
 
     named = {**flatten_with_names(params), **flatten_with_names(state)}
     own_params: dict[str, int] = {}

@@ -7,12 +7,23 @@ A :class:`Model` binds a frozen cfg to two pure functions:
 
 x is float [N, C_in, H, W] with H and W divisible by the model's stride; logits are
 [N, num_classes, H, W]. params and state are nested dicts of tensors.
+
+Every cfg is validated when it is built, before anything is allocated: :func:`validate_cfg` checks
+each field against a :class:`Rule` (positive integers, tuples of them, probabilities in [0, 1),
+flags, choices) and :func:`cfg_error` words the relations between fields (equal lengths, dims
+divisible by heads), so a bad ``--model-cfg`` is one line naming the model, the field, the value
+and what was expected, e.g. ``segnet: widths must be a non-empty tuple of positive integers, got
+('a', 'b')``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import math
+import numbers
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +34,11 @@ from torch.func import functional_call
 from ..core import random as jr
 from ..core.tree import flatten_with_names, unflatten_names
 
-__all__ = ["Model", "register_model", "create_model", "list_models", "from_module"]
+__all__ = [
+    "Model", "register_model", "create_model", "list_models", "from_module", "build_cfg",
+    "Rule", "validate_cfg", "cfg_error", "POSITIVE_INT", "POSITIVE_ODD_INT", "POSITIVE_INTS", "POSITIVE_ODD_INTS",
+    "PROBABILITY", "FLAG", "one_of",
+]
 
 
 @dataclass(frozen=True)
@@ -92,13 +107,90 @@ def create_model(name: str, **cfg) -> Model:
         raise ValueError(f"bad cfg for model {name!r}: {err}") from None
 
 
-def build_cfg(cfg_cls, overrides: dict):
-    """Instantiate a frozen cfg dataclass, naming unknown fields in a ValueError."""
-    fields = {f.name for f in dataclasses.fields(cfg_cls)}
-    unknown = sorted(set(overrides) - fields)
+def build_cfg(cfg_cls, overrides: dict, *, name: str | None = None):
+    """Instantiate a frozen cfg dataclass; unknown fields raise a one-line ValueError listing the valid ones.
+
+    ``name`` (the model's registry name) starts the messages, in place of the class name that a
+    cfg shared by several models (``LiftedCfg``) validates itself under.
+    """
+    label = name or cfg_cls.__name__
+    fields = [f.name for f in dataclasses.fields(cfg_cls)]
+    unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ValueError(f"{cfg_cls.__name__}: unknown field(s) {unknown}; valid: {sorted(fields)}")
-    return cfg_cls(**overrides)
+        raise ValueError(f"{label}: unknown field(s) {unknown}; valid: {', '.join(fields)}")
+    try:
+        return cfg_cls(**overrides)
+    except ValueError as err:
+        prefix = f"{cfg_cls.__name__}: "
+        if name and str(err).startswith(prefix):
+            raise ValueError(f"{name}: {str(err)[len(prefix):]}") from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Cfg validation: one contract for every model
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one cfg field accepts: ``check(value)`` is true for a valid value, which ``convert`` then
+    normalises (lists to tuples, numpy integers to int); ``expected`` words it for the error."""
+
+    expected: str
+    check: Callable[[Any], bool] = dataclasses.field(repr=False)
+    convert: Callable[[Any], Any] = dataclasses.field(default=lambda v: v, repr=False)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_tuple(check_item: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_is_int(x) and check_item(x) for x in v)
+
+
+POSITIVE_INT = Rule("a positive integer", lambda v: _is_int(v) and v >= 1, int)
+POSITIVE_ODD_INT = Rule("a positive odd integer", lambda v: _is_int(v) and v >= 1 and v % 2 == 1, int)
+POSITIVE_INTS = Rule("a non-empty tuple of positive integers (e.g. 8,16)", _int_tuple(lambda x: x >= 1),
+                     lambda v: tuple(int(x) for x in v))
+POSITIVE_ODD_INTS = Rule("a non-empty tuple of positive odd integers (e.g. 7,3)",
+                         _int_tuple(lambda x: x >= 1 and x % 2 == 1), lambda v: tuple(int(x) for x in v))
+PROBABILITY = Rule("a number in [0, 1)", lambda v: _is_real(v) and 0 <= v < 1, float)
+FLAG = Rule("true or false", lambda v: isinstance(v, bool))
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(f"one of {', '.join(map(repr, choices))}", lambda v: isinstance(v, str) and v in choices)
+
+
+def cfg_error(model: str, field: str, value: Any, expected: str) -> ValueError:
+    """The one-line error every cfg check raises: ``{model}: {field} must be {expected}, got {value!r}``."""
+    return ValueError(f"{model}: {field} must be {expected}, got {value!r}")
+
+
+def validate_cfg(cfg, model: str | None, rules: dict[str, Rule]) -> None:
+    """Check every field of the frozen dataclass ``cfg`` against ``rules`` (call from ``__post_init__``).
+
+    ``model`` names the model in the messages; None: the cfg's class name (which
+    :func:`build_cfg` then replaces with the registry name).
+
+    Valid values are normalised in place (``object.__setattr__``: lists become tuples, numpy
+    integers Python ints), so the cfg is hashable and JSON-encodes the same way wherever it came
+    from. Raises ValueError (see :func:`cfg_error`) at the first bad field, in declaration order.
+    """
+    model = model or type(cfg).__name__
+    fields = [f.name for f in dataclasses.fields(cfg)]
+    if set(rules) != set(fields):  # a programming error: every field needs a rule
+        raise TypeError(f"{type(cfg).__name__}: rules for {sorted(rules)} but fields {sorted(fields)}")
+    for name in fields:
+        rule, value = rules[name], getattr(cfg, name)
+        if not rule.check(value):
+            raise cfg_error(model, name, value, rule.expected)
+        object.__setattr__(cfg, name, rule.convert(value))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,9 +202,13 @@ class ModuleCfg:
     num_classes: int
     output_key: str = "out"
 
+    def __post_init__(self):
+        validate_cfg(self, None, {"num_classes": POSITIVE_INT,
+                                           "output_key": Rule("a string", lambda v: isinstance(v, str))})
+
 
 def _seed_from_key(key: torch.Tensor) -> int:
-    if key.is_meta:  # a shapes-only init (e.g. checking a checkpoint's names): any seed will do
+    if key.is_meta:  # a shapes-only run: any seed will do
         return 0
     k = key.detach().cpu()
     return int(k[0]) << 32 | int(k[1])
@@ -134,45 +230,83 @@ def _seeded_rng(key: torch.Tensor, devices: list[torch.device]):
         yield
 
 
+class _ModeCopies(threading.local):
+    """Per-thread train-mode and eval-mode copies of a module on the meta device.
+
+    ``functional_call`` swaps the given tensors into a module for the length of a call, so one
+    module shared by two threads would let one thread's call read the other's params. Each
+    thread gets its own pair, deep-copied (shapes only, no data) from the template on first use;
+    their ``training`` flags are set once here and never touched again.
+    """
+
+    def __init__(self, template: torch.nn.Module):
+        self.train_module = copy.deepcopy(template).train()
+        self.eval_module = copy.deepcopy(template).eval()
+
+
 def from_module(module: torch.nn.Module, *, name: str | None = None, num_classes: int | None = None,
                 stride: int = 1, in_channels: int = 3, output_key: str = "out") -> Model:
     """Lift a ``torch.nn.Module`` into the model protocol with ``torch.func.functional_call``.
 
     Parameters become params, buffers become state (batch-norm buffers come back updated in
     training, the input state untouched). A dict output (torchvision's segmentation models)
-    yields ``output[output_key]``. ``init(key)`` re-runs each submodule's ``reset_parameters``
-    under a forked RNG seeded from the key, so the caller's global RNG is left as it was.
-    Dropout inside a lifted module draws from torch's own RNG; the key seeds it in eager mode.
+    yields ``output[output_key]``.
+
+    Nothing here mutates ``module``: at lift time it is copied once with its tensors (``init``
+    draws into that copy) and once on the meta device (the structure ``apply`` calls into, with
+    every tensor supplied by ``functional_call``), with separate train-mode and eval-mode copies
+    per thread, so ``apply`` never flips a ``training`` flag and is safe to call from several
+    threads, under ``vmap`` and under ``torch.compile``.
+
+    ``init(key)`` re-runs each submodule's ``reset_parameters`` under a forked RNG seeded from the
+    key, so the caller's global RNG is left as it was; with a key on the meta device it draws
+    nothing and returns meta tensors of the right shapes. Dropout inside a lifted module draws from
+    torch's own RNG; the key seeds it in eager mode.
     """
     if num_classes is None:
         num_classes = getattr(module, "num_classes", None) or _guess_num_classes(module)
-    cfg = ModuleCfg(num_classes=num_classes, output_key=output_key)
+    label = name or type(module).__name__.lower()
+    for field, value in (("stride", stride), ("in_channels", in_channels)):
+        if not POSITIVE_INT.check(value):
+            raise cfg_error(label, field, value, POSITIVE_INT.expected)
+    cfg = build_cfg(ModuleCfg, {"num_classes": num_classes, "output_key": output_key}, name=label)
+    init_module = copy.deepcopy(module)
+    with torch.no_grad():
+        template = copy.deepcopy(module).to("meta")
+    modes = _ModeCopies(template)
+    # Under torch.compile the trace runs on the main thread's pair (threading.local is not traced)
+    compiled_modes = (modes.train_module, modes.eval_module)
 
     def init_fn(cfg, key):
-        with _seeded_rng(key, [t.device for t in module.parameters()]):
-            for sub in module.modules():
-                if hasattr(sub, "reset_parameters") and sub is not module:
+        if key.is_meta:  # shapes only (summaries, checking a checkpoint's names): nothing to draw
+            return (unflatten_names({n: torch.empty_like(p, device="meta") for n, p in template.named_parameters()}),
+                    unflatten_names({n: torch.empty_like(b, device="meta") for n, b in template.named_buffers()}))
+        with _seeded_rng(key, [t.device for t in init_module.parameters()]):
+            for sub in init_module.modules():
+                if hasattr(sub, "reset_parameters") and sub is not init_module:
                     sub.reset_parameters()
-        params = unflatten_names({n: p.detach().clone() for n, p in module.named_parameters()})
-        state = unflatten_names({n: b.detach().clone() for n, b in module.named_buffers()})
+        params = unflatten_names({n: p.detach().clone() for n, p in init_module.named_parameters()})
+        state = unflatten_names({n: b.detach().clone() for n, b in init_module.named_buffers()})
         return params, state
 
     def apply_fn(cfg, params, state, x, train, key):
-        module.train(train)
+        if torch.compiler.is_compiling():
+            target = compiled_modes[0] if train else compiled_modes[1]
+        else:
+            target = modes.train_module if train else modes.eval_module
         tensors = dict(flatten_with_names(params))
         new_state = {n: b.clone() for n, b in flatten_with_names(state).items()}  # updated in place by BN
         tensors.update(new_state)
         if train and key is not None and not torch.compiler.is_compiling():
             with _seeded_rng(key, [x.device]):
-                out = functional_call(module, tensors, (x,), strict=True)
+                out = functional_call(target, tensors, (x,), strict=True)
         else:
-            out = functional_call(module, tensors, (x,), strict=True)
+            out = functional_call(target, tensors, (x,), strict=True)
         if isinstance(out, dict):
             out = out[cfg.output_key]
         return out, unflatten_names(new_state) if train else state
 
-    return Model(name=name or type(module).__name__.lower(), cfg=cfg, init_fn=init_fn, apply_fn=apply_fn,
-                 stride=stride, in_channels=in_channels)
+    return Model(name=label, cfg=cfg, init_fn=init_fn, apply_fn=apply_fn, stride=stride, in_channels=in_channels)
 
 
 def _guess_num_classes(module: torch.nn.Module) -> int:

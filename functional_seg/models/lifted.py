@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.models import segmentation as tv_seg
 
-from .base import Model, build_cfg, from_module, register_model
+from .base import POSITIVE_INT, Model, build_cfg, from_module, register_model, validate_cfg
 
 __all__ = ["LiftedCfg", "fcn_resnet50", "deeplabv3_mobilenet", "lraspp_mobilenet"]
 
@@ -32,13 +32,16 @@ class LiftedCfg:
 
     num_classes: int = 3
 
+    def __post_init__(self):
+        validate_cfg(self, None, {"num_classes": POSITIVE_INT})
+
 
 def _has_dropout(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
 
 
 def _lift(name: str, build: Callable[[int], torch.nn.Module], stride: int, overrides: dict) -> Model:
-    cfg = build_cfg(LiftedCfg, overrides)
+    cfg = build_cfg(LiftedCfg, overrides, name=name)
     with torch.random.fork_rng(devices=[]):  # torchvision initialises from the global RNG
         module = build(cfg.num_classes)
     model = from_module(module, name=name, num_classes=cfg.num_classes, stride=stride)

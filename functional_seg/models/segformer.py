@@ -44,7 +44,17 @@ from ..nn import (
     relu,
     resize,
 )
-from .base import Model, build_cfg, register_model
+from .base import (
+    POSITIVE_INT,
+    POSITIVE_INTS,
+    POSITIVE_ODD_INTS,
+    PROBABILITY,
+    Model,
+    build_cfg,
+    cfg_error,
+    register_model,
+    validate_cfg,
+)
 
 __all__ = ["SegFormerCfg", "segformer"]
 
@@ -74,17 +84,22 @@ class SegFormerCfg:
     decoder_dropout: float = 0.1
 
     def __post_init__(self):
-        names = ("dims", "depths", "num_heads", "sr_ratios", "patch_sizes", "patch_strides")
-        for name in names:
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if len({len(getattr(self, name)) for name in names}) != 1:
-            raise ValueError(f"{', '.join(names)} need one entry per stage each")
-        for dim, heads in zip(self.dims, self.num_heads):
-            if dim % heads:
-                raise ValueError(f"dim {dim} must be divisible by its num_heads {heads}")
-        for rate in (self.drop_path_rate, self.decoder_dropout):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"drop rates must be in [0, 1), got {rate}")
+        validate_cfg(self, "segformer", _RULES)
+        for name in _PER_STAGE[1:]:
+            if len(getattr(self, name)) != len(self.dims):
+                raise cfg_error("segformer", name, getattr(self, name), f"of length {len(self.dims)} (one entry per stage of dims {self.dims})")
+        if any(dim % heads for dim, heads in zip(self.dims, self.num_heads)):
+            raise cfg_error("segformer", "num_heads", self.num_heads, f"divisors of dims {self.dims}, stage by stage")
+        # The smallest input (one stride) must leave each stage a map at least sr x sr for its
+        # key/value conv: sr_ratios[i] <= stride / (stride up to stage i).
+        reach, limits = 1, []
+        for s in self.patch_strides:
+            reach *= s
+            limits.append(self.stride // reach)
+        if any(sr > limit for sr, limit in zip(self.sr_ratios, limits)):
+            raise cfg_error("segformer", "sr_ratios", self.sr_ratios,
+                            f"at most {tuple(limits)} stage by stage (the map sides at the smallest input, "
+                            f"one stride {self.stride})")
 
     @property
     def stride(self) -> int:
@@ -97,6 +112,16 @@ class SegFormerCfg:
         """Stochastic-depth rate of each block, in order, linear from 0 to ``drop_path_rate``."""
         n = sum(self.depths)
         return [self.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+
+
+_PER_STAGE = ("dims", "depths", "num_heads", "sr_ratios", "patch_sizes", "patch_strides")
+# Odd patch kernels: padding k // 2 then gives exactly H / stride (an even k would add one row).
+_RULES = {
+    "num_classes": POSITIVE_INT, "in_channels": POSITIVE_INT,
+    **{name: POSITIVE_INTS for name in _PER_STAGE}, "patch_sizes": POSITIVE_ODD_INTS,
+    "mlp_ratio": POSITIVE_INT, "decoder_dim": POSITIVE_INT, "drop_path_rate": PROBABILITY,
+    "decoder_dropout": PROBABILITY,
+}
 
 
 def _drop_path(x: torch.Tensor, rate: float, *, train: bool, key: torch.Tensor | None) -> torch.Tensor:
@@ -217,6 +242,6 @@ def _apply(cfg: SegFormerCfg, params: dict, state: dict, x: torch.Tensor, train:
 @register_model("segformer")
 def segformer(**cfg) -> Model:
     """SegFormer, MiT-B0 sizes by default (stride 32; logits upsampled to the input size)."""
-    cfg = build_cfg(SegFormerCfg, cfg)
+    cfg = build_cfg(SegFormerCfg, cfg, name="segformer")
     return Model(name="segformer", cfg=cfg, init_fn=_init, apply_fn=_apply, stride=cfg.stride,
                  in_channels=cfg.in_channels)

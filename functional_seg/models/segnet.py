@@ -33,7 +33,7 @@ from ..nn import (
     relu,
     separable_conv2d,
 )
-from .base import Model, build_cfg, register_model
+from .base import FLAG, POSITIVE_INT, POSITIVE_INTS, POSITIVE_ODD_INT, Model, build_cfg, cfg_error, register_model, validate_cfg
 
 __all__ = ["SegNetCfg", "segnet", "segnet_dsc", "init_conv_bn", "conv_bn_relu"]
 
@@ -60,15 +60,18 @@ class SegNetCfg:
     final_relu: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "widths", tuple(self.widths))
-        object.__setattr__(self, "convs_per_stage", tuple(self.convs_per_stage))
-        if len(self.widths) != len(self.convs_per_stage) or not self.widths:
-            raise ValueError(f"widths {self.widths} and convs_per_stage {self.convs_per_stage} need equal, "
-                             "non-zero lengths")
-        if min(self.convs_per_stage) < 1:
-            raise ValueError(f"convs_per_stage must be >= 1, got {self.convs_per_stage}")
-        if self.kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        model = "segnet_dsc" if self.separable is True else "segnet"
+        validate_cfg(self, model, _RULES)
+        if len(self.convs_per_stage) != len(self.widths):
+            raise cfg_error(model, "convs_per_stage", self.convs_per_stage,
+                            f"of length {len(self.widths)} (one entry per stage of widths {self.widths})")
+
+
+_RULES = {
+    "num_classes": POSITIVE_INT, "in_channels": POSITIVE_INT, "widths": POSITIVE_INTS,
+    "convs_per_stage": POSITIVE_INTS, "kernel_size": POSITIVE_ODD_INT,
+    "separable": FLAG, "input_bn": FLAG, "final_relu": FLAG,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +166,10 @@ def _apply(cfg: SegNetCfg, params: dict, state: dict, x: torch.Tensor, train: bo
 
 
 def _build(overrides: dict, *, separable: bool, name: str) -> Model:
-    cfg = build_cfg(SegNetCfg, {"separable": separable, **overrides})
+    if overrides.get("separable", separable) != separable:  # the registry name says it
+        raise ValueError(f"{name}: separable is fixed by the model name (segnet or segnet_dsc), got "
+                         f"separable={overrides['separable']!r}")
+    cfg = build_cfg(SegNetCfg, {"separable": separable, **overrides}, name=name)
     return Model(name=name, cfg=cfg, init_fn=_init, apply_fn=_apply, stride=2 ** len(cfg.widths),
                  in_channels=cfg.in_channels)
 

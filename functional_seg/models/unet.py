@@ -25,7 +25,7 @@ import torch
 
 from ..core import random as jr
 from ..nn import conv2d, conv_transpose2d, init_conv2d, init_conv_transpose2d, max_pool2d, resize
-from .base import Model, build_cfg, register_model
+from .base import POSITIVE_INT, Model, build_cfg, one_of, register_model, validate_cfg
 from .segnet import conv_bn_relu, init_conv_bn
 
 __all__ = ["UNetCfg", "unet"]
@@ -45,10 +45,11 @@ class UNetCfg:
     upsample: str = "transposed"
 
     def __post_init__(self):
-        if self.upsample not in _UPSAMPLE:
-            raise ValueError(f"upsample must be one of {_UPSAMPLE}, got {self.upsample!r}")
-        if self.depth < 1 or self.base_width < 1:
-            raise ValueError(f"depth and base_width must be >= 1, got {self.depth}, {self.base_width}")
+        validate_cfg(self, "unet", _RULES)
+
+
+_RULES = {"num_classes": POSITIVE_INT, "in_channels": POSITIVE_INT, "base_width": POSITIVE_INT,
+          "depth": POSITIVE_INT, "upsample": one_of(*_UPSAMPLE)}
 
 
 def _init_double_conv(key: torch.Tensor, c_in: int, c_out: int) -> tuple[dict, dict]:
@@ -115,6 +116,6 @@ def _apply(cfg: UNetCfg, params: dict, state: dict, x: torch.Tensor, train: bool
 @register_model("unet")
 def unet(**cfg) -> Model:
     """U-Net. Default: base width 64, depth 4, transposed-conv upsampling (31.0 M parameters)."""
-    cfg = build_cfg(UNetCfg, cfg)
+    cfg = build_cfg(UNetCfg, cfg, name="unet")
     return Model(name="unet", cfg=cfg, init_fn=_init, apply_fn=_apply, stride=2**cfg.depth,
                  in_channels=cfg.in_channels)

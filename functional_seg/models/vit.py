@@ -42,7 +42,7 @@ from ..nn import (
     linear,
     self_attention,
 )
-from .base import Model, build_cfg, register_model
+from .base import FLAG, POSITIVE_INT, PROBABILITY, Model, build_cfg, cfg_error, one_of, register_model, validate_cfg
 
 __all__ = ["ViTCfg", "vit"]
 
@@ -74,18 +74,23 @@ class ViTCfg:
     pos_interpolation: str = "bicubic"
 
     def __post_init__(self):
+        validate_cfg(self, "vit", _RULES)
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+            raise cfg_error("vit", "image_size", self.image_size,
+                            f"divisible by patch_size {self.patch_size}")
         if self.dim % self.num_heads:
-            raise ValueError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
-        if self.pos_interpolation not in _INTERPOLATION:
-            raise ValueError(f"pos_interpolation must be one of {_INTERPOLATION}, got {self.pos_interpolation!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise cfg_error("vit", "num_heads", self.num_heads, f"a divisor of dim {self.dim}")
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+
+_RULES = {
+    "num_classes": POSITIVE_INT, "in_channels": POSITIVE_INT, "image_size": POSITIVE_INT, "patch_size": POSITIVE_INT,
+    "dim": POSITIVE_INT, "depth": POSITIVE_INT, "num_heads": POSITIVE_INT, "mlp_dim": POSITIVE_INT,
+    "dropout": PROBABILITY, "input_bn": FLAG, "pos_interpolation": one_of(*_INTERPOLATION),
+}
 
 
 def _init(cfg: ViTCfg, key: torch.Tensor) -> tuple[dict, dict]:
@@ -156,6 +161,6 @@ def _apply(cfg: ViTCfg, params: dict, state: dict, x: torch.Tensor, train: bool,
 @register_model("vit")
 def vit(**cfg) -> Model:
     """The series' ViT. Default: 128px, 16x16 patches, dim 768, 12 blocks, 8 heads: 86,284,806 parameters."""
-    cfg = build_cfg(ViTCfg, cfg)
+    cfg = build_cfg(ViTCfg, cfg, name="vit")
     return Model(name="vit", cfg=cfg, init_fn=_init, apply_fn=_apply, stride=cfg.patch_size,
                  in_channels=cfg.in_channels)
