@@ -21,8 +21,12 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .data.preprocess import Preprocess
 
 __all__ = ["main", "build_parser", "parse_kv", "parse_value"]
 
@@ -32,7 +36,11 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad arguments in one line (no usage dump)."""
+    """argparse that reports bad arguments in one line (no usage dump) and shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"fseg: error: {message} (see '{self.prog} --help')\n")
@@ -168,65 +176,107 @@ def _prepare(root, split, size, args):
 # Commands
 
 
-def cmd_train(args) -> int:
-    from .data import CLASS_NAMES, augment_preset
-    from .metrics import format_table
-    from .train import OptimizerConfig
-    from .train.loop import fit
+def _split_data(root: Path, args):
+    """(train, val, test, val_note): val carved from the training split unless --val-split names one."""
+    from .data import overlap
 
-    device = _device(args.device)
-    model = _make_model(args.model, args.model_cfg)
-    if args.size % model.stride:
-        raise CliError(f"--size {args.size} must be divisible by the model's stride {model.stride}")
-    loss_kwargs = parse_kv(args.loss_cfg, "--loss-cfg")
+    train = _prepare(root, args.train_split, args.size, args)
+    if args.limit:
+        train = train.repeat(min(args.limit, len(train)))
+    if args.val_split == "carve":
+        train, val = train.carve(args.val_fraction, args.seed)
+        note = f"{len(val)} images carved from {args.train_split} (seed {args.seed})"
+    elif args.val_split == "none":
+        val, note = None, "none"
+    else:
+        val = _prepare(root, args.val_split, args.size, args)
+        note = args.val_split
+        if args.val_split == args.test_split:
+            note += " (best.safetensors is then selected on the test split: its score is no longer unbiased)"
+    test = _prepare(root, args.test_split, args.size, args) if args.test_split != "none" else None
+    for name, other in (("validation", val), ("test", test)):
+        shared = overlap(train, other) if other is not None else []
+        if shared:
+            warnings.warn(f"{len(shared)} of the {len(other)} {name} images are also training images "
+                          f"(e.g. {shared[0]}): their scores overstate what the model learned", stacklevel=2)
+    return train, val, test, note
+
+
+def _fit_config(args, model):
+    from .data import augment_preset
+    from .train import FitConfig, OptimizerConfig
+
+    loss_cfg = parse_kv(args.loss_cfg, "--loss-cfg")
     try:
         from .losses import get_loss
 
-        get_loss(args.loss, **loss_kwargs)
+        get_loss(args.loss, **loss_cfg)
     except TypeError as err:
         raise CliError(str(err)) from None
-    optimizer_cfg = OptimizerConfig(
+    optimizer = OptimizerConfig(
         name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
         nesterov=args.nesterov, clip_norm=args.clip_norm, schedule=args.schedule, warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio, power=args.power, step_size=args.step_size, gamma=args.gamma)
-    augment_cfg = augment_preset(args.augment)
-    sweep = parse_sweep(args.sweep)
+    return FitConfig(
+        epochs=args.epochs, batch_size=args.batch_size, loss=args.loss, loss_cfg=loss_cfg, optimizer=optimizer,
+        augment=augment_preset(args.augment), seed=args.seed, ensemble=args.ensemble, sweep=parse_sweep(args.sweep),
+        precision=args.precision, device=str(_device(args.device)), compile=args.compile,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
+
+
+def cmd_train(args) -> int:
+    from .core.files import jsonable, write_json
+    from .data import CLASS_NAMES
+    from .metrics import format_table
+    from .train import ConsoleLog, evaluate, evaluate_ensemble, fit
+
+    model = _make_model(args.model, args.model_cfg)
+    if args.size % model.stride:
+        raise CliError(f"--size {args.size} must be divisible by the model's stride {model.stride}")
+    config = _fit_config(args, model)
     root = Path(args.data) if args.data else _synthetic_root(args.synthetic)
-    train_data = _prepare(root, args.train_split, args.size, args)
-    val_data = _prepare(root, args.val_split, args.size, args) if args.val_split != "none" else None
-    if args.limit:
-        train_data = train_data.repeat(min(args.limit, len(train_data)))
+    train_data, val_data, test_data, val_note = _split_data(root, args)
     out_dir = Path(args.out or Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     record["data_root"] = str(root)
-    print(f"training {model.name} on {len(train_data)} images at {args.size}px "
-          f"({device}, {args.epochs} epochs, batch {args.batch_size}) -> {out_dir}", file=sys.stderr)
-    result = fit(
-        model, args.loss, train_data, val_data, epochs=args.epochs, batch_size=args.batch_size,
-        optimizer_cfg=optimizer_cfg, augment_cfg=augment_cfg, seed=args.seed, device=device,
-        out_dir=out_dir, resume=args.resume, ensemble=args.ensemble, sweep=sweep, log_every=args.log_every,
-        progress=not args.no_progress, checkpoint_every=args.checkpoint_every, precision=args.precision,
-        compile=args.compile, class_names=CLASS_NAMES, args=record, max_steps=args.max_steps,
-        loss_kwargs=loss_kwargs)
+    print(f"training {model.name} on {len(train_data)} images at {args.size}px ({config.device}, {args.epochs} "
+          f"epochs, batch {args.batch_size}), validating on {val_note} -> {out_dir}", file=sys.stderr)
+    result = fit(model, train_data, val_data, config, out_dir=out_dir, resume=args.resume, args=record,
+                 hooks=[ConsoleLog(progress=not args.no_progress)])
     final = result["final"]
+    names = result["preprocess"].class_names
+    test = None
+    if test_data is not None:  # once, at the end, with the selected weights
+        from .data import Loader
+        from .models import load_model
+
+        chosen = result["best_checkpoint"] or result["checkpoint"]
+        _, params, state, _ = load_model(chosen, device=config.device)
+        loader = Loader(test_data, args.batch_size, device=config.device, shuffle=False, drop_last=False)
+        evaluate_fn = evaluate_ensemble if config.members else evaluate
+        test = {"split": args.test_split, "checkpoint": chosen,
+                "summary": evaluate_fn(model, params, state, loader, preprocess=result["preprocess"])}
+        write_json(out_dir / "test.json", test)
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "train_state"}, indent=2))
+        print(json.dumps(jsonable({**{k: v for k, v in result.items() if k not in ("train_state", "preprocess")},
+                                   "test": test}), indent=2))
         return 0
     if not final:
         print(f"nothing to do: {out_dir} is already at step {result['step']}")
         return 0
     print(f"epoch {final.get('epoch')}  step {final.get('step')}  train loss {_fmt(final.get('train_loss'))}  "
           f"{_fmt(final.get('images_per_s'), '.1f')} images/s")
-    vals = final.get("val")
-    if vals:
-        for i, summary in enumerate(vals if isinstance(vals, list) else [vals]):
+    for title, vals in (("validation", final.get("val")), (f"test ({args.test_split})", test and test["summary"])):
+        for i, summary in enumerate(vals if isinstance(vals, list) else [vals] if vals else []):
+            member = ""
             if isinstance(vals, list):
-                hp = ", ".join(f"{k}={v[i]:g}" for k, v in (final.get("hparams") or {}).items())
-                print(f"\nmember {i} ({hp})")
-            print(format_table(summary, CLASS_NAMES))
+                member = " member " + str(i) + " (" + ", ".join(
+                    f"{k}={v[i]:g}" for k, v in (final.get("hparams") or {}).items()) + ")"
+            print(f"\n{title}{member}")
+            print(format_table(summary, names or CLASS_NAMES))
             print(f"series custom IoU: {summary['series_custom_iou']:.4f}")
     print(f"\ncheckpoints: {result['checkpoint']}"
-          + (f", {result['best_checkpoint']} (best mean IoU {result['best_mean_iou']:.4f}, epoch "
+          + (f", {result['best_checkpoint']} (best validation mean IoU {result['best_mean_iou']:.4f}, epoch "
              f"{result['best_epoch']})" if result.get("best_checkpoint") else ""))
     return 0
 
@@ -238,11 +288,16 @@ def _fmt(x, spec=".4f") -> str:
 
 
 def _load(args):
-    from .checkpoint import load_model
+    from .models import load_model
 
     device = _device(args.device)
-    model, params, state, meta = load_model(args.checkpoint, device=device)
+    weights = getattr(args, "weights", "params")
+    model, params, state, meta = load_model(args.checkpoint, device=device, weights=weights)
     k = meta.get("ensemble") or 0
+    if getattr(args, "member", None) is not None and not k:
+        raise CliError(f"--member {args.member}: {args.checkpoint} holds one model, not an ensemble")
+    if k and args.member is not None and not 0 <= args.member < k:
+        raise CliError(f"--member {args.member} out of range: the checkpoint holds {k} members")
     return device, model, params, state, meta, k
 
 
@@ -252,37 +307,52 @@ def _member(tree, i: int):
     return tree_map(lambda t: t[i], tree)
 
 
+def preprocess_of(meta) -> Preprocess:
+    """The checkpoint's preprocessing contract (older files recorded only ``args.size``)."""
+    from .data.preprocess import Preprocess
+
+    if meta.get("preprocess"):
+        return Preprocess.from_dict(meta["preprocess"])
+    size = (meta.get("args") or {}).get("size")
+    if not size:
+        raise CliError("the checkpoint records neither its preprocessing nor its training size")
+    return Preprocess(size=int(size))
+
+
 def cmd_eval(args) -> int:
-    from .data import CLASS_NAMES, IGNORE_INDEX, Loader
+    import dataclasses as dc
+
+    from .core.files import dumps
+    from .data import Loader
     from .metrics import format_table
-    from .train.loop import evaluate
-    from .train.step import make_eval_step
+    from .train import evaluate
 
     device, model, params, state, meta, k = _load(args)
-    size = args.size or (meta.get("args") or {}).get("size")
-    if not size:
-        raise CliError(f"{args.checkpoint} does not record its training size; pass --size")
-    data = _prepare(Path(args.data), args.split, int(size), args)
+    pre = preprocess_of(meta)
+    if args.size:
+        pre = dc.replace(pre, size=args.size)
+    args.policy = pre.policy  # as the model was trained
+    data = _prepare(Path(args.data), args.split, int(pre.size), args)
+    names = tuple(getattr(data, "class_names", pre.class_names))
+    if len(names) != model.num_classes:
+        raise CliError(f"{args.data} has {len(names)} classes ({', '.join(names)}) but {args.checkpoint} "
+                       f"predicts {model.num_classes}")
     loader = Loader(data, args.batch_size, device=device, shuffle=False, drop_last=False)
-    step = make_eval_step(model, ignore_index=IGNORE_INDEX, with_logits_metrics=True)
-    members = range(k) if k else [None]
-    if k and args.member is not None:
-        if not 0 <= args.member < k:
-            raise CliError(f"--member {args.member} out of range: the checkpoint holds {k} members")
-        members = [args.member]
+    members = [args.member] if args.member is not None else (range(k) if k else [None])
     results = []
     for i in members:
         p, s = (params, state) if i is None else (_member(params, i), _member(state, i))
-        summary = evaluate(model, p, s, loader, eval_step=step, class_names=CLASS_NAMES)
+        summary = evaluate(model, p, s, loader, preprocess=pre, class_names=names)
         results.append({"member": i, **summary} if i is not None else summary)
     if args.json:
-        print(json.dumps(results if k else results[0], indent=2))
+        print(dumps(results if k and args.member is None else results[0], indent=2))
         return 0
-    print(f"{args.checkpoint}: {meta['model']} on {args.split} ({len(data)} images at {size}px)")
+    print(f"{args.checkpoint}: {meta['model']} on {args.split} ({len(data)} images at {pre.size}px, "
+          f"{pre.precision})")
     for summary in results:
         if k:
             print(f"\nmember {summary['member']}")
-        print(format_table(summary, CLASS_NAMES))
+        print(format_table(summary, names))
         print(f"series custom IoU: {summary['series_custom_iou']:.4f}")
     return 0
 
@@ -397,18 +467,25 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train.optim import OPTIMIZERS, SCHEDULES
+    from .options import OPTIMIZERS, SCHEDULES
 
     parser = _Parser(prog="fseg", description="functional_seg: semantic segmentation the JAX way on torch.func")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model (synthetic data unless --data is given)")
     src = t.add_mutually_exclusive_group()
-    src.add_argument("--data", metavar="DIR", help="Oxford-IIIT Pet root (official layout)")
+    src.add_argument("--data", metavar="DIR",
+                     help="dataset root: Oxford-IIIT Pet, images/ + masks/, or Pascal VOC layout")
     src.add_argument("--synthetic", metavar="DIR", nargs="?", const="",
                      help="train on the built-in synthetic dataset (generated into DIR or a temp dir); the default")
-    t.add_argument("--train-split", default="trainval", help="split to train on (default trainval)")
-    t.add_argument("--val-split", default="test", help="split evaluated after every epoch, or 'none' (default test)")
+    t.add_argument("--train-split", default="trainval", help="split to train on")
+    t.add_argument("--val-split", default="carve",
+                   help="split evaluated after every epoch to select best.safetensors: 'carve' (a seeded "
+                        "--val-fraction of the training split), a split name, or 'none'; naming the test split "
+                        "selects the model on it")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="share of the training split carved for validation")
+    t.add_argument("--test-split", default="test", help="split evaluated once at the end with the selected "
+                   "weights (written to RUN_DIR/test.json), or 'none'")
     t.add_argument("--model", default="segnet", help="registered model name (fseg models)")
     t.add_argument("--model-cfg", nargs="*", metavar="KEY=VALUE", help="model cfg overrides, e.g. widths=16,32,64,64")
     t.add_argument("--loss", default="ce", help="ce, soft_iou, soft_iou_log, dice, tversky, focal, ce_dice")
@@ -443,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=_positive_int, default=10, help="steps between host syncs / progress updates")
     t.add_argument("--max-steps", type=_positive_int, default=None, help="stop after N steps in total")
     t.add_argument("--limit", type=_positive_int, default=None, help="train on the first N images only")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar or in-epoch lines (the per-epoch lines stay)")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     _data_options(t)
     t.set_defaults(func=cmd_train)
@@ -456,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=32)
     e.add_argument("--device", default="auto")
     e.add_argument("--member", type=int, default=None, help="one member of an ensemble checkpoint")
+    e.add_argument("--weights", default="params", choices=("params", "ema"),
+                   help="the trained weights or their moving average (runs trained with --ema)")
     e.add_argument("--json", action="store_true")
     _data_options(e)
     e.set_defaults(func=cmd_eval)
@@ -498,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from .checkpoint import CheckpointError
-    from .train.loop import TrainingDiverged
+    from .train.rundir import TrainingDiverged
 
     try:
         return args.func(args)
@@ -508,9 +588,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fseg: interrupted", file=sys.stderr)
         return 130
-    except (CliError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-        # DataError and CheckpointError are ValueErrors; their messages name the file and the fix.
+    except (CliError, CheckpointError, ValueError) as err:
+        # DataError, CheckpointError and RunDirError are ValueErrors whose messages name the file and the fix.
         print(f"fseg: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only folder, a file where a folder should be, ...
+        where = f" {err.filename}" if err.filename else ""
+        print(f"fseg: error: cannot use{where}: {err.strerror or err}", file=sys.stderr)
         return 2
 
 

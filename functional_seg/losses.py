@@ -269,10 +269,15 @@ def ce_dice(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     eps: float = 1.0,
+    loss_weight: float | Tensor = 1.0,
 ) -> Tensor:
-    """Cross-entropy + Dice, weights 1 : 1; ``weight`` and ``ignore_index`` go to both."""
+    """Cross-entropy + ``loss_weight`` * Dice; ``weight`` and ``ignore_index`` go to both.
+
+    ``loss_weight`` may be a 0-d tensor (a train-state hyperparameter, so an ensemble can sweep it
+    under vmap without recompiling).
+    """
     ce = cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
-    return ce + dice(logits, target, eps=eps, weight=weight, ignore_index=ignore_index)
+    return ce + loss_weight * dice(logits, target, eps=eps, weight=weight, ignore_index=ignore_index)
 
 
 def _weighted_sum(terms: tuple[tuple[Loss, float], ...], logits: Tensor, target: Tensor, **kwargs) -> Tensor:

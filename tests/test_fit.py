@@ -17,9 +17,8 @@ from functional_seg import checkpoint as ckpt
 from functional_seg.core.tree import flatten_with_names
 from functional_seg.data import CLASS_NAMES, Loader, augment_preset, make_synthetic_dataset, prepare
 from functional_seg.models import create_model
-from functional_seg.train import OptimizerConfig
+from functional_seg.train import FitConfig, OptimizerConfig, RunDirError, TrainingDiverged, evaluate_ensemble, fit
 from functional_seg.train import loop as loop_mod
-from functional_seg.train.loop import TrainingDiverged, evaluate_ensemble, fit
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +35,16 @@ def model():
     return create_model("segnet", widths=(4, 8), convs_per_stage=(1, 1))
 
 
-def _fit(model, data, out_dir, **kw):
-    train, val = data
+def _config(**kw) -> FitConfig:
     kw.setdefault("epochs", 2)
-    return fit(model, kw.pop("loss", "ce"), train, val, batch_size=8, seed=kw.pop("seed", 0),
-               optimizer_cfg=kw.pop("optimizer_cfg", OptimizerConfig(lr=1e-2)),
-               augment_cfg=augment_preset("flip_jitter"), device="cpu", out_dir=out_dir, progress=False,
-               class_names=CLASS_NAMES, log_every=1, **kw)
+    kw.setdefault("optimizer", OptimizerConfig(lr=1e-2))
+    kw.setdefault("augment", augment_preset("flip_jitter"))
+    return FitConfig(batch_size=8, device="cpu", log_every=1, **kw)
+
+
+def _fit(model, data, out_dir, *, resume=False, **kw):
+    train, val = data
+    return fit(model, train, val, _config(**kw), out_dir=out_dir, resume=resume, hooks=[])
 
 
 def _params_equal(a, b) -> bool:
@@ -72,14 +74,15 @@ def test_fit_writes_the_run_directory(one_go, model):
             assert key in val
         assert sum(map(sum, val["confusion"])) == 8 * 32 * 32
     config = json.loads((out / "config.json").read_text())
-    assert config["model"] == "segnet" and config["args"]["size"] == 32
-    assert config["optimizer"]["steps_per_epoch"] == 2
-    ts, meta = ckpt.load(out / "last.safetensors", model=model)
-    assert int(ts.step) == 4 and meta["args"]["seed"] == 0
-    assert _params_equal(ts.params, result["train_state"].params)
+    assert config["model"]["model"] == "segnet" and config["preprocess"]["size"] == 32
+    assert config["optimizer"]["steps_per_epoch"] == 2 and config["maths"]["seed"] == 0
+    tree, meta = ckpt.load(out / "last.safetensors")
+    assert int(tree["step"]) == 4 and meta["config"]["seed"] == 0 and meta["model"] == "segnet"
+    assert meta["preprocess"]["class_names"] == list(CLASS_NAMES)
+    assert _params_equal(tree["params"], result["train_state"].params)
     best_score = max(r["val"]["mean_iou"] for r in records)
     assert result["best_mean_iou"] == pytest.approx(best_score)
-    _, best_meta = ckpt.load(out / "best.safetensors", model=model)
+    _, best_meta = ckpt.load(out / "best.safetensors")
     assert best_meta["extra"]["best_mean_iou"] == pytest.approx(best_score)
 
 
@@ -105,10 +108,28 @@ def test_resume_mid_epoch_is_bit_identical(one_go, model, data, tmp_path):
     assert records[1]["train_loss"] == one_go[0]["history"][1]["train_loss"]  # the epoch's sums carried over
 
 
-def test_resume_refuses_another_seed(model, data, tmp_path):
+@pytest.mark.parametrize("change, named", [
+    ({"seed": 1}, "seed was 0 in last.safetensors, this run has 1"),
+    ({"augment": augment_preset("flip")}, "augment.contrast was 0.3 in last.safetensors, this run has 0.0"),
+    ({"optimizer": OptimizerConfig(lr=0.5)}, "optimizer.lr was 0.01 in last.safetensors, this run has 0.5"),
+    ({"optimizer": OptimizerConfig(name="sgd", lr=1e-2)}, "optimizer.name was 'adam'"),
+    ({"loss": "dice"}, "loss was 'ce'"),
+])
+def test_resume_refuses_a_changed_setting_naming_it(model, data, tmp_path, change, named):
     _fit(model, data, tmp_path, epochs=1)
-    with pytest.raises(ValueError, match="seed=0"):
-        _fit(model, data, tmp_path, epochs=2, resume=True, seed=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(RunDirError, match=named.replace("(", r"\(").replace(".", r"\.")):
+        _fit(model, data, tmp_path, epochs=2, resume=True, **change)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing rewritten
+
+
+def test_resume_may_extend_the_epochs_of_a_constant_schedule(model, data, tmp_path):
+    _fit(model, data, tmp_path, epochs=1)
+    assert _fit(model, data, tmp_path, epochs=2, resume=True)["step"] == 4
+    cosine = tmp_path / "cosine"
+    _fit(model, data, cosine, epochs=1, optimizer=OptimizerConfig(lr=1e-2, schedule="cosine"))
+    with pytest.raises(RunDirError, match="optimizer.total_steps was 2 .* this run has 4"):
+        _fit(model, data, cosine, epochs=2, resume=True, optimizer=OptimizerConfig(lr=1e-2, schedule="cosine"))
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model, data, tmp_path, monkeypatch):
@@ -128,9 +149,33 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model, data
     monkeypatch.setattr(loop_mod, "make_train_step", poisoned)
     with pytest.raises(TrainingDiverged, match=r"non-finite \(nan\) at epoch 2, step 3.*last good checkpoint"):
         _fit(model, data, tmp_path)
-    ts, _ = ckpt.load(tmp_path / "last.safetensors", model=model)
-    assert int(ts.step) == 2
+    tree, _ = ckpt.load(tmp_path / "last.safetensors")
+    assert int(tree["step"]) == 2
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_non_finite_state_with_a_finite_loss_is_never_checkpointed(model, data, tmp_path, monkeypatch):
+    """lr 1e9 kept the loss finite (ln 3) while batch-norm running_var became inf: caught at the save."""
+    real = loop_mod.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(train_state, batch):
+            new, metrics = step(train_state, batch)
+            leaf = next(k for k in new.state)  # one statistic becomes inf from step 3 on
+            first = next(iter(new.state[leaf]))
+            bad = torch.where(train_state.step >= 2, float("inf"), 0.0)
+            inner = {**new.state[leaf], first: new.state[leaf][first] + bad}
+            return new._replace(state={**new.state, leaf: inner}), metrics
+
+        return wrapped
+
+    monkeypatch.setattr(loop_mod, "make_train_step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"train state became non-finite .* step 4.*last good checkpoint"):
+        _fit(model, data, tmp_path)
+    tree, _ = ckpt.load(tmp_path / "last.safetensors")
+    assert int(tree["step"]) == 2
 
 
 def test_ensemble_with_an_lr_sweep_reports_each_member(model, data, tmp_path):
@@ -140,10 +185,10 @@ def test_ensemble_with_an_lr_sweep_reports_each_member(model, data, tmp_path):
     assert record["members"] == 2 and len(record["train_loss"]) == 2 and len(record["val"]) == 2
     assert record["hparams"]["lr"] == pytest.approx([1e-2, 1e-3])
     assert record["lr"] == pytest.approx([1e-2, 1e-3])
-    ts, meta = ckpt.load(tmp_path / "last.safetensors", model=model)
-    assert meta["ensemble"] == 2 and ts.step.tolist() == [2, 2]
+    tree, meta = ckpt.load(tmp_path / "last.safetensors")
+    assert meta["ensemble"] == 2 and tree["step"].tolist() == [2, 2]
     _, val = data
-    summaries = evaluate_ensemble(model, ts.params, ts.state, Loader(val, 8, shuffle=False, drop_last=False),
+    summaries = evaluate_ensemble(model, tree["params"], tree["state"], Loader(val, 8, shuffle=False, drop_last=False),
                                   class_names=CLASS_NAMES)
     assert [s["mean_iou"] for s in summaries] == [v["mean_iou"] for v in record["val"]]
 
@@ -157,7 +202,40 @@ def test_fit_rejects_bad_sweeps(model, data, tmp_path):
         _fit(model, data, tmp_path, sweep={"lr": [1e-2, 1e-3]}, ensemble=3)
 
 
+def _listing(folder):
+    """Every file of the folder with its bytes, but the run directory's own lock file."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
 def test_a_fresh_run_refuses_to_overwrite_an_old_one(one_go, model, data):
     _, out = one_go
-    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+    before = _listing(out)
+    with pytest.raises(RunDirError, match="already holds a run.*--resume"):
         _fit(model, data, out)
+    assert _listing(out) == before
+
+
+def test_results_without_a_last_checkpoint_are_never_deleted(model, data, tmp_path):
+    """A run killed in epoch 1 (or a disk-full error) left results but no last.safetensors."""
+    for name, text in (("config.json", "{}"), ("metrics.jsonl", '{"step": 1}\n'), ("best.safetensors", "x")):
+        (tmp_path / name).write_text(text)
+    before = _listing(tmp_path)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        _fit(model, data, tmp_path)
+    with pytest.raises(RunDirError, match="metrics.jsonl, best.safetensors but no last.safetensors"):
+        _fit(model, data, tmp_path, resume=True)
+    assert _listing(tmp_path) == before
+
+
+def test_a_second_live_run_in_the_same_directory_is_refused(model, data, tmp_path):
+    from functional_seg.train import RunDir
+
+    with RunDir(tmp_path), pytest.raises(RunDirError, match=r"another run \(pid \d+\) is writing"):
+        _fit(model, data, tmp_path)
+    assert _fit(model, data, tmp_path, epochs=1)["step"] == 2  # the lock went with its holder
+
+
+def test_metrics_are_strict_json(one_go):
+    _, out = one_go
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.jsonl"))

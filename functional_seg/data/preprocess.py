@@ -6,7 +6,7 @@ experiments, so a model is always fed the way it was trained::
 
     uint8 [N, 3, H, W] --to_float--> [0, 1] --normalize(mean, std)--> (channels_last) --> model
 
-``size`` and ``policy`` say how the prepared data was made (stretch to S x S, or keep the
+``size`` (None: any size, for steps and tests that do not care) and ``policy`` say how the prepared data was made (stretch to S x S, or keep the
 aspect ratio and pad with ignored pixels); ``precision`` and ``channels_last`` how the model
 ran; ``class_names`` what label i means (C = its length) and ``ignore_index`` the label that
 no loss or metric counts.
@@ -29,7 +29,7 @@ __all__ = ["Preprocess"]
 
 @dataclass(frozen=True)
 class Preprocess:
-    size: int
+    size: int | None = None
     policy: str = "resize"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -39,8 +39,10 @@ class Preprocess:
     ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self):
-        if not isinstance(self.size, int) or self.size < 1:
+        if self.size is not None and (not isinstance(self.size, int) or self.size < 1):
             raise ValueError(f"preprocess size must be a positive integer, got {self.size!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"preprocess precision must be fp32 or bf16 (resolved), got {self.precision!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:

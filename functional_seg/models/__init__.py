@@ -7,8 +7,10 @@ Importing this package registers every family: ``segnet``, ``segnet_dsc`` (segne
 
 from . import lifted, segformer, segnet, unet, vit
 from .base import Model, build_cfg, create_model, from_module, list_models, register_model
+from .saved import check_model, load_model, model_metadata
 
 __all__ = [
     "Model", "build_cfg", "create_model", "from_module", "list_models", "register_model",
+    "check_model", "load_model", "model_metadata",
     "lifted", "segformer", "segnet", "unet", "vit",
 ]

@@ -33,6 +33,7 @@ import torchopt
 from torchopt.base import EmptyState, GradientTransformation
 
 from ..core.tree import tree_leaves, tree_map
+from ..options import OPTIMIZERS, SCHEDULES
 from .adam import scale_by_adam
 
 __all__ = [
@@ -46,8 +47,6 @@ __all__ = [
     "momentum",
 ]
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "poly", "step")
 
 
 @dataclass(frozen=True)

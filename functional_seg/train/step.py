@@ -3,17 +3,18 @@
 ``train_step(train_state, batch) -> (train_state, metrics)`` does, on the batch's device:
 
     step_key = fold_in(key, step); aug_key, model_key = split(step_key)
-    images uint8 [B, 3, S, S] -> to_float -> augment(aug_key) -> normalize (-> channels_last)
+    images uint8 [B, 3, S, S] -> to_float -> augment(aug_key) -> preprocess.model_input
     (grads, (loss, (logits, new_state))) = grad_and_value(loss_of_params, has_aux=True)(params)
     updates = -lr * schedule(step) * optimizer(grads);  params = params + updates
 
-All out of place: neither the train state nor the batch is modified. The model, loss, optimizer
-and augmentation settings are bound in Python before ``torch.compile``; everything that changes
-from step to step (step, key, lr) is a tensor, so one compiled graph serves every step.
+All out of place: neither the train state nor the batch is modified. The model, loss, optimizer,
+preprocessing and augmentation settings are bound in Python before ``torch.compile``; everything
+that changes from step to step (step, key, lr) is a tensor, so one compiled graph serves every
+step.
 
-``metrics`` holds 0-d tensors ``loss`` and ``pixel_accuracy`` and the batch's int64 confusion
-matrix ``confusion`` [C, C] (over the augmented masks). Nothing reads a value back to Python
-inside the step; the loop calls ``.item()`` at log steps only.
+``metrics`` holds 0-d tensors ``loss`` and ``pixel_accuracy`` (``metrics.pixel_accuracy`` of the
+batch) and the batch's int64 confusion matrix ``confusion`` [C, C] (over the augmented masks).
+Nothing reads a value back to Python inside the step; the loop calls ``.item()`` at log steps.
 
 For an ensemble, ``ensemble_step(step)`` is ``torch.func.vmap(step, in_dims=(0, None))``: K
 stacked train states over one shared batch, metrics stacked to [K].
@@ -21,7 +22,6 @@ stacked train states over one shared batch, metrics stacked to [K].
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import warnings
@@ -30,70 +30,23 @@ from collections.abc import Callable, Mapping
 import torch
 import torchopt
 
+from .. import metrics as M
 from ..core import random as jr
+from ..data.augment import augment, to_float
+from ..data.preprocess import Preprocess
+from ..runtime import autocast
 from .state import TrainState
 
-__all__ = ["make_train_step", "make_eval_step", "ensemble_step", "compile_step", "compile_report",
-           "resolve_precision", "confusion"]
+__all__ = ["make_train_step", "make_eval_step", "ensemble_step", "compile_step", "compile_report"]
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16")
+_DEFAULT = Preprocess()
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """"auto" -> "bf16" on CUDA, "fp32" elsewhere; other values are checked and returned."""
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
-    return precision
-
-
-def _autocast(precision: str, device_type: str):
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _prepare_input(images: torch.Tensor, masks: torch.Tensor, key: torch.Tensor | None, augment_cfg,
-                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..data import augment, normalize, to_float
-
-    x = to_float(images)
-    if augment_cfg is not None and key is not None:
-        x, masks = augment(key, x, masks, augment_cfg)
-    x = normalize(x)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, masks
-
-
-def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore_index: int | None = None
-              ) -> torch.Tensor:
-    """``metrics.confusion_matrix`` for labels, written so that it also runs under ``vmap``.
-
-    ``torch.bincount`` has no vmap batching rule, and under ``torch.compile(vmap(...))`` its
-    fallback needs a data-dependent size, which breaks the ensemble step. Comparing every
-    pixel's flat bin against the C*C bin ids and summing is exact int64 arithmetic that
-    inductor fuses into one reduction (no atomics, unlike a scatter-add).
-
-    Args:
-        pred: int [N, H, W] predicted labels; target: int [N, H, W] true labels.
-    Returns:
-        int64 [C, C], ``cm[t, p]``; ignored and out-of-range truths are not counted.
-    """
-    c = num_classes
-    truth = target.long()
-    valid = (truth >= 0) & (truth < c)
-    if ignore_index is not None:
-        valid = valid & (truth != ignore_index)
-    flat = torch.where(valid, truth * c + pred.long(), c * c)  # c * c: matches no bin
-    bins = torch.arange(c * c, device=flat.device)
-    # per image first, reducing along the innermost axis: N * C * C parallel sums instead of
-    # C * C sums over every pixel (measured 0.6 ms per step on an H200 for the latter)
-    per_image = (flat.reshape(flat.shape[0], 1, -1) == bins[:, None]).sum(dim=-1, dtype=torch.int64)
-    return per_image.sum(dim=0).reshape(c, c)
+def _confusion(logits: torch.Tensor, target: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    return M.confusion_matrix(logits.argmax(dim=1), target, logits.shape[1], ignore_index=pre.ignore_index,
+                              method="compare")
 
 
 def _ordered_like(template, tree):
@@ -107,14 +60,9 @@ def _ordered_like(template, tree):
     return tree
 
 
-def _pixel_accuracy(cm: torch.Tensor) -> torch.Tensor:
-    total = cm.sum()
-    return torch.diagonal(cm).sum().to(torch.float32) / torch.clamp(total, min=1).to(torch.float32)
-
-
-def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, num_classes: int | None = None,
-                    ignore_index: int | None = None, precision: str = "fp32", channels_last: bool = False,
-                    compile: bool = False, fullgraph: bool = True, backend: str = "inductor") -> Callable:
+def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preprocess | None = None,
+                    augment_cfg=None, compile: bool = False, fullgraph: bool = True,
+                    backend: str = "inductor") -> Callable:
     """Build the pure ``train_step(train_state, batch) -> (train_state, metrics)``.
 
     Args:
@@ -122,12 +70,10 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         loss_fn: ``loss_fn(logits float32 [B, C, S, S], masks int64 [B, S, S], **extra) -> 0-d``;
             ``extra`` are the train state's hparams other than ``lr`` (tensors, may be swept).
         optimizer: an ``Optimizer`` from ``make_optimizer`` (static).
+        preprocess: the ``Preprocess`` contract (static): normalisation, channels-last, precision
+            (bf16 autocasts the forward only; the loss is computed in fp32) and the ignored label.
+            Default: ImageNet normalisation, fp32, NCHW, ignore 255.
         augment_cfg: an ``AugmentConfig`` (static) or None for no augmentation.
-        num_classes: C for the confusion matrix (default ``model.num_classes``).
-        ignore_index: label not counted in the metrics (the loss binds its own).
-        precision: "fp32", "bf16" (autocast around the forward only; loss in fp32) or "auto"
-            (bf16 on CUDA, fp32 elsewhere, decided by the batch's device).
-        channels_last: feed the model a channels-last input (faster convs on CUDA).
         compile: wrap the step in ``torch.compile`` (see :func:`compile_step`).
         fullgraph: ask dynamo for one graph (falls back with a warning if it cannot).
         backend: the ``torch.compile`` backend ("aot_eager" traces the same graph without code
@@ -137,19 +83,20 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         ``train_step``; batch is ``(images uint8 [B, 3, S, S], masks int64 [B, S, S])`` on the
         state's device.
     """
-    if precision != "auto" and precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
-    num_classes = int(num_classes or model.num_classes)
+    pre = preprocess or _DEFAULT
 
     def train_step(train_state: TrainState, batch) -> tuple[TrainState, dict]:
         images, masks = batch
         step_key = jr.fold_in(train_state.key, train_state.step)
         aug_key, model_key = jr.split(step_key)
-        x, target = _prepare_input(images, masks, aug_key, augment_cfg, channels_last)
+        x, target = to_float(images), masks
+        if augment_cfg is not None:
+            x, target = augment(aug_key, x, target, augment_cfg)
+        x = pre.model_input(x)
         extra = {k: v for k, v in train_state.hparams.items() if k != "lr"}
 
         def loss_of(params):
-            with _autocast(resolve_precision(precision, x.device), x.device.type):
+            with autocast(pre.precision, x.device.type):
                 logits, new_state = model.apply(params, train_state.state, x, train=True, key=model_key)
             logits = logits.float()
             loss = loss_fn(logits, target, **extra)
@@ -159,49 +106,33 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, augment_cfg=None, nu
         updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params,
                                               step=train_state.step, lr=train_state.hparams["lr"])
         params = torchopt.apply_updates(train_state.params, updates, inplace=False)
-        cm = confusion(logits.argmax(dim=1), target, num_classes, ignore_index=ignore_index)
-        metrics = {"loss": loss.detach(), "pixel_accuracy": _pixel_accuracy(cm), "confusion": cm}
-        new = TrainState(params=params, state=_ordered_like(train_state.state, new_state), opt_state=opt_state,
-                         step=train_state.step + 1, key=train_state.key, hparams=dict(train_state.hparams))
+        cm = _confusion(logits, target, pre)
+        metrics = {"loss": loss.detach(), "pixel_accuracy": M.pixel_accuracy(cm).float(), "confusion": cm}
+        new = train_state._replace(params=params, state=_ordered_like(train_state.state, new_state),
+                                   opt_state=opt_state, step=train_state.step + 1, hparams=dict(train_state.hparams))
         return new, metrics
 
     return compile_step(train_step, fullgraph=fullgraph, backend=backend) if compile else train_step
 
 
-def _series_custom_iou_per_image(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None,
-                                 eps: float = 1e-3) -> torch.Tensor:
-    """The series' "custom IoU" of each image, float [N] (``metrics.series_custom_iou`` unaveraged)."""
-    from ..metrics import soft_stats
-
-    inter, pred_sum, true_sum = soft_stats(logits, target, ignore_index=ignore_index, per_image=True)
-    inter = inter.sum(dim=-1)
-    union = (pred_sum.sum(dim=-1) + true_sum.sum(dim=-1) - inter).clamp_min(0.0)
-    return (inter + eps) / (union + eps)
-
-
-def make_eval_step(model, *, num_classes: int | None = None, ignore_index: int | None = None,
-                   precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                   with_logits_metrics: bool = False, backend: str = "inductor") -> Callable:
-    """Build ``eval_step(params, state, images uint8 [B,3,S,S], masks int64 [B,S,S])``.
+def make_eval_step(model, *, preprocess: Preprocess | None = None, compile: bool = False,
+                   backend: str = "inductor") -> Callable:
+    """Build ``eval_step(params, state, images uint8 [B,3,S,S], masks int64 [B,S,S]) -> dict``.
 
     No augmentation, ``train=False`` (running batch-norm statistics), nothing returned to the
-    host. Returns the batch's int64 [C, C] confusion matrix; with ``with_logits_metrics`` a dict
-    ``{"confusion": [C, C], "custom_iou": float [B]}``, the second being the series' per-image
-    soft IoU (average it over the real images of the split).
+    host: ``{"confusion": int64 [C, C], "custom_iou": float [B]}``, the second being the series'
+    per-image soft IoU (``metrics.series_custom_iou(..., reduction="none")``; average it over
+    the real images of the split).
     """
-    num_classes = int(num_classes or model.num_classes)
-    if precision != "auto" and precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
+    pre = preprocess or _DEFAULT
 
     def eval_step(params, state, images, masks):
-        x, target = _prepare_input(images, masks, None, None, channels_last)
-        with _autocast(resolve_precision(precision, x.device), x.device.type):
+        x = pre.model_input(images)
+        with autocast(pre.precision, x.device.type):
             logits, _ = model.apply(params, state, x, train=False)
         logits = logits.float()
-        cm = confusion(logits.argmax(dim=1), target, num_classes, ignore_index=ignore_index)
-        if not with_logits_metrics:
-            return cm
-        return {"confusion": cm, "custom_iou": _series_custom_iou_per_image(logits, target, ignore_index)}
+        return {"confusion": _confusion(logits, masks, pre),
+                "custom_iou": M.series_custom_iou(logits, masks, ignore_index=pre.ignore_index, reduction="none")}
 
     return compile_step(eval_step, fullgraph=True, backend=backend) if compile else eval_step
 
