@@ -19,6 +19,7 @@ from .augment import (
     normalize,
     to_float,
 )
+from .decode import read_mask, read_rgb
 from .loader import Loader
 from .oxford_pets import (
     CLASS_NAMES,
@@ -56,4 +57,6 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "make_synthetic_dataset",
+    "read_rgb",
+    "read_mask",
 ]

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
+
+from .decode import open_mask, open_rgb
+from .errors import DataError, DataWarning
 
 CLASS_NAMES: tuple[str, ...] = ("pet", "background", "border")
 NUM_CLASSES: int = 3
@@ -64,14 +67,6 @@ __all__ = [
     "load_sample",
     "SampleResult",
 ]
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and what was expected."""
-
-
-class DataWarning(UserWarning):
-    """A bad sample skipped because ``strict=False``."""
 
 
 def _has_layout(p: Path) -> bool:
@@ -223,20 +218,6 @@ def trimap_to_labels(trimap: np.ndarray, path: str | os.PathLike = "<trimap>") -
     return _TRIMAP_LUT[trimap.astype(np.uint8, copy=False)]
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any PIL mode: palette (with transparency) via RGBA, alpha dropped as torchvision does."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit / float greyscale: scale to 8 bits rather than clip.
-        a = np.asarray(img, dtype=np.float64)
-        hi = a.max() if a.size and a.max() > 0 else 1.0
-        img = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8))
-    return img.convert("RGB")
-
-
 def _resize_pair(img: Image.Image, lab: Image.Image, size: int, policy: str):
     """Square ``size``: stretch ("resize") or fit the long side and centre-pad ("pad")."""
     if policy == "resize":
@@ -266,19 +247,6 @@ class SampleResult:
     error: str | None = None
 
 
-def _open_decoded(path: Path, what: str, expected: str) -> Image.Image:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} is missing; expected {expected}")
-    try:
-        img = Image.open(path)
-        img.load()  # force the full decode: truncated files fail here, not later
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(
-            f"{path}: cannot decode {what} ({type(e).__name__}: {e}); expected {expected}"
-        ) from None
-    return img
-
-
 def load_sample(task: tuple[int, str, str, str, int, str]) -> SampleResult:
     """Decode, check and resize one sample; never raises (errors come back as messages).
 
@@ -290,22 +258,18 @@ def load_sample(task: tuple[int, str, str, str, int, str]) -> SampleResult:
         SampleResult with uint8 image [3, S, S] and mask [S, S] (0..2, IGNORE_INDEX padding).
     """
     index, name, img_file, tri_file, size, policy = task
-    # Truncated images must fail loudly, whatever a caller set globally (restored below).
-    load_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        img = _open_decoded(Path(img_file), f"image {name!r}", "a readable JPEG/PNG/GIF image")
-        tri = _open_decoded(
-            Path(tri_file), f"trimap for image {name!r}", "a single-channel PNG with values 1, 2, 3"
+        img = open_rgb(img_file, what=f"image {name!r}")
+        tri = open_mask(
+            tri_file, what="trimap", expected="a single-channel PNG (mode L) with values 1, 2, 3"
         )
         if tri.size != img.size:
             raise DataError(
                 f"{tri_file}: trimap is {tri.size[0]}x{tri.size[1]} (WxH) but its image {img_file} is "
                 f"{img.size[0]}x{img.size[1]}; expected the same size"
             )
-        if tri.mode not in ("L", "P", "I", "I;16", "1"):
-            raise DataError(f"{tri_file}: trimap has mode {tri.mode}; expected a single-channel PNG (mode L)")
         labels = trimap_to_labels(np.asarray(tri), tri_file)
-        img, lab = _resize_pair(_to_rgb(img), Image.fromarray(labels), size, policy)
+        img, lab = _resize_pair(img, Image.fromarray(labels), size, policy)
         image = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
         return SampleResult(index, name, image=image, mask=np.asarray(lab, dtype=np.uint8))
     except DataError as e:
@@ -314,5 +278,3 @@ def load_sample(task: tuple[int, str, str, str, int, str]) -> SampleResult:
         return SampleResult(
             index, name, error=f"{img_file}: unexpected {type(e).__name__} while loading: {e}"
         )
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = load_truncated
