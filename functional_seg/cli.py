@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -357,56 +356,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
-_PALETTE = ((255, 140, 0), (0, 0, 0), (255, 255, 255))  # pet, background, border
-
-
-def _save_png_atomic(image, path: Path) -> None:
-    """Encode in memory, then write through ``checkpoint.write_atomic``: no half-written PNGs."""
-    from .checkpoint import write_atomic
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    write_atomic(path, buffer.getvalue())
+def _weights_kwargs(args) -> dict:
+    return {"weights": args.weights} if getattr(args, "weights", "params") == "ema" else {}
 
 
 def cmd_predict(args) -> int:
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
+    from .predict import Predictor, format_result, load_for_inference, predict_files
+    from .runtime import resolve_device
 
-    from .data import normalize, to_float
+    device = resolve_device(args.device)
+    model, params, state, preprocess, meta = load_for_inference(
+        args.checkpoint, device=device, member=args.member, **_weights_kwargs(args))
+    if args.size:
+        preprocess = dataclasses.replace(preprocess, size=args.size)
+    predictor = Predictor(model, params, state, preprocess, device=device, tile=args.tile,
+                          tile_overlap=args.tile_overlap, tta=args.tta, batch_size=args.batch_size,
+                          precision=args.precision)
 
-    device, model, params, state, meta, k = _load(args)
-    if k:
-        params, state = _member(params, args.member or 0), _member(state, args.member or 0)
-    size = int(args.size or (meta.get("args") or {}).get("size") or 128)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    palette = np.array([_PALETTE[i % len(_PALETTE)] for i in range(model.num_classes)], dtype=np.uint8)
-    for path in args.images:
-        path = Path(path)
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-            raise CliError(f"cannot read image {path}: {err}") from None
-        small = image.resize((size, size), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1)[None].to(device)
-        with torch.no_grad():
-            logits, _ = model.apply(params, state, normalize(to_float(x)), train=False)
-        labels = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-        mask = Image.fromarray(labels).resize(image.size, Image.Resampling.NEAREST)
-        m = np.asarray(mask)
-        scaled = (m.astype(np.uint16) * (255 // max(model.num_classes - 1, 1))).astype(np.uint8)
-        _save_png_atomic(Image.fromarray(scaled), out / f"{path.stem}_mask.png")
-        rgb = np.asarray(image)
-        colour = palette[np.clip(m, 0, len(palette) - 1)]
-        blended = (0.55 * rgb + 0.45 * colour).astype(np.uint8)
-        side = np.concatenate([rgb, blended], axis=1)
-        _save_png_atomic(Image.fromarray(side), out / f"{path.stem}_overlay.png")
-        counts = np.bincount(m.reshape(-1), minlength=model.num_classes) / m.size
-        print(f"{path} -> {out / (path.stem + '_mask.png')} ("
-              + ", ".join(f"{c:.0%}" for c in counts[: model.num_classes]) + ")")
+    def show(result) -> None:
+        print(format_result(result, predictor.class_names), file=sys.stderr if result.error else sys.stdout,
+              flush=True)
+
+    results = predict_files(predictor, args.images, args.out, overlay=not args.no_overlay, on_result=show)
+    if not results:
+        raise CliError(f"no images found in {', '.join(args.images)}")
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"fseg: error: {failed} of {len(results)} images failed; the other {len(results) - failed} "
+              f"were written to {args.out}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, format=args.format, member=args.member,
+                               **_weights_kwargs(args))
+    if result.note:
+        print(f"note: {result.note}")
+    shape = "[N, 3, H, W], H and W multiples of the stride" if result.dynamic_hw else \
+        f"[N, 3, {result.example_size}, {result.example_size}]"
+    print(f"{args.checkpoint} -> {result.path} ({result.format}; input float32 RGB in [0, 1] {shape}; "
+          "output logits [N, C, H, W])")
     return 0
 
 
@@ -460,7 +452,9 @@ def cmd_models(args) -> int:
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", default=None, help="where prepared tensors are cached (default: beside the data)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where prepared tensors are cached (default: $XDG_CACHE_HOME/functional_seg, else "
+                        "~/.cache/functional_seg; never inside the data folder)")
     p.add_argument("--policy", default="resize", choices=("resize", "pad"),
                    help="resize: stretch to S x S; pad: keep the aspect ratio and pad (ignored pixels)")
     p.add_argument("--workers", type=_positive_int, default=None, help="decoding processes (default: all cores)")
@@ -540,14 +534,37 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(e)
     e.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="write predicted masks and overlays for images")
+    p = sub.add_parser("predict", help="write predicted masks and overlays for images or folders of images")
     p.add_argument("--checkpoint", required=True, metavar="FILE")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files and/or folders (every image in a folder, sorted, not recursive)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="writes DIR/<name>_mask.png (palette PNG, pixel = class index) and <name>_overlay.png; "
+                        "<name> keeps each input's path relative to the inputs' common folder (a/cat.jpg and "
+                        "b/cat.jpg -> a/cat_mask.png, b/cat_mask.png), plus _<suffix> when two inputs in one "
+                        "folder share a stem (cat.jpg, cat.png -> cat_jpg, cat_png)")
     p.add_argument("--size", type=_positive_int, default=None, help="default: the training size")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--member", type=int, default=None, help="member of an ensemble checkpoint (default 0)")
+    p.add_argument("--weights", default="params", choices=("params", "ema"),
+                   help="the trained weights or their moving average (runs trained with --ema)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images (or tiles) per forward pass")
+    p.add_argument("--tile", type=_positive_int, default=None, metavar="T",
+                   help="sliding-window inference at the image's own scale in T x T windows (large images)")
+    p.add_argument("--tile-overlap", type=float, default=0.25, help="fraction of a tile its neighbours share")
+    p.add_argument("--tta", default="none", choices=("none", "flip"),
+                   help="flip: average the logits with those of the horizontally flipped image")
+    p.add_argument("--no-overlay", action="store_true", help="write the masks only")
     p.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX or a torch.export program (.pt2)")
+    x.add_argument("--checkpoint", required=True, metavar="FILE")
+    x.add_argument("--format", required=True, choices=("onnx", "pt2"))
+    x.add_argument("--out", required=True, metavar="FILE")
+    x.add_argument("--weights", default="params", choices=("params", "ema"))
+    x.add_argument("--member", type=int, default=None, help="member of an ensemble checkpoint (default 0)")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("prepare", help="decode, resize and cache a split")
     r.add_argument("--data", required=True, metavar="DIR")

@@ -203,16 +203,27 @@ def test_damaged_cache_is_rebuilt(synthetic, tmp_path):
     assert load_file(again.cache_path)["images"].shape == first.images.shape
 
 
-def test_default_cache_dir(synthetic, tmp_path, monkeypatch):
-    assert prepare_module.default_cache_dir(synthetic) == synthetic / ".fseg_cache"
-    read_only = tmp_path / "ro"
-    read_only.mkdir()
-    read_only.chmod(0o555)
+def test_default_cache_dir_is_never_inside_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    try:
-        assert prepare_module.default_cache_dir(read_only) == tmp_path / "xdg" / "functional_seg"
-    finally:
-        read_only.chmod(0o755)
+    assert prepare_module.default_cache_dir() == tmp_path / "xdg" / "functional_seg"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert prepare_module.default_cache_dir() == Path.home() / ".cache" / "functional_seg"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert prepare_module.default_cache_dir() == Path.home() / ".cache" / "functional_seg"
+
+
+def _listing(root: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_prepare_leaves_the_dataset_folder_untouched(tmp_path, monkeypatch):
+    root = make_synthetic_dataset(tmp_path / "data", n_trainval=4, n_test=2, size=16)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = _listing(root)
+    data = prepare(root, "trainval", 8, workers=1)
+    assert data.cache_path.parent == tmp_path / "xdg" / "functional_seg"
+    prepare(root, "trainval", 8, workers=1)  # and from the cache
+    assert _listing(root) == before
 
 
 # ------------------------------------------------------------------------------------------ bad input

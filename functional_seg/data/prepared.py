@@ -4,7 +4,8 @@
 uint8 masks ``[N, S, S]`` (labels 0..2, ``IGNORE_INDEX`` where the "pad" policy padded) and the
 sample names. Decoding and resizing run in a process pool over all cores (PIL and numpy only in
 the workers); the result is written atomically to ``<cache_dir>/oxford_pets-<split>-<S>-<policy>-
-<digest>.safetensors`` where the digest covers the resolved root, split, size, policy, seed,
+<digest>.safetensors`` (``cache_dir`` defaults to ``$XDG_CACHE_HOME/functional_seg`` or
+``~/.cache/functional_seg``: nothing is ever written inside the dataset) where the digest covers the resolved root, split, size, policy, seed,
 strictness and every file's name, size and mtime, so a changed source gives a new file and the
 same arguments reuse the old one.
 
@@ -139,26 +140,15 @@ class PreparedData:
         )
 
 
-def _writable(p: Path) -> bool:
-    """Writable by us *and* not marked read-only: root passes ``os.access`` on an r-x folder."""
-    try:
-        return os.access(p, os.W_OK) and bool(p.stat().st_mode & 0o222)
-    except OSError:
-        return False
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/functional_seg``, else ``~/.cache/functional_seg``.
 
-
-def default_cache_dir(root: Path) -> Path:
-    """``<root>/.fseg_cache`` when the dataset folder is writable, else ``~/.cache/functional_seg``."""
-    local = root / ".fseg_cache"
-    if local.is_dir() and _writable(local) and _writable(root):
-        return local
-    if not local.exists() and _writable(root):
-        try:
-            local.mkdir(exist_ok=True)
-            return local
-        except OSError:
-            pass
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    Never a folder inside the dataset: data folders are often read-only, shared, or synced, and
+    preparing a split must leave them exactly as they were. A relative ``XDG_CACHE_HOME`` is
+    ignored, as the XDG base-directory spec asks.
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "functional_seg"
 
 
@@ -285,7 +275,8 @@ def prepare(
         split: "trainval" / "test" (official) or "train" / "val" / "holdout" (seeded 80/10/10).
         size: side S of the square output.
         policy: "resize" (stretch to S x S) or "pad" (keep aspect, pad with IGNORE_INDEX).
-        cache_dir: where the safetensors cache goes (default: ``default_cache_dir``).
+        cache_dir: where the safetensors cache goes (default: ``default_cache_dir()``, i.e.
+            ``$XDG_CACHE_HOME/functional_seg`` or ``~/.cache/functional_seg``; never inside ``root``).
         strict: raise ``DataError`` on the first bad sample; if False, warn (``DataWarning``) and
             skip it.
         workers: decoding processes (default: all usable cores; 1 decodes in this process).
@@ -327,7 +318,7 @@ def prepare(
         "strict": strict,
         "files": [[n, ip.name, ist, tst] for n, ip, _, ist, tst in entries],
     }
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(layout)
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = cache_path(cache_dir, split, size, policy, key)
     if path.is_file():
         cached = _load_cache(path)
