@@ -20,8 +20,21 @@ from functional_seg import checkpoint as ckpt
 from functional_seg.checkpoint import CheckpointError
 from functional_seg.core import random as jr
 from functional_seg.core.tree import flatten_with_names, tree_leaves, tree_structure
-from functional_seg.models import create_model
+from functional_seg.models import check_model, create_model, load_model, model_metadata
 from functional_seg.train import OptimizerConfig, TrainState, init_ensemble, init_train_state, make_optimizer
+
+
+def _save(path, ts, model, **meta):
+    """What the run directory writes: the tree, the model's name and cfg, its ensemble size, more."""
+    k = 0 if ts.step.dim() == 0 else int(ts.step.shape[0])
+    return ckpt.save(path, ts, {**model_metadata(model), "ensemble": k, **meta})
+
+
+def _load(path, *, model=None, template=None):
+    tree, meta = ckpt.load(path, template=template)
+    if model is not None:
+        check_model(meta, model, path=path)
+    return tree, meta
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +71,24 @@ def _assert_equal(a, b):
 
 def test_round_trip_is_exact(tmp_path, model, optimizer):
     ts = _trained_state(model, optimizer)
-    path = ckpt.save(tmp_path / "run" / "last.safetensors", ts, model=model, optimizer_cfg=optimizer.cfg,
-                     args={"size": 16, "lr": 1e-3}, extra={"best_mean_iou": 0.5})
+    path = _save(tmp_path / "run" / "last.safetensors", ts, model, optimizer=optimizer.cfg,
+                 args={"size": 16, "lr": 1e-3}, extra={"best_mean_iou": 0.5})
     template = init_train_state(model, optimizer, jr.key(99), hparams={"loss_weight": 0.0})
-    loaded, meta = ckpt.load(path, model=model, template=template)
+    loaded, meta = _load(path, model=model, template=template)
     _assert_equal(loaded, ts)  # the torchopt NamedTuples come back as such
     assert type(loaded.opt_state) is type(ts.opt_state)
-    assert meta["format"] == "functional_seg/1" and meta["model"] == "segnet"
+    assert meta["format"] == "functional_seg/2" and meta["model"] == "segnet"
     assert meta["cfg"]["widths"] == [4, 8]
     assert meta["optimizer"]["name"] == "adamw" and meta["args"] == {"size": 16, "lr": 1e-3}
     assert meta["extra"] == {"best_mean_iou": 0.5} and meta["ensemble"] == 0
     assert meta["version"] and meta["torch"] == torch.__version__
     # Without a template: nested dicts (keys sorted, as safetensors stores them), same tensors.
     raw, _ = ckpt.load(path)
-    flat_raw, flat_ts = flatten_with_names(raw.params), flatten_with_names(ts.params)
+    flat_raw, flat_ts = flatten_with_names(raw["params"]), flatten_with_names(ts.params)
     assert flat_raw.keys() == flat_ts.keys()
     assert all(torch.equal(flat_raw[k], flat_ts[k]) for k in flat_ts)
-    assert int(raw.step) == 2 and torch.equal(raw.key, ts.key)
-    assert sorted(raw.hparams) == ["loss_weight", "lr"]
+    assert int(raw["step"]) == 2 and torch.equal(raw["key"], ts.key)
+    assert sorted(raw["hparams"]) == ["loss_weight", "lr"]
     # The file is plain safetensors with readable names.
     from safetensors import safe_open
 
@@ -88,11 +101,11 @@ def test_round_trip_is_exact(tmp_path, model, optimizer):
 
 def test_ensemble_round_trip_and_load_model(tmp_path, model, optimizer):
     stacked = init_ensemble(model, optimizer, jr.key(0), 3, sweep={"lr": [1e-3, 2e-3, 3e-3]})
-    path = ckpt.save(tmp_path / "ens.safetensors", stacked, model=model, optimizer_cfg=optimizer.cfg)
-    loaded, meta = ckpt.load(path, model=model, template=stacked)
+    path = _save(tmp_path / "ens.safetensors", stacked, model, optimizer=optimizer.cfg)
+    loaded, meta = _load(path, model=model, template=stacked)
     _assert_equal(loaded, stacked)
     assert meta["ensemble"] == 3
-    rebuilt, params, state, meta = ckpt.load_model(path)
+    rebuilt, params, state, meta = load_model(path)
     assert rebuilt.name == "segnet" and rebuilt.cfg == model.cfg
     _assert_equal(params, stacked.params)
     _assert_equal(state, stacked.state)
@@ -100,8 +113,8 @@ def test_ensemble_round_trip_and_load_model(tmp_path, model, optimizer):
 
 def test_load_model_rebuilds_from_metadata(tmp_path, model, optimizer):
     ts = _trained_state(model, optimizer)
-    path = ckpt.save(tmp_path / "m.safetensors", ts, model=model, optimizer_cfg=optimizer.cfg)
-    rebuilt, params, state, meta = ckpt.load_model(path)
+    path = _save(tmp_path / "m.safetensors", ts, model, optimizer=optimizer.cfg)
+    rebuilt, params, state, meta = load_model(path)
     assert rebuilt.cfg == model.cfg  # JSON lists became the cfg's tuples again
     _assert_equal(params, ts.params)
     _assert_equal(state, ts.state)
@@ -124,7 +137,7 @@ def test_any_tree_of_tensors_round_trips(tmp_path_factory, leaves):
     ts = TrainState(params, {}, None, torch.tensor(7), jr.key(1), {"lr": torch.tensor(0.1)})
     fake = type("M", (), {"name": "toy", "cfg": ModuleCfg(num_classes=3)})()
     path = tmp_path_factory.mktemp("prop") / "t.safetensors"
-    ckpt.save(path, ts, model=fake)
+    _save(path, ts, fake)
     loaded, meta = ckpt.load(path, template=ts)
     _assert_equal(loaded.params, ts.params)
     assert int(loaded.step) == 7
@@ -137,7 +150,7 @@ def test_any_tree_of_tensors_round_trips(tmp_path_factory, leaves):
 @pytest.fixture
 def saved(tmp_path, model, optimizer):
     ts = init_train_state(model, optimizer, jr.key(0))
-    return ckpt.save(tmp_path / "good.safetensors", ts, model=model, optimizer_cfg=optimizer.cfg), ts
+    return _save(tmp_path / "good.safetensors", ts, model, optimizer=optimizer.cfg), ts
 
 
 def test_missing_file(tmp_path):
@@ -207,10 +220,10 @@ def test_another_model_or_cfg_is_named(saved, optimizer):
     path, _ = saved
     wider = create_model("segnet", widths=(4, 16), convs_per_stage=(1, 1))
     with pytest.raises(CheckpointError, match=r"another cfg: widths: file has \[4, 8\], model has \[4, 16\]"):
-        ckpt.load(path, model=wider)
+        _load(path, model=wider)
     other = create_model("segnet_dsc", widths=(4, 8), convs_per_stage=(1, 1))
     with pytest.raises(CheckpointError, match="holds a 'segnet' model, not 'segnet_dsc'"):
-        ckpt.load(path, model=other)
+        _load(path, model=other)
 
 
 def test_structure_mismatch_lists_names_and_shapes(saved, optimizer):
@@ -237,11 +250,11 @@ def test_load_model_of_an_unregistered_model(tmp_path):
     model = from_module(net, num_classes=3, name="tiny_module")
     opt = make_optimizer()
     ts = init_train_state(model, opt, jr.key(0))
-    path = ckpt.save(tmp_path / "lifted.safetensors", ts, model=model, optimizer_cfg=opt.cfg)
-    loaded, _ = ckpt.load(path, model=model, template=ts)  # fine with the model in hand
+    path = _save(tmp_path / "lifted.safetensors", ts, model, optimizer=opt.cfg)
+    loaded, _ = _load(path, model=model, template=ts)  # fine with the model in hand
     _assert_equal(loaded, ts)
     with pytest.raises(CheckpointError, match="cannot rebuild its model.*tiny_module"):
-        ckpt.load_model(path)
+        load_model(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +270,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(saved, model, optimi
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save(path, ts._replace(step=ts.step + 5), model=model, optimizer_cfg=optimizer.cfg)
+        _save(path, ts._replace(step=ts.step + 5), model, optimizer=optimizer.cfg)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]
@@ -269,7 +282,7 @@ def test_stale_temp_files_are_cleaned_and_permissions_are_normal(saved, model, o
     path, ts = saved
     stale = path.parent / f".{path.name}.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")
-    ckpt.save(path, ts, model=model, optimizer_cfg=optimizer.cfg)
+    _save(path, ts, model, optimizer=optimizer.cfg)
     assert not stale.exists()
     umask = os.umask(0)
     os.umask(umask)
@@ -283,5 +296,48 @@ def test_metadata_is_plain_json(saved):
     header = json.loads(data[8:8 + n])
     meta = header["__metadata__"]
     assert all(isinstance(v, str) for v in meta.values())
-    for field in ("cfg", "optimizer", "args", "extra"):
+    for field in ("cfg", "optimizer", "ensemble"):
         json.loads(meta[field])
+
+
+def _edit_header(path, edit):
+    """Rewrite the JSON header in place (same tensor bytes), as a user with an editor could."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header["__metadata__"])
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+
+def test_an_edited_metadata_value_is_caught(saved):
+    """Editing the recorded size changed predictions silently when the digest covered tensors only."""
+    path, _ = saved
+    _edit_header(path, lambda meta: meta.update(cfg=meta["cfg"].replace('"num_classes": 3', '"num_classes": 4')))
+    with pytest.raises(CheckpointError, match="corrupted or was edited"):
+        ckpt.load(path)
+
+
+def test_a_file_without_its_digest_is_refused(saved):
+    path, _ = saved
+    _edit_header(path, lambda meta: meta.pop("sha256"))
+    with pytest.raises(CheckpointError, match="has no digest"):
+        ckpt.load(path)
+
+
+def test_an_older_format_is_named(saved):
+    path, _ = saved
+    _edit_header(path, lambda meta: meta.update(format="functional_seg/1"))
+    with pytest.raises(CheckpointError, match="format tag is 'functional_seg/1'.*older functional_seg"):
+        ckpt.load(path)
+
+
+def test_checkpoint_code_imports_neither_train_nor_models():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(ckpt))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if "train" in m.split(".") or "models" in m.split(".")], imported
