@@ -1,15 +1,23 @@
-"""The model protocol: the registry's errors, input checks, and ``from_module`` on torchvision's FCN."""
+"""The model protocol: the registry's errors, input checks, cfg validation of every registered model
+(property tests: random invalid values refused with one-line ValueErrors, random valid cfgs accepted
+and run on the meta device), ``from_module`` on torchvision's FCN, and the purity of a lifted
+module's apply (no mode flips, interleaved and threaded calls equal separate ones)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import threading
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from conftest import global_rng_unchanged
+from hypothesis import given
+from hypothesis import strategies as st
 
 from functional_seg import nn as fnn
 from functional_seg.core import random as jr
@@ -113,8 +121,195 @@ def test_register_model_twice_raises():
 
 def test_build_cfg_names_unknown_fields():
     assert build_cfg(TinyCfg, {"width": 8}) == TinyCfg(width=8)
-    with pytest.raises(ValueError, match=r"TinyCfg: unknown field\(s\) \['depth'\]"):
+    with pytest.raises(ValueError, match=r"^TinyCfg: unknown field\(s\) \['depth'\]; valid: num_classes, width$"):
         build_cfg(TinyCfg, {"depth": 3})
+    with pytest.raises(ValueError, match=r"^tiny: unknown field\(s\) \['depth', 'zz'\]; valid: num_classes, width$"):
+        build_cfg(TinyCfg, {"depth": 3, "zz": 1, "width": 2}, name="tiny")
+
+
+@pytest.mark.parametrize("name", ["segnet", "segnet_dsc", "unet", "vit", "segformer", "fcn_resnet50"])
+def test_unknown_cfg_field_lists_the_valid_ones_in_one_line(name):
+    with pytest.raises(ValueError) as info:
+        create_model(name, bogus=1)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{name}: unknown field(s) ['bogus']; valid: ")
+    assert message.split("valid: ")[1].split(", ") == list(SPEC[name])
+
+
+# ------------------------------------------------------------------------------- cfg validation
+# What each field of each registered model accepts, stated here independently of the models'
+# rule tables; test_spec_covers_every_field keeps it complete when a field is added.
+
+POS_INT, POS_ODD_INT, POS_INTS, POS_ODD_INTS, PROB, FLAG, FIXED = (
+    "pos_int", "pos_odd_int", "pos_ints", "pos_odd_ints", "prob", "flag", "fixed")
+_COMMON = {"num_classes": POS_INT, "in_channels": POS_INT}
+_SEGNET = {**_COMMON, "widths": POS_INTS, "convs_per_stage": POS_INTS, "kernel_size": POS_ODD_INT,
+           "separable": FIXED, "input_bn": FLAG, "final_relu": FLAG}
+_LIFTED = {"num_classes": POS_INT}
+SPEC: dict[str, dict] = {
+    "segnet": _SEGNET,
+    "segnet_dsc": _SEGNET,
+    "unet": {**_COMMON, "base_width": POS_INT, "depth": POS_INT, "upsample": ("transposed", "bilinear")},
+    "vit": {**_COMMON, "image_size": POS_INT, "patch_size": POS_INT, "dim": POS_INT, "depth": POS_INT,
+            "num_heads": POS_INT, "mlp_dim": POS_INT, "dropout": PROB, "input_bn": FLAG,
+            "pos_interpolation": ("bicubic", "bilinear", "none")},
+    "segformer": {**_COMMON, "dims": POS_INTS, "depths": POS_INTS, "num_heads": POS_INTS, "sr_ratios": POS_INTS,
+                  "patch_sizes": POS_ODD_INTS, "patch_strides": POS_INTS, "mlp_ratio": POS_INT,
+                  "decoder_dim": POS_INT, "drop_path_rate": PROB, "decoder_dropout": PROB},
+    "fcn_resnet50": _LIFTED,
+    "deeplabv3_mobilenet": _LIFTED,
+    "lraspp_mobilenet": _LIFTED,
+}
+_BUILT = {"segnet", "segnet_dsc", "unet", "vit", "segformer"}  # cheap to build: no torchvision module
+
+
+def test_spec_covers_every_field():
+    from functional_seg.models.lifted import LiftedCfg
+
+    assert set(SPEC) == set(list_models())
+    for name, spec in SPEC.items():
+        cfg_cls = type(create_model(name).cfg) if name in _BUILT else LiftedCfg
+        assert list(spec) == [f.name for f in dataclasses.fields(cfg_cls)], name
+
+
+_not_int = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3), st.booleans(), st.none(),
+                     st.tuples(st.integers(1, 4)))
+_bad_pos_int = st.one_of(st.integers(max_value=0), _not_int)
+_bad_pos_odd_int = st.one_of(_bad_pos_int, st.integers(1, 50).map(lambda n: 2 * n))
+
+
+def _bad_tuples(bad_item):
+    """A non-empty run of valid items with one bad item inserted; or empty; or not a tuple at all."""
+    spliced = st.tuples(st.lists(st.integers(1, 9).map(lambda n: 2 * n - 1), max_size=3), bad_item,
+                        st.integers(0, 3)).map(lambda t: tuple(t[0][:t[2]] + [t[1]] + t[0][t[2]:]))
+    return st.one_of(spliced, st.just(()), st.just([]), st.integers(1, 8), st.text(max_size=3), st.none())
+
+
+_BAD = {
+    POS_INT: _bad_pos_int,
+    POS_ODD_INT: _bad_pos_odd_int,
+    POS_INTS: _bad_tuples(_bad_pos_int),
+    POS_ODD_INTS: _bad_tuples(_bad_pos_odd_int),
+    PROB: st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-9), st.just(float("nan")),
+                    st.just(float("inf")), st.integers(min_value=1), st.text(max_size=3), st.booleans(), st.none()),
+    FLAG: st.one_of(st.integers(), st.floats(), st.text(max_size=3), st.none()),
+}
+
+
+@st.composite
+def invalid_fields(draw):
+    """(model name, field, value) with a value that field must refuse whatever the other fields are."""
+    name = draw(st.sampled_from(sorted(SPEC)))
+    field = draw(st.sampled_from([f for f, kind in SPEC[name].items() if kind != FIXED]))
+    kind = SPEC[name][field]
+    if isinstance(kind, tuple):  # a choice
+        value = draw(st.one_of(st.text(max_size=8).filter(lambda v: v not in kind), st.integers(), st.none()))
+    else:
+        value = draw(_BAD[kind])
+    return name, field, value
+
+
+@given(invalid_fields())
+def test_invalid_cfg_values_are_refused_in_one_line(case):
+    name, field, value = case
+    with pytest.raises(ValueError) as info:
+        create_model(name, **{field: value})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{name}: {field} must be "), message
+    assert message.endswith(f", got {value!r}"), message
+
+
+def _ints(draw, values, n):
+    """n ints from ``values``, as a tuple, a list or numpy integers (all must be accepted)."""
+    out = [draw(values) for _ in range(n)]
+    form = draw(st.sampled_from(["tuple", "list", "numpy"]))
+    return tuple(out) if form == "tuple" else out if form == "list" else [np.int64(v) for v in out]
+
+
+@st.composite
+def valid_cfgs(draw):
+    """(model name, cfg, side) for a small valid cfg and the smallest input side it must accept."""
+    name = draw(st.sampled_from(sorted(_BUILT)))
+    cfg: dict = {"num_classes": draw(st.integers(1, 4)), "in_channels": draw(st.integers(1, 4))}
+    if name in ("segnet", "segnet_dsc"):
+        n = draw(st.integers(1, 3))
+        cfg.update(widths=_ints(draw, st.integers(1, 6), n), convs_per_stage=_ints(draw, st.integers(1, 2), n),
+                   kernel_size=draw(st.sampled_from([1, 3, 5])), input_bn=draw(st.booleans()),
+                   final_relu=draw(st.booleans()))
+        side = 2 ** n
+    elif name == "unet":
+        cfg.update(base_width=draw(st.integers(1, 4)), depth=draw(st.integers(1, 3)),
+                   upsample=draw(st.sampled_from(["transposed", "bilinear"])))
+        side = 2 ** cfg["depth"]
+    elif name == "vit":
+        patch, heads = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+        cfg.update(patch_size=patch, image_size=patch * draw(st.integers(1, 3)), num_heads=heads,
+                   dim=heads * draw(st.integers(1, 3)), depth=draw(st.integers(1, 2)), mlp_dim=draw(st.integers(1, 8)),
+                   dropout=draw(st.one_of(st.just(0), st.floats(0, 0.99))), input_bn=draw(st.booleans()),
+                   pos_interpolation=draw(st.sampled_from(["bicubic", "bilinear", "none"])))
+        side = cfg["image_size"]
+    else:
+        n = draw(st.integers(1, 4))
+        heads = [draw(st.integers(1, 2)) for _ in range(n)]
+        strides = [draw(st.integers(1, 2)) for _ in range(n)]
+        total = int(np.prod(strides))
+        reach = np.cumprod(strides)
+        cfg.update(num_heads=tuple(heads), dims=tuple(h * draw(st.integers(1, 3)) for h in heads),
+                   depths=_ints(draw, st.integers(1, 2), n), patch_strides=tuple(strides),
+                   patch_sizes=_ints(draw, st.sampled_from([1, 3, 5]), n),
+                   sr_ratios=tuple(draw(st.integers(1, total // int(r))) for r in reach),
+                   mlp_ratio=draw(st.integers(1, 2)), decoder_dim=draw(st.integers(1, 8)),
+                   drop_path_rate=draw(st.floats(0, 0.5)), decoder_dropout=draw(st.floats(0, 0.5)))
+        side = total
+    return name, cfg, side
+
+
+@given(valid_cfgs())
+def test_valid_cfgs_are_accepted_and_run(case):
+    """Accepted means usable: init and an eval apply on the smallest input (meta device: shapes only)."""
+    name, cfg, side = case
+    model = create_model(name, **cfg)
+    for field, value in cfg.items():  # lists and numpy integers are stored as tuples of Python ints
+        stored = getattr(model.cfg, field)
+        if isinstance(value, (list, tuple)):
+            assert isinstance(stored, tuple) and all(type(v) is int for v in stored) and list(stored) == list(value)
+        else:
+            assert stored == value
+    assert side % model.stride == 0
+    with torch.device("meta"):
+        params, state = model.init(jr.key(0, device="meta"))
+        logits, _ = model.apply(params, state, torch.zeros(1, cfg["in_channels"], side, side), train=False)
+    assert logits.shape == (1, cfg["num_classes"], side, side)
+
+
+@pytest.mark.parametrize("name, cfg, message", [
+    ("segnet", {"widths": (8, 16)}, "segnet: convs_per_stage must be of length 2"),
+    ("segnet_dsc", {"convs_per_stage": (1,)}, "segnet_dsc: convs_per_stage must be of length 4"),
+    ("segnet_dsc", {"separable": False}, "segnet_dsc: separable is fixed by the model name"),
+    ("vit", {"image_size": 100}, "vit: image_size must be divisible by patch_size 16, got 100"),
+    ("vit", {"num_heads": 5}, "vit: num_heads must be a divisor of dim 768, got 5"),
+    ("segformer", {"depths": (2, 2, 2)}, "segformer: depths must be of length 4"),
+    ("segformer", {"num_heads": (1, 2, 3, 8)}, "segformer: num_heads must be divisors of dims"),
+    ("segformer", {"sr_ratios": (8, 8, 2, 1)}, "segformer: sr_ratios must be at most (8, 4, 2, 1)"),
+])
+def test_relations_between_fields_are_checked(name, cfg, message):
+    with pytest.raises(ValueError) as info:
+        create_model(name, **cfg)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_the_issue_examples():
+    """The values that used to crash ``fseg train`` mid-run, refused as it starts."""
+    for widths in [("a", "b", "c", "d"), (0, 8, 8, 8), (-4, 8, 8, 8)]:
+        with pytest.raises(ValueError, match=r"^segnet: widths must be a non-empty tuple of positive integers"):
+            create_model("segnet", widths=widths)
+    with pytest.raises(ValueError, match=r"^segnet: num_classes must be a positive integer, got 0$"):
+        create_model("segnet", num_classes=0)
+    with pytest.raises(ValueError, match=r"^mine: stride must be a positive integer, got 0$"):
+        from_module(torch.nn.Conv2d(3, 2, 1), name="mine", stride=0)
+    with pytest.raises(ValueError, match=r"^mine: num_classes must be a positive integer, got 0$"):
+        from_module(torch.nn.Conv2d(3, 2, 1), name="mine", num_classes=0)
 
 
 # ----------------------------------------------------------------------------- from_module on FCN

@@ -64,7 +64,8 @@ def test_every_registered_model_has_a_small_cfg():
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_model_walk(name, gen):
-    """init -> apply (eval, train) -> grad -> vmap over two stacked parameter sets."""
+    """init -> apply (eval, train) -> grad (every parameter leaf finite and not all zero) -> vmap over two
+    stacked parameter sets."""
     model = small_model(name)
     params, state = model.init(jr.key(0))
     x = small_input(name, gen)
@@ -92,8 +93,12 @@ def test_model_walk(name, gen):
 
     grads, _ = grad(loss_fn, has_aux=True)(params)
     assert tree_structure(grads) == tree_structure(params)
-    assert all(finite(g) for g in tree_leaves(grads))
-    assert sum(float(g.abs().sum()) for g in tree_leaves(grads)) > 0
+    flat = flatten_with_names(grads)
+    assert set(flat) == set(flatten_with_names(params))
+    not_finite = [n for n, g in flat.items() if not finite(g)]
+    zero = [n for n, g in flat.items() if finite(g) and not bool(g.ne(0).any())]
+    assert not not_finite, f"{name}: non-finite gradients for {not_finite}"
+    assert not zero, f"{name}: all-zero gradients for {len(zero)} of {len(flat)} leaves: {zero}"
 
     params2, state2 = model.init(jr.key(2))
     stacked_params, stacked_state = stack([params, params2]), stack([state, state2])
