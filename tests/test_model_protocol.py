@@ -413,3 +413,78 @@ def test_from_module_init_is_a_function_of_the_key(fcn, fcn_init):
     params, other_params = flatten_with_names(fcn_init[0]), flatten_with_names(other[0])
     assert not torch.equal(params["backbone.conv1.weight"], other_params["backbone.conv1.weight"])
     assert not torch.equal(params["classifier.4.weight"], other_params["classifier.4.weight"])
+
+
+# ------------------------------------------------------------------- from_module's apply is pure
+
+
+def _small_module() -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.Dropout(0.5), torch.nn.Conv2d(4, 2, 1))
+
+
+def _modes(module: torch.nn.Module) -> dict[str, bool]:
+    return {n: m.training for n, m in module.named_modules()}
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_lifted_apply_leaves_the_modules_modes_and_tensors(start_training, gen):
+    module = _small_module().train(start_training)
+    module[1].train(not start_training)  # a mixed tree of flags, as a user might leave it
+    modes = _modes(module)
+    tensors = {n: t.clone() for n, t in module.state_dict().items()}
+    model = from_module(module, name="small")
+    params, state = model.init(jr.key(1))
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    for train in (True, False, True):
+        model.apply(params, state, x, train=train, key=jr.key(2))
+        assert _modes(module) == modes
+    assert all(torch.equal(t, tensors[n]) for n, t in module.state_dict().items())  # init drew into a copy
+
+
+def test_lifted_interleaved_train_and_eval_equal_separate_runs(gen):
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    interleaved = from_module(_small_module(), name="small")
+    params, state = interleaved.init(jr.key(1))
+    runs = [interleaved.apply(params, state, x, train=t, key=jr.key(3)) for t in (True, False, True, False)]
+    train_only, eval_only = from_module(_small_module()), from_module(_small_module())
+    ref_train = train_only.apply(params, state, x, train=True, key=jr.key(3))
+    ref_eval = eval_only.apply(params, state, x, train=False)
+    for (out, new_state), (ref, ref_state) in zip(runs, [ref_train, ref_eval] * 2):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(new_state, ref_state, rtol=0, atol=0)
+    assert not torch.equal(runs[0][0], runs[1][0])  # train (batch statistics, dropout) differs from eval
+
+
+def test_lifted_apply_from_several_threads_equals_serial_runs(gen):
+    """Each thread calls into its own copy of the module: no thread reads another's params."""
+    model = from_module(_small_module(), name="small")
+    trees = [model.init(jr.key(i)) for i in range(4)]
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    expected = [model.apply(p, s, x, train=False)[0] for p, s in trees]
+    results: dict[int, list] = {}
+    barrier = threading.Barrier(len(trees))
+
+    def work(i):
+        barrier.wait()
+        results[i] = [model.apply(*trees[i], x, train=False)[0] for _ in range(20)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(trees))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, outs in results.items():
+        assert all(torch.equal(out, expected[i]) for out in outs), f"thread {i} saw another's params"
+
+
+def test_lifted_meta_init_draws_nothing(no_global_rng):
+    model = from_module(_small_module(), name="small")
+    with no_global_rng():
+        params, state = model.init(jr.key(0, device="meta"))
+    assert all(t.is_meta for t in tree_leaves((params, state)))
+    assert {n: tuple(t.shape) for n, t in flatten_with_names(params).items()} == {
+        "0.weight": (4, 3, 3, 3), "0.bias": (4,), "1.weight": (4,), "1.bias": (4,), "4.weight": (2, 4, 1, 1),
+        "4.bias": (2,)}
