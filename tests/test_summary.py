@@ -1,9 +1,11 @@
 """The model summary: totals against torchinfo on the reference modules, layer by layer; against
-torch's FlopCounterMode; the series' published figures; rows, table and JSON totals."""
+torch's FlopCounterMode; the series' published figures; hand-worked totals; rows, table and JSON
+totals; the memory estimate that refuses a model too big to allocate, before allocating it."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from functional_seg.core import random as jr
 from functional_seg.core.tree import flatten_with_names, tree_size
 from functional_seg.models import create_model, from_module, list_models
-from functional_seg.summary import format_summary, summarize
+from functional_seg import summary as summary_mod
+from functional_seg.summary import available_memory, check_fits, format_summary, summarize
 
 SMALL = {
     "segnet": dict(widths=(8, 16, 16, 32)),
@@ -106,10 +109,21 @@ def test_segnet_versus_depthwise_separable_at_default_widths():
     assert round(segnet.total_mult_adds / dsc.total_mult_adds, 2) == 8.46
 
 
+def _meta_param_count(model) -> int:
+    with torch.device("meta"):
+        params, _ = model.init(jr.key(0, device="meta"))
+    return tree_size(params)
+
+
 def test_rows_add_up_and_attention_products_are_grouped():
     s = summarize(create_model("vit", **SMALL["vit"]), 32, batch_size=2)
-    assert sum(r.params for r in s.rows) == s.total_params == 30_118
-    assert sum(r.mult_adds for r in s.rows) == s.total_mult_adds
+    # input_bn 6, patch_embed 192*32+32, pos_embed 16*32, 2 blocks of (2 norms 2*64, in_proj 32*96+96,
+    # out_proj 32*32+32, fc1 32*64+64, fc2 64*32+32), head 32*192+192
+    assert sum(r.params for r in s.rows) == s.total_params == 6 + 6176 + 512 + 2 * 8544 + 6336 == 30_118
+    # per image, L = 16 tokens: patch_embed L*192*32, per block in_proj L*32*96 + q k^T and (.) v 2*L*L*32
+    # + out_proj L*32*32 + fc1 L*32*64 + fc2 L*64*32, head L*32*192; batch 2
+    per_block = 16 * (32 * 96 + 2 * 16 * 32 + 32 * 32 + 32 * 64 + 64 * 32)
+    assert s.total_mult_adds == 2 * (16 * 192 * 32 + 2 * per_block + 16 * 32 * 192) == 983_040
     rows = {r.name: r for r in s.rows}
     # q k^T and (.) v: 2 * N * heads * L * L * head_dim mult-adds, no parameters
     assert rows["blocks.0.attn"].params == 0
@@ -124,8 +138,8 @@ def test_every_registered_model_summarises():
         model = create_model(name, **SMALL.get(name, {}))
         size = 32 if name in ("vit", "unet") else 64
         s = summarize(model, size, device="meta")
-        assert s.total_params == sum(r.params for r in s.rows) > 0
-        assert s.total_mult_adds > 0
+        assert s.total_params == sum(r.params for r in s.rows) == _meta_param_count(model) > 0
+        assert s.total_mult_adds == sum(r.mult_adds for r in s.rows) > 0
 
 
 def test_lifted_rows_use_torchvision_names():
@@ -144,12 +158,22 @@ def test_table_and_json_totals():
     assert "encoder.0.0.conv" in table and "[2, 8, 64, 64]" in table
     assert f"Total params: {s.total_params:,}" in table
     totals = json.loads(json.dumps(s.totals()))
-    assert totals["total_params"] == 69_116
-    assert totals["total_mult_adds"] == s.total_mult_adds
+    # (C_in, C_out, side) of every 3x3 conv of SegNet widths (8, 16, 16, 32), convs (2, 2, 3, 3), 64 px
+    convs = [(3, 8, 64), (8, 8, 64), (8, 16, 32), (16, 16, 32), (16, 16, 16), (16, 16, 16), (16, 16, 16),
+             (16, 32, 8), (32, 32, 8), (32, 32, 8),                                    # encoder
+             (32, 32, 8), (32, 32, 8), (32, 16, 8), (16, 16, 16), (16, 16, 16), (16, 16, 16),
+             (16, 16, 32), (16, 8, 32), (8, 8, 64), (8, 3, 64)]                        # decoder
+    bn_channels = [3] + [c_out for _, c_out, _ in convs]
+    params = sum(9 * c_in * c_out for c_in, c_out, _ in convs) + 2 * sum(bn_channels)
+    assert totals["total_params"] == totals["trainable_params"] == params == 69_116
+    assert totals["total_mult_adds"] == 2 * sum(9 * c_in * c_out * side**2 for c_in, c_out, side in convs) == 40_108_032
     assert totals["input_shape"] == [2, 3, 64, 64]
     assert totals["input_bytes"] == 2 * 3 * 64 * 64 * 4
     assert totals["param_bytes"] == 4 * 69_116
-    assert set(totals) >= {"trainable_params", "activation_bytes", "state_bytes", "total_bytes"}
+    assert totals["state_bytes"] == 8 * sum(bn_channels) + 8 * len(bn_channels)  # mean, var; int64 count
+    assert totals["non_trainable_params"] == 0
+    assert totals["total_bytes"] == sum(totals[k] for k in ("param_bytes", "state_bytes", "activation_bytes",
+                                                             "input_bytes"))
 
 
 def test_size_not_divisible_by_stride_is_a_clear_error():
@@ -162,3 +186,40 @@ def test_meta_device_gives_the_same_figures(name):
     model = create_model(name, **SMALL[name])
     size = 32 if name == "vit" else 64
     assert summarize(model, size, 2, device="meta") == summarize(model, size, 2, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory estimate
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocating():
+    """widths=100000 would need terabytes: one line naming the estimate, in seconds, nothing allocated."""
+    model = create_model("segnet", widths=(100_000,) * 4)
+    n = _meta_param_count(model)
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        summarize(model, 128)
+    assert time.monotonic() - start < 20
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("segnet: input [1, 3, 128, 128] needs an estimated ")
+    assert f"({n:,} parameters, {4 * n / 1e9:,.1f} GB;" in message and "GB is available" in message
+    assert summarize(model, 128, device="meta").total_params == n  # shapes only: no limit
+
+
+def test_check_fits_against_the_available_memory(monkeypatch):
+    s = summarize(create_model("segnet", **SMALL["segnet"]), 64, device="meta")
+    total = s.totals()["total_bytes"]
+    monkeypatch.setattr(summary_mod, "available_memory", lambda device="cpu": total)
+    check_fits(s, "cpu")
+    summarize(create_model("segnet", **SMALL["segnet"]), 64)  # runs on the CPU
+    monkeypatch.setattr(summary_mod, "available_memory", lambda device="cpu": total - 1)
+    with pytest.raises(ValueError, match=r"needs an estimated .* but only .* is available"):
+        check_fits(s, "cpu")
+    with pytest.raises(ValueError, match="is available"):
+        summarize(create_model("segnet", **SMALL["segnet"]), 64)
+
+
+def test_available_memory():
+    cpu = available_memory("cpu")
+    assert isinstance(cpu, int) and cpu > 0
+    assert available_memory("meta") is None
