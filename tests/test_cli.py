@@ -108,11 +108,56 @@ def test_prepare_and_models(tmp_path, capsys):
 
 
 def test_summary_command(capsys):
-    pytest.importorskip("functional_seg.summary")
+    """A 2-stage SegNet (8/16 channels, one conv per stage) at 32 px, worked by hand."""
+    from functional_seg.core import random as jr
+    from functional_seg.core.tree import tree_leaves
+    from functional_seg.models import create_model
+
     assert main(["summary", "--model", "segnet", "--model-cfg", "widths=8,16", "convs_per_stage=1,1", "--size",
                  "32", "--json"]) == 0
     totals = json.loads(capsys.readouterr().out)
-    assert totals
+    # 3x3 bias-free convs (C_in, C_out, side): encoder 3->8 @32, 8->16 @16; decoder 16->8 @16, 8->3 @32
+    convs = [(3, 8, 32), (8, 16, 16), (16, 8, 16), (8, 3, 32)]
+    bn_channels = [3, 8, 16, 8, 3]  # the input BN, then one per conv
+    params = sum(9 * c_in * c_out for c_in, c_out, _ in convs) + 2 * sum(bn_channels)
+    init_params, _ = create_model("segnet", widths=(8, 16), convs_per_stage=(1, 1)).init(jr.key(0))
+    assert totals["total_params"] == params == sum(t.numel() for t in tree_leaves(init_params)) == 2_812
+    assert totals["total_mult_adds"] == sum(9 * c_in * c_out * side**2 for c_in, c_out, side in convs) == 1_032_192
+    assert totals["input_shape"] == [1, 3, 32, 32] and totals["input_bytes"] == 3 * 32 * 32 * 4
+    assert totals["param_bytes"] == 4 * 2_812
+    assert main(["summary", "--model", "segnet", "--model-cfg", "widths=8,16", "convs_per_stage=1,1", "--size",
+                 "32"]) == 0
+    assert "Total params: 2,812" in capsys.readouterr().out
+
+
+def test_summary_of_a_model_too_big_for_memory_is_one_line(capsys):
+    start = time.monotonic()
+    assert main(["summary", "--model", "segnet", "--model-cfg", "widths=100000,100000,100000,100000"]) == 2
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err
+    assert err.startswith("fseg: error: segnet: input [1, 3, 128, 128] needs an estimated ") and err.count("\n") == 1
+    assert "GB is available" in err
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (["widths=a,b,c,d"], "segnet: widths must be a non-empty tuple of positive integers (e.g. 8,16), "
+                         "got ('a', 'b', 'c', 'd')"),
+    (["widths=0,8,8,8"], "segnet: widths must be a non-empty tuple of positive integers (e.g. 8,16), got (0, 8, 8, 8)"),
+    (["widths=-4,8,8,8"], "segnet: widths must be"),
+    (["num_classes=0"], "segnet: num_classes must be a positive integer, got 0"),
+    (["widths=8,16"], "segnet: convs_per_stage must be of length 2"),
+    (["kernel_size=4"], "segnet: kernel_size must be a positive odd integer, got 4"),
+    (["bogus=1"], "segnet: unknown field(s) ['bogus']; valid: num_classes, in_channels, widths, convs_per_stage, "
+                  "kernel_size, separable, input_bn, final_relu"),
+])
+def test_bad_model_cfg_is_one_line_before_anything_is_written(cfg, message, tmp_path, capsys):
+    argv = ["train", "--model", "segnet", "--model-cfg", *cfg, "--synthetic", str(tmp_path / "syn"), "--out",
+            str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fseg: error: {message}")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no dataset, cache or run directory
 
 
 @pytest.mark.parametrize("argv, message", [
