@@ -14,10 +14,10 @@ from reference_modules import SeparableConv2d, build_reference
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from functional_seg import summary as summary_mod
 from functional_seg.core import random as jr
 from functional_seg.core.tree import flatten_with_names, tree_size
 from functional_seg.models import create_model, from_module, list_models
-from functional_seg import summary as summary_mod
 from functional_seg.summary import available_memory, check_fits, format_summary, summarize
 
 SMALL = {

@@ -87,7 +87,8 @@ class SegFormerCfg:
         validate_cfg(self, "segformer", _RULES)
         for name in _PER_STAGE[1:]:
             if len(getattr(self, name)) != len(self.dims):
-                raise cfg_error("segformer", name, getattr(self, name), f"of length {len(self.dims)} (one entry per stage of dims {self.dims})")
+                raise cfg_error("segformer", name, getattr(self, name),
+                                f"of length {len(self.dims)} (one entry per stage of dims {self.dims})")
         if any(dim % heads for dim, heads in zip(self.dims, self.num_heads)):
             raise cfg_error("segformer", "num_heads", self.num_heads, f"divisors of dims {self.dims}, stage by stage")
         # The smallest input (one stride) must leave each stage a map at least sr x sr for its

@@ -33,7 +33,17 @@ from ..nn import (
     relu,
     separable_conv2d,
 )
-from .base import FLAG, POSITIVE_INT, POSITIVE_INTS, POSITIVE_ODD_INT, Model, build_cfg, cfg_error, register_model, validate_cfg
+from .base import (
+    FLAG,
+    POSITIVE_INT,
+    POSITIVE_INTS,
+    POSITIVE_ODD_INT,
+    Model,
+    build_cfg,
+    cfg_error,
+    register_model,
+    validate_cfg,
+)
 
 __all__ = ["SegNetCfg", "segnet", "segnet_dsc", "init_conv_bn", "conv_bn_relu"]
 
