@@ -20,6 +20,14 @@ settings.register_profile("dev", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _user_cache_in_a_temp_dir(tmp_path_factory):
+    """Prepared-data and compile caches go to the user cache directory: keep the suite's out of ~/.cache."""
+    if "FSEG_TEST_KEEP_CACHE" not in os.environ:
+        os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+
+
 @pytest.fixture
 def key() -> torch.Tensor:
     """The key every test starts from: ``functional_seg.core.random.key(0)``."""
