@@ -255,7 +255,7 @@ def test_truncated_image(sample_copy):
 def test_missing_trimap(sample_copy):
     name = _first(sample_copy)
     (sample_copy / "annotations/trimaps" / f"{name}.png").unlink()
-    _expect(sample_copy, rf"trimaps/{name}\.png: trimap for image '{name}' is missing; expected a PNG trimap")
+    _expect(sample_copy, rf"trimaps/{name}\.png: trimap for image '{name}' is missing; expected a single-channel PNG")
 
 
 def test_trimap_size_differs_from_image(sample_copy):

@@ -1,12 +1,17 @@
-"""Oxford-IIIT Pet data: reader, prepared cache, in-memory loader and pure on-device augmentation.
+"""Data: readers per layout, the prepared cache, an in-memory loader and pure on-device augmentation.
 
 Data flows one way::
 
-    files --prepare--> PreparedData (uint8 [N, 3, S, S], masks uint8 [N, S, S], names)
+    files --prepare--> PreparedData (uint8 [N, 3, S, S], masks uint8 [N, S, S], names, class_names)
           --Loader.epoch(key)--> uint8 images [B, 3, S, S], int64 masks [B, S, S] on the device
           --to_float, augment(key, ..., cfg), normalize--> float model input
 
-Labels: 0 = pet, 1 = background, 2 = border (``CLASS_NAMES``); ``IGNORE_INDEX`` marks padding.
+``prepare(root, ...)`` detects the layout (``detect``): Oxford-IIIT Pet (``oxford_pets``), a
+generic ``images/`` + ``masks/`` folder (``generic``) or Pascal VOC (``voc``); all of them decode
+through ``read_rgb`` / ``read_mask`` (``decode``) and one sample loader (``sample``).
+
+Oxford labels: 0 = pet, 1 = background, 2 = border (``CLASS_NAMES``); in every layout
+``IGNORE_INDEX`` (255) marks ignored and padded pixels.
 """
 
 from .augment import (
@@ -32,8 +37,9 @@ from .oxford_pets import (
     find_root,
     read_split,
 )
+from .layouts import LAYOUTS, detect
 from .prepared import PreparedData, prepare
-from .synthetic import make_synthetic_dataset
+from .synthetic import make_generic_dataset, make_synthetic_dataset, make_voc_dataset
 
 __all__ = [
     "CLASS_NAMES",
@@ -57,6 +63,10 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "make_synthetic_dataset",
+    "make_generic_dataset",
+    "make_voc_dataset",
+    "LAYOUTS",
+    "detect",
     "read_rgb",
     "read_mask",
 ]

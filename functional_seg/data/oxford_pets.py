@@ -14,41 +14,44 @@ Splits: "trainval" and "test" are the official files; "train", "val" and "holdou
 80/10/10 partition of every listed image (the union of both files, i.e. ``list.txt``), drawn with
 ``core.random.permutation`` so it is the same on every machine.
 
-``load_sample`` decodes one (image, trimap) pair to uint8 numpy arrays ``[3, S, S]`` and
-``[S, S]``; it uses only PIL and numpy so that process-pool workers never touch torch.
+``source(root, split)`` gives the split's files to ``prepare``, which decodes them through the
+shared ``sample.load_sample`` (as the generic and VOC readers do); ``load_sample`` here is that
+loader for one (image, trimap) pair, returning uint8 arrays ``[3, S, S]`` and ``[S, S]``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .decode import open_mask, open_rgb
+from . import sample
 from .errors import DataError, DataWarning
+from .sample import IGNORE_INDEX, POLICIES, LabelMap, SampleResult, SampleTask
+from .source import IMAGE_EXTENSIONS, Source, read_names, seeded_partition
 
 CLASS_NAMES: tuple[str, ...] = ("pet", "background", "border")
 NUM_CLASSES: int = 3
-IGNORE_INDEX: int = 255
 
 OFFICIAL_SPLITS = ("trainval", "test")
 SEEDED_SPLITS = ("train", "val", "holdout")
 SPLITS = OFFICIAL_SPLITS + SEEDED_SPLITS
 SEEDED_FRACTIONS = (0.8, 0.1, 0.1)
-POLICIES = ("resize", "pad")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 LAYOUT_HELP = (
     "images/<name>.jpg, annotations/trimaps/<name>.png and annotations/{trainval,test}.txt "
     "(directly, or under oxford-iiit-pet/ as torchvision.datasets.OxfordIIITPet stores it)"
 )
+_LINE_EXAMPLE = "lines like 'Abyssinian_100 1 1 1'"
+_TRIMAP_EXPECTED = "a single-channel PNG (mode L) with values 1, 2, 3"
 
 # trimap value -> label: 1 -> 0 (pet), 2 -> 1 (background), 3 -> 2 (border); others are invalid.
 _TRIMAP_LUT = np.full(256, IGNORE_INDEX, dtype=np.uint8)
 _TRIMAP_LUT[1:4] = np.arange(3, dtype=np.uint8)
+_TRIMAP_VALID = np.zeros(256, dtype=bool)
+_TRIMAP_VALID[1:4] = True
+TRIMAP_LABELS = LabelMap(CLASS_NAMES, _TRIMAP_LUT, _TRIMAP_VALID, "1 (pet), 2 (background) or 3 (border)")
 
 __all__ = [
     "CLASS_NAMES",
@@ -66,6 +69,9 @@ __all__ = [
     "trimap_to_labels",
     "load_sample",
     "SampleResult",
+    "TRIMAP_LABELS",
+    "find",
+    "source",
 ]
 
 
@@ -87,9 +93,9 @@ def find_root(root: str | os.PathLike, *, download: bool = False) -> Path:
         DataError: the root is missing or empty, or lacks the expected layout.
     """
     root = Path(root).expanduser()
-    for candidate in (root / "oxford-iiit-pet", root):
-        if _has_layout(candidate):
-            return candidate
+    found = find(root)
+    if found is not None:
+        return found
     if download:
         import torchvision
 
@@ -112,47 +118,12 @@ def split_file(root: Path, name: str) -> Path:
     return root / "annotations" / f"{name}.txt"
 
 
-def _read_list(path: Path) -> list[str]:
-    """Names from an official list file; blank lines and ``#`` comments are skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"split file {path} is missing; expected lines like 'Abyssinian_100 1 1 1'") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"split file {path} cannot be read as text ({e})") from None
-    names: list[str] = []
-    seen: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
-        name = fields[0]
-        if "/" in name or "\\" in name or name in (".", ".."):
-            raise DataError(
-                f"{path}:{lineno}: {name!r} is not an image name (expected e.g. 'Abyssinian_100')"
-            )
-        if name not in seen:
-            seen.add(name)
-            names.append(name)
-    return names
-
-
-def _seeded_partition(names: list[str], seed: int) -> dict[str, list[str]]:
-    from ..core import random as fr  # torch import kept out of worker processes
-
-    names = sorted(names)
-    n = len(names)
-    n_train = round(SEEDED_FRACTIONS[0] * n)
-    n_val = round(SEEDED_FRACTIONS[1] * n)
-    order = fr.permutation(fr.key(seed), n).tolist() if n else []
-    shuffled = [names[i] for i in order]
-    parts = {
-        "train": shuffled[:n_train],
-        "val": shuffled[n_train : n_train + n_val],
-        "holdout": shuffled[n_train + n_val :],
-    }
-    # Each part keeps sorted order so the data order does not depend on the permutation.
-    return {k: sorted(v) for k, v in parts.items()}
+def find(root: Path) -> Path | None:
+    """The layout at ``root`` or ``root/oxford-iiit-pet``, or None."""
+    for candidate in (root / "oxford-iiit-pet", root):
+        if _has_layout(candidate):
+            return candidate
+    return None
 
 
 def read_split(root: str | os.PathLike, split: str = "trainval", *, seed: int = 0) -> list[str]:
@@ -171,9 +142,11 @@ def read_split(root: str | os.PathLike, split: str = "trainval", *, seed: int = 
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     root = find_root(root)
     if split in OFFICIAL_SPLITS:
-        return _read_list(split_file(root, split))
-    listed = _read_list(split_file(root, "trainval")) + _read_list(split_file(root, "test"))
-    return _seeded_partition(list(dict.fromkeys(listed)), seed)[split]
+        return read_names(split_file(root, split), _LINE_EXAMPLE)
+    listed = read_names(split_file(root, "trainval"), _LINE_EXAMPLE) + read_names(
+        split_file(root, "test"), _LINE_EXAMPLE
+    )
+    return seeded_partition(listed, SEEDED_SPLITS, SEEDED_FRACTIONS, seed)[split]
 
 
 def image_path(root: Path, name: str) -> Path:
@@ -205,76 +178,44 @@ def trimap_to_labels(trimap: np.ndarray, path: str | os.PathLike = "<trimap>") -
     Raises:
         DataError: a value outside {1, 2, 3}, naming ``path`` and the values found.
     """
-    if trimap.dtype == np.uint8:
-        counts = np.bincount(trimap.reshape(-1), minlength=256)
-        values = np.flatnonzero(counts)
-    else:
-        values, counts_found = np.unique(trimap, return_counts=True)
-        counts = dict(zip(values.tolist(), counts_found.tolist()))
-    bad = [v for v in values.tolist() if v not in (1, 2, 3)]
-    if bad:
-        shown = ", ".join(f"{v} ({counts[v]} px)" for v in bad[:8])
-        raise DataError(f"{path}: trimap values must be 1 (pet), 2 (background) or 3 (border); found {shown}")
-    return _TRIMAP_LUT[trimap.astype(np.uint8, copy=False)]
+    return TRIMAP_LABELS.apply(trimap, path, "trimap")
 
 
-def _resize_pair(img: Image.Image, lab: Image.Image, size: int, policy: str):
-    """Square ``size``: stretch ("resize") or fit the long side and centre-pad ("pad")."""
-    if policy == "resize":
-        return (
-            img.resize((size, size), Image.Resampling.BILINEAR),  # PIL filters antialias on downscale
-            lab.resize((size, size), Image.Resampling.NEAREST),
-        )
-    w, h = img.size
-    scale = size / max(w, h)
-    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
-    img_c = Image.new("RGB", (size, size), (0, 0, 0))
-    lab_c = Image.new("L", (size, size), IGNORE_INDEX)
-    x0, y0 = (size - nw) // 2, (size - nh) // 2
-    img_c.paste(img.resize((nw, nh), Image.Resampling.BILINEAR), (x0, y0))
-    lab_c.paste(lab.resize((nw, nh), Image.Resampling.NEAREST), (x0, y0))
-    return img_c, lab_c
+def source(root: str | os.PathLike, split: str = "trainval", *, seed: int = 0, download: bool = False) -> Source:
+    """The files of one split, for ``prepare``.
 
-
-@dataclass(frozen=True)
-class SampleResult:
-    """What a worker sends back: arrays on success, or the error message naming the file."""
-
-    index: int
-    name: str
-    image: np.ndarray | None = None  # uint8 [3, S, S]
-    mask: np.ndarray | None = None  # uint8 [S, S]
-    error: str | None = None
+    Raises:
+        ValueError: an unknown split.
+        DataError: no layout at ``root``, a missing split file, or a split that lists nothing.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    layout = find_root(root, download=download)
+    names = read_split(layout, split, seed=seed)
+    seeded = split in SEEDED_SPLITS
+    return Source(
+        layout="oxford_pets",
+        root=layout,
+        split=split,
+        listed_in=str(layout / "annotations/{trainval,test}.txt" if seeded else split_file(layout, split)),
+        names=tuple(names),
+        images=tuple(image_path(layout, n) for n in names),
+        masks=tuple(trimap_path(layout, n) for n in names),
+        labels=TRIMAP_LABELS,
+        seeded=seeded,
+        mask_what="trimap",
+        mask_expected=_TRIMAP_EXPECTED,
+        example=_LINE_EXAMPLE,
+    )
 
 
 def load_sample(task: tuple[int, str, str, str, int, str]) -> SampleResult:
-    """Decode, check and resize one sample; never raises (errors come back as messages).
+    """Decode, check and resize one (image, trimap) pair; never raises (errors come back as messages).
 
     Args:
-        task: (index, name, image path, trimap path, size, policy); a plain tuple so it pickles
-            cheaply to pool workers.
+        task: (index, name, image path, trimap path, size, policy).
 
     Returns:
         SampleResult with uint8 image [3, S, S] and mask [S, S] (0..2, IGNORE_INDEX padding).
     """
-    index, name, img_file, tri_file, size, policy = task
-    try:
-        img = open_rgb(img_file, what=f"image {name!r}")
-        tri = open_mask(
-            tri_file, what="trimap", expected="a single-channel PNG (mode L) with values 1, 2, 3"
-        )
-        if tri.size != img.size:
-            raise DataError(
-                f"{tri_file}: trimap is {tri.size[0]}x{tri.size[1]} (WxH) but its image {img_file} is "
-                f"{img.size[0]}x{img.size[1]}; expected the same size"
-            )
-        labels = trimap_to_labels(np.asarray(tri), tri_file)
-        img, lab = _resize_pair(img, Image.fromarray(labels), size, policy)
-        image = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-        return SampleResult(index, name, image=image, mask=np.asarray(lab, dtype=np.uint8))
-    except DataError as e:
-        return SampleResult(index, name, error=str(e))
-    except Exception as e:  # anything else still names the file instead of killing the pool
-        return SampleResult(
-            index, name, error=f"{img_file}: unexpected {type(e).__name__} while loading: {e}"
-        )
+    return sample.load_sample(SampleTask(*task, TRIMAP_LABELS, "trimap", _TRIMAP_EXPECTED))

@@ -1,13 +1,16 @@
 """Decode a split once, resize it to a square, and cache it as one safetensors file.
 
-``prepare(root, split, size)`` returns ``PreparedData``: uint8 images ``[N, 3, S, S]`` (RGB),
-uint8 masks ``[N, S, S]`` (labels 0..2, ``IGNORE_INDEX`` where the "pad" policy padded) and the
-sample names. Decoding and resizing run in a process pool over all cores (PIL and numpy only in
-the workers); the result is written atomically to ``<cache_dir>/oxford_pets-<split>-<S>-<policy>-
-<digest>.safetensors`` (``cache_dir`` defaults to ``$XDG_CACHE_HOME/functional_seg`` or
-``~/.cache/functional_seg``: nothing is ever written inside the dataset) where the digest covers the resolved root, split, size, policy, seed,
-strictness and every file's name, size and mtime, so a changed source gives a new file and the
-same arguments reuse the old one.
+``prepare(root, split, size)`` detects the layout at ``root`` (Oxford-IIIT Pet, generic
+images/ + masks/, or Pascal VOC; see ``layouts``) and returns ``PreparedData``: uint8 images
+``[N, 3, S, S]`` (RGB), uint8 masks ``[N, S, S]`` (labels 0..C-1, ``IGNORE_INDEX`` where the mask
+said ignore or the "pad" policy padded), the sample names and the C class names. Every layout's
+samples go through the one ``sample.load_sample`` in a process pool over all cores (PIL and
+numpy only in the workers). The result is written atomically to
+``<cache_dir>/<layout>-<split>-<S>-<policy>-<digest>.safetensors`` (``cache_dir`` defaults to
+``$XDG_CACHE_HOME/functional_seg`` or ``~/.cache/functional_seg``: nothing is ever written inside
+the dataset) where the digest covers the layout, resolved root, split, size, policy, seed,
+strictness, class names and every file's name, size and mtime, so a changed source gives a new
+file and the same arguments reuse the old one.
 
 Resizing: "resize" stretches to S x S (antialiased bilinear for images, nearest for masks);
 "pad" scales the long side to S keeping the aspect ratio, then centres the result on a black
@@ -16,46 +19,32 @@ canvas whose mask is ``IGNORE_INDEX``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
-import sys
-import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from .oxford_pets import (
-    IGNORE_INDEX,
-    NUM_CLASSES,
-    POLICIES,
-    SEEDED_SPLITS,
-    SPLITS,
-    DataError,
-    DataWarning,
-    SampleResult,
-    find_root,
-    image_path,
-    load_sample,
-    read_split,
-    split_file,
-    trimap_path,
-)
+from ..core.files import write_atomic
+from .errors import DataError, DataWarning
+from .layouts import open_source
+from .oxford_pets import CLASS_NAMES
+from .pool import cpu_count, parallel_map
+from .sample import IGNORE_INDEX, POLICIES, LabelMap, SampleTask, load_sample, mask_max_label
+from .source import Source
 
 __all__ = ["PreparedData", "prepare", "default_cache_dir", "cache_path"]
 
-_FORMAT = "functional_seg.oxford_pets/1"
-_SERIAL_BELOW = 16  # fewer samples than this: a pool costs more than it saves
+_FORMAT = "functional_seg.prepared/2"
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,10 +53,12 @@ class PreparedData:
 
     Attributes:
         images: uint8 [N, 3, S, S], RGB.
-        masks: uint8 [N, S, S], labels 0..NUM_CLASSES-1 or IGNORE_INDEX (padding).
+        masks: uint8 [N, S, S], labels 0..C-1 or IGNORE_INDEX (ignored or padded pixels).
         names: N sample names, in data order.
         cache_path: the safetensors file it was read from or written to (None if uncached).
         skipped: messages for samples skipped with ``strict=False``.
+        class_names: C names, label i is ``class_names[i]`` (Oxford-IIIT Pet's ``CLASS_NAMES``
+            unless the layout says otherwise).
     """
 
     images: torch.Tensor
@@ -75,6 +66,7 @@ class PreparedData:
     names: tuple[str, ...]
     cache_path: Path | None = field(default=None, repr=False)
     skipped: tuple[str, ...] = field(default=(), repr=False)
+    class_names: tuple[str, ...] = CLASS_NAMES
 
     def __post_init__(self):
         im, mk = self.images, self.masks
@@ -90,9 +82,19 @@ class PreparedData:
         if len(self.names) != im.shape[0]:
             raise ValueError(f"PreparedData.names: {len(self.names)} names for {im.shape[0]} images")
         object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        if not 1 <= len(self.class_names) <= IGNORE_INDEX:
+            raise ValueError(
+                f"PreparedData.class_names: need 1 to {IGNORE_INDEX} names, got {len(self.class_names)}"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of classes."""
+        return len(self.class_names)
 
     @property
     def size(self) -> int:
@@ -100,9 +102,9 @@ class PreparedData:
         return self.images.shape[-1]
 
     def class_counts(self) -> torch.Tensor:
-        """Pixels per class, int64 [NUM_CLASSES] (padding not counted)."""
+        """Pixels per class, int64 [C] (ignored and padded pixels not counted)."""
         counts = torch.bincount(self.masks.reshape(-1).to(torch.int64), minlength=256)
-        return counts[:NUM_CLASSES].clone()
+        return counts[: self.num_classes].clone()
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The dataset's own per-channel mean and std in [0, 1] units (padding excluded).
@@ -131,12 +133,26 @@ class PreparedData:
             raise ValueError(
                 f"repeat: need n_total >= 1 and non-empty data, got {n_total} and {len(self)} samples"
             )
-        idx = torch.arange(n_total) % len(self)
+        return self.subset(torch.arange(n_total) % len(self))
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> PreparedData:
+        """The samples at ``indices`` (in that order, repeats allowed), same class names.
+
+        Args:
+            indices: ints in [0, N) (a list, range or int64 tensor).
+
+        Returns:
+            PreparedData of len(indices) samples, uncached (``cache_path`` None).
+        """
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"subset: indices must lie in [0, {len(self)}), got {idx.min()}..{idx.max()}")
         return PreparedData(
             images=self.images.index_select(0, idx),
             masks=self.masks.index_select(0, idx),
             names=tuple(self.names[i] for i in idx.tolist()),
             skipped=self.skipped,
+            class_names=self.class_names,
         )
 
 
@@ -161,51 +177,10 @@ def _stat(p: Path) -> list[int] | None:
 
 
 def cache_path(cache_dir: Path, split: str, size: int, policy: str, key: dict) -> Path:
+    """``<cache_dir>/<layout>-<split>-<size>-<policy>-<digest of key>.safetensors``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"oxford_pets-{split}-{size}-{policy}-{digest}.safetensors"
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _pool_context():
-    # fork is cheap (no torch re-import) and safe here: workers only run PIL and numpy.
-    if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return None
-
-
-def _decode_all(tasks: Sequence[tuple], workers: int) -> Iterator[SampleResult]:
-    """``load_sample`` over ``tasks`` in order: a process pool, or serially if that is not possible."""
-    if workers <= 1 or len(tasks) < _SERIAL_BELOW:
-        yield from map(load_sample, tasks)
-        return
-    done = 0
-    try:
-        ex = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
-    except (OSError, NotImplementedError, ValueError) as e:
-        warnings.warn(f"prepare: no process pool ({e}); decoding serially", RuntimeWarning, stacklevel=3)
-        yield from map(load_sample, tasks)
-        return
-    try:
-        with warnings.catch_warnings():
-            # Python >= 3.12 warns about fork in a threaded process; the workers never use torch.
-            warnings.filterwarnings("ignore", message=r".*fork\(\).*", category=DeprecationWarning)
-            results = ex.map(load_sample, tasks, chunksize=max(1, min(32, len(tasks) // (workers * 4))))
-        for r in results:
-            yield r
-            done += 1
-    except (BrokenProcessPool, OSError) as e:
-        warnings.warn(
-            f"prepare: process pool failed ({e}); decoding the rest serially", RuntimeWarning, stacklevel=3
-        )
-        yield from map(load_sample, tasks[done:])
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+    layout = key.get("layout", "oxford_pets")
+    return Path(cache_dir) / f"{layout}-{split}-{size}-{policy}-{digest}.safetensors"
 
 
 def _load_cache(path: Path) -> PreparedData | None:
@@ -215,9 +190,14 @@ def _load_cache(path: Path) -> PreparedData | None:
             if meta.get("format") != _FORMAT:
                 return None
             images, masks = f.get_tensor("images"), f.get_tensor("masks")
-        names = tuple(json.loads(meta["names"]))
-        skipped = tuple(json.loads(meta.get("skipped", "[]")))
-        return PreparedData(images=images, masks=masks, names=names, cache_path=path, skipped=skipped)
+        return PreparedData(
+            images=images,
+            masks=masks,
+            names=tuple(json.loads(meta["names"])),
+            cache_path=path,
+            skipped=tuple(json.loads(meta.get("skipped", "[]"))),
+            class_names=tuple(json.loads(meta["class_names"])),
+        )
     except Exception as e:  # a damaged cache file is rebuilt, never fatal
         warnings.warn(
             f"prepare: ignoring unreadable cache {path} ({e}); rebuilding", RuntimeWarning, stacklevel=3
@@ -226,27 +206,21 @@ def _load_cache(path: Path) -> PreparedData | None:
 
 
 def _save_cache(path: Path, data: PreparedData, key: dict) -> bool:
-    """Write to a temporary file in the same folder, then ``os.replace``: readers never see half a file."""
-    tmp = None
+    """One atomic write (``core.files.write_atomic``): readers never see half a file."""
+    meta = {
+        "format": _FORMAT,
+        "names": json.dumps(list(data.names)),
+        "skipped": json.dumps(list(data.skipped)),
+        "class_names": json.dumps(list(data.class_names)),
+        "params": json.dumps({k: v for k, v in key.items() if k not in ("files", "classes")}),
+    }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        meta = {
-            "format": _FORMAT,
-            "names": json.dumps(list(data.names)),
-            "skipped": json.dumps(list(data.skipped)),
-            "params": json.dumps({k: v for k, v in key.items() if k != "files"}),
-        }
-        save_file({"images": data.images.contiguous(), "masks": data.masks.contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
+        write_atomic(path, save({"images": data.images.contiguous(), "masks": data.masks.contiguous()}, meta))
         return True
     except OSError as e:
         warnings.warn(
             f"prepare: could not write cache {path} ({e}); continuing uncached", RuntimeWarning, stacklevel=3
         )
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         return False
 
 
@@ -254,6 +228,32 @@ def _skip_or_raise(msg: str, strict: bool) -> None:
     if strict:
         raise DataError(msg)
     warnings.warn(f"{msg} (skipped)", DataWarning, stacklevel=4)
+
+
+def _infer_labels(src: Source, workers: int) -> LabelMap:
+    """C = the largest label in any of the dataset's masks + 1, named class_0, class_1, ..."""
+    paths = [str(p) for p in src.infer_from]
+    top = max(parallel_map(mask_max_label, paths, max(1, min(workers, len(paths)))), default=-1)
+    return LabelMap.indices(tuple(f"class_{i}" for i in range(max(top + 1, 1))))
+
+
+def _cache_key(src: Source, size: int, policy: str, seed: int, strict: bool) -> dict:
+    if src.labels is not None:
+        classes: object = list(src.labels.class_names)
+    else:  # inferred from every mask: any of them changing changes the key
+        classes = {"inferred_from": [[p.name, _stat(p)] for p in src.infer_from]}
+    return {
+        "format": _FORMAT,
+        "layout": src.layout,
+        "root": str(src.root.resolve()),
+        "split": src.split,
+        "size": size,
+        "policy": policy,
+        "seed": seed if src.seeded else None,
+        "strict": strict,
+        "classes": classes,
+        "files": [[n, ip.name, _stat(ip), _stat(mp)] for n, ip, mp in zip(src.names, src.images, src.masks)],
+    }
 
 
 def prepare(
@@ -271,53 +271,33 @@ def prepare(
     """Decode, check and resize one split, or load it from the cache.
 
     Args:
-        root: dataset root: the official layout or its parent holding ``oxford-iiit-pet/``.
-        split: "trainval" / "test" (official) or "train" / "val" / "holdout" (seeded 80/10/10).
+        root: dataset root in any known layout (``layouts.LAYOUT_HELP``): Oxford-IIIT Pet (or its
+            parent holding ``oxford-iiit-pet/``), generic ``images/`` + ``masks/``, or Pascal VOC.
+        split: Oxford: "trainval" / "test" (official) or "train" / "val" / "holdout" (seeded
+            80/10/10). Generic: "train", "val", "test", "trainval" (split files, or seeded
+            80/10/10 without any). VOC: "train", "val", "trainval" (and "test" where listed).
         size: side S of the square output.
         policy: "resize" (stretch to S x S) or "pad" (keep aspect, pad with IGNORE_INDEX).
         cache_dir: where the safetensors cache goes (default: ``default_cache_dir()``, i.e.
             ``$XDG_CACHE_HOME/functional_seg`` or ``~/.cache/functional_seg``; never inside ``root``).
-        strict: raise ``DataError`` on the first bad sample; if False, warn (``DataWarning``) and
-            skip it.
+        strict: raise ``DataError`` on a bad sample; if False, warn (``DataWarning``) and skip it.
         workers: decoding processes (default: all usable cores; 1 decodes in this process).
-        seed: seed of the 80/10/10 split (unused for the official splits).
-        download: let torchvision fetch the dataset if ``root`` holds none.
+        seed: seed of the seeded splits (unused for split files).
+        download: let torchvision fetch Oxford-IIIT Pet if ``root`` holds no layout.
 
     Returns:
-        PreparedData with uint8 images [N, 3, S, S] and masks [N, S, S].
+        PreparedData with uint8 images [N, 3, S, S], masks [N, S, S] and C class names.
 
     Raises:
         DataError: missing/empty root, missing split file, or (with ``strict``) any bad sample;
             the message names the file and what was expected.
     """
-    if split not in SPLITS:
-        raise ValueError(f"prepare: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if policy not in POLICIES:
         raise ValueError(f"prepare: unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"prepare: size must be a positive int, got {size!r}")
-    layout = find_root(root, download=download)
-    names = read_split(layout, split, seed=seed)
-    if not names:
-        listed = split_file(layout, split) if split not in SEEDED_SPLITS else layout / "annotations"
-        raise DataError(
-            f"{listed}: split {split!r} lists no images; expected lines like 'Abyssinian_100 1 1 1'"
-        )
-
-    entries = []  # (name, image path, trimap path, [size, mtime] or None, same for the trimap)
-    for name in names:
-        ip, tp = image_path(layout, name), trimap_path(layout, name)
-        entries.append((name, ip, tp, _stat(ip), _stat(tp)))
-    key = {
-        "format": _FORMAT,
-        "root": str(layout.resolve()),
-        "split": split,
-        "size": size,
-        "policy": policy,
-        "seed": seed if split in SEEDED_SPLITS else None,
-        "strict": strict,
-        "files": [[n, ip.name, ist, tst] for n, ip, _, ist, tst in entries],
-    }
+    src = open_source(root, split, seed=seed, download=download)
+    key = _cache_key(src, size, policy, seed, strict)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = cache_path(cache_dir, split, size, policy, key)
     if path.is_file():
@@ -327,47 +307,43 @@ def prepare(
                 warnings.warn(f"{msg} (skipped; from cache {path.name})", DataWarning, stacklevel=2)
             return cached
 
+    n_workers = max(1, workers if workers is not None else cpu_count())
+    labels = src.labels if src.labels is not None else _infer_labels(src, n_workers)
     skipped: list[str] = []
     tasks = []
-    where = (
-        split_file(layout, split)
-        if split not in SEEDED_SPLITS
-        else layout / "annotations/{trainval,test}.txt"
-    )
-    for name, ip, tp, ist, tst in entries:
+    for name, ip, mp, (_, _, ist, mst) in zip(src.names, src.images, src.masks, key["files"]):
         if ist is None:
-            msg = f"{where} lists {name!r} but its image {ip} is missing; expected an image file there"
-        elif tst is None:
-            msg = f"{tp}: trimap for image {name!r} is missing; expected a PNG trimap with values 1, 2, 3"
+            msg = f"{src.listed_in} lists {name!r} but its image {ip} is missing; expected an image file there"
+        elif mst is None:
+            msg = f"{mp}: {src.mask_what} for image {name!r} is missing; expected {src.mask_expected}"
         else:
-            tasks.append((len(tasks), name, str(ip), str(tp), size, policy))
+            tasks.append(SampleTask(len(tasks), name, str(ip), str(mp), size, policy, labels,
+                                    src.mask_what, src.mask_expected))
             continue
         _skip_or_raise(msg, strict)
         skipped.append(msg)
 
-    n_workers = max(1, min(workers if workers is not None else _cpu_count(), len(tasks)))
     images = np.empty((len(tasks), 3, size, size), dtype=np.uint8)
     masks = np.empty((len(tasks), size, size), dtype=np.uint8)
-    kept: list[int] = []
     kept_names: list[str] = []
-    with closing(_decode_all(tasks, n_workers)) as results:
+    with closing(parallel_map(load_sample, tasks, max(1, min(n_workers, len(tasks))))) as results:
         for r in results:
             if r.error is not None:
                 _skip_or_raise(r.error, strict)
                 skipped.append(r.error)
                 continue
-            images[len(kept)] = r.image
-            masks[len(kept)] = r.mask
-            kept.append(r.index)
+            images[len(kept_names)] = r.image
+            masks[len(kept_names)] = r.mask
             kept_names.append(r.name)
-    if not kept:
-        raise DataError(f"{layout}: none of the {len(names)} samples of split {split!r} could be loaded")
+    if not kept_names:
+        raise DataError(f"{src.root}: none of the {len(src.names)} samples of split {split!r} could be loaded")
     data = PreparedData(
-        images=torch.from_numpy(images[: len(kept)]),
-        masks=torch.from_numpy(masks[: len(kept)]),
+        images=torch.from_numpy(images[: len(kept_names)]),
+        masks=torch.from_numpy(masks[: len(kept_names)]),
         names=tuple(kept_names),
         skipped=tuple(skipped),
+        class_names=labels.class_names,
     )
     if _save_cache(path, data, key):
-        data = PreparedData(data.images, data.masks, data.names, cache_path=path, skipped=data.skipped)
+        data = dataclasses.replace(data, cache_path=path)
     return data

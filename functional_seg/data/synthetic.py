@@ -14,6 +14,10 @@ Files written under ``root``::
 ``warts=True`` adds the oddities of the real release: .mat files in images/, a palette GIF and an
 RGBA PNG behind .jpg names, a greyscale JPEG, and an image on disk that no split file lists.
 Everything is a pure function of ``seed`` (a numpy Generator seeded per image).
+
+``make_generic_dataset`` and ``make_voc_dataset`` draw multi-class scenes (class 0 background,
+each other class a shape of its own hue, a 255 = ignore band along every outline) in the generic
+``images/`` + ``masks/`` layout and the Pascal VOC layout.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["make_synthetic_dataset", "BREEDS"]
+__all__ = ["make_synthetic_dataset", "make_generic_dataset", "make_voc_dataset", "BREEDS"]
 
 # (breed, class id, species id, breed id) in the official list.txt columns.
 BREEDS = (("Ellipse", 1, 1, 1), ("Polygon", 2, 2, 1), ("Star", 3, 1, 2))
@@ -163,4 +167,158 @@ def make_synthetic_dataset(
     )
     if warts:
         _add_warts(root, names, seed, size)
+    return root
+
+
+def _check_counts(fn: str, n: int, size: tuple[int, int] | int) -> tuple[int, int]:
+    if n < 1:
+        raise ValueError(f"{fn}: need n >= 1 images, got {n}")
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if not 8 <= size[0] <= size[1]:
+        raise ValueError(f"{fn}: size needs 8 <= min <= max, got {size}")
+    return size
+
+
+def _scene(seed: int, index: int, classes: list[int], num_classes: int, size: tuple[int, int]):
+    """One image with a shape per entry of ``classes`` on a textured background (class 0).
+
+    Class c's shape has hue c / num_classes, so colour alone names the class. Returns the RGB
+    image and uint8 labels [H, W] with 255 on a 1-2 px band along each outline.
+    """
+    rng = np.random.default_rng([seed, index])
+    h, w = (int(v) for v in rng.integers(size[0], size[1] + 1, size=2))
+    img = _background(rng, h, w)
+    labels = np.zeros((h, w), dtype=np.uint8)
+    band = np.zeros((h, w), dtype=bool)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for k, c in enumerate(classes):
+        shape = _shape_mask(rng, BREEDS[(index + k) % len(BREEDS)][0], h, w)
+        inside = np.asarray(shape) > 0
+        colour = 255 * np.array(colorsys.hsv_to_rgb(c / num_classes, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0)))
+        shading = 1.0 + 0.1 * np.sin(xx * rng.uniform(0.05, 0.2))
+        img = np.where(inside[..., None], colour * shading[..., None] + rng.normal(0, 5, size=(h, w, 3)), img)
+        labels[inside] = c
+        grown = np.asarray(shape.filter(ImageFilter.MaxFilter(3))) > 0
+        shrunk = np.asarray(shape.filter(ImageFilter.MinFilter(3))) > 0
+        band = (band & ~inside) | (grown & ~shrunk)
+    labels[band] = 255
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), labels
+
+
+def _scene_classes(rng_seed: int, i: int, num_classes: int) -> list[int]:
+    """Class 1 + i mod (C - 1) (so n >= C - 1 images show every class), sometimes one more."""
+    if num_classes < 2:
+        return []
+    first = 1 + i % (num_classes - 1)
+    extra = np.random.default_rng([rng_seed, i, 1]).integers(1, num_classes)
+    return [first] if extra == first or num_classes == 2 else [first, int(extra)]
+
+
+def make_generic_dataset(
+    root: str | os.PathLike,
+    *,
+    n: int = 20,
+    num_classes: int = 5,
+    size: tuple[int, int] | int = (24, 40),
+    seed: int = 0,
+    classes_file: bool = True,
+    split_files: bool = False,
+    warts: bool = False,
+) -> Path:
+    """Write a synthetic dataset in the generic layout (``data.generic``).
+
+    Args:
+        root: folder to write into; it becomes the layout root.
+        n: images ``images/img_<k>.jpg`` with masks ``masks/img_<k>.png`` (values 0..C-1, 255).
+        num_classes: C, background included (2 to 255); every class appears once n >= C - 1.
+        size: (min, max) side in pixels, drawn per image and axis; an int fixes both.
+        seed: all content is a function of it.
+        classes_file: write ``classes.txt`` ("background", "shape_1", ...); without it C is inferred.
+        split_files: write ``train.txt`` / ``val.txt`` / ``test.txt`` (60/20/20, in name order).
+        warts: harmless oddities a reader must survive: a PNG and an upper-case ``.JPG`` among
+            the JPEGs, macOS ``._img_0.jpg`` and ``.DS_Store`` junk, a ``notes.txt`` in images/.
+
+    Returns:
+        ``root`` as a Path, ready for ``prepare(root, "train", ...)``.
+    """
+    size = _check_counts("make_generic_dataset", n, size)
+    if not 2 <= num_classes <= 255:
+        raise ValueError(f"make_generic_dataset: num_classes must lie in 2..255, got {num_classes}")
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    names = [f"img_{k}" for k in range(n)]
+    for i, name in enumerate(names):
+        image, labels = _scene(seed, i, _scene_classes(seed, i, num_classes), num_classes, size)
+        ext = ".jpg"
+        if warts and i == 1:
+            ext = ".png"
+        elif warts and i == 2:
+            ext = ".JPG"
+        image.save(root / "images" / f"{name}{ext}", format="PNG" if ext == ".png" else "JPEG", quality=90)
+        Image.fromarray(labels).save(root / "masks" / f"{name}.png")
+    if classes_file:
+        (root / "classes.txt").write_text(
+            "\n".join(["background"] + [f"shape_{c}" for c in range(1, num_classes)]) + "\n"
+        )
+    if split_files:
+        a, b = round(0.6 * n), round(0.8 * n)
+        for split, part in (("train", names[:a]), ("val", names[a:b]), ("test", names[b:])):
+            (root / f"{split}.txt").write_text("".join(f"{x}\n" for x in part))
+    if warts:
+        (root / "images" / "._img_0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+        (root / "images" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (root / "images" / "notes.txt").write_text("not an image\n")
+    return root
+
+
+def _voc_palette() -> list[int]:
+    """The VOC colour map: bit-interleaved RGB per index (index 255 is the cream border colour)."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def make_voc_dataset(
+    root: str | os.PathLike,
+    *,
+    n: int = 20,
+    size: tuple[int, int] | int = (24, 40),
+    seed: int = 0,
+) -> Path:
+    """Write a synthetic dataset in the Pascal VOC layout (``data.voc``).
+
+    ``JPEGImages/2007_<k>.jpg`` with palette masks ``SegmentationClass/2007_<k>.png`` (VOC
+    colours; index = class 0..20, 255 = border), ``ImageSets/Segmentation/{train,val,trainval}.txt``
+    (train the first 70% in name order), and, as in the real release, three more JPEGs that have
+    no mask and no split lists.
+
+    Returns:
+        ``root`` as a Path, ready for ``prepare(root, "train", ...)``.
+    """
+    size = _check_counts("make_voc_dataset", n, size)
+    root = Path(root)
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    names = [f"2007_{k:06d}" for k in range(n + 3)]
+    palette = _voc_palette()
+    for i, name in enumerate(names):
+        image, labels = _scene(seed, i, _scene_classes(seed, i, 21), 21, size)
+        image.save(root / "JPEGImages" / f"{name}.jpg", quality=90)
+        if i < n:
+            mask = Image.fromarray(labels, mode="P")
+            mask.putpalette(palette)
+            mask.save(root / "SegmentationClass" / f"{name}.png")
+    a = round(0.7 * n)
+    sets = root / "ImageSets" / "Segmentation"
+    for split, part in (("train", names[:a]), ("val", names[a:n]), ("trainval", names[:n])):
+        (sets / f"{split}.txt").write_text("".join(f"{x}\n" for x in part))
     return root

@@ -1,0 +1,161 @@
+"""One sample, whatever the layout: decode the image and its mask, check them, map the mask's
+values to labels, and resize both to a square. Every reader (Oxford-IIIT Pet, generic, VOC) sends
+its samples through ``load_sample``, so all of them fail the same way on the same bad file.
+
+A task is a plain picklable ``SampleTask``; the result is uint8 numpy arrays, image ``[3, S, S]``
+(RGB) and mask ``[S, S]`` (labels 0..C-1, ``IGNORE_INDEX`` for ignored and padded pixels), or the
+one-line error naming the file. Only PIL and numpy run here, so pool workers never touch torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from .decode import open_mask, open_rgb
+from .errors import DataError
+
+__all__ = ["IGNORE_INDEX", "POLICIES", "LabelMap", "SampleTask", "SampleResult", "load_sample", "mask_max_label"]
+
+IGNORE_INDEX: int = 255
+POLICIES = ("resize", "pad")
+
+
+@dataclass(frozen=True, eq=False)
+class LabelMap:
+    """What a mask's stored values mean.
+
+    Attributes:
+        class_names: C names; label i is ``class_names[i]``.
+        lut: uint8 [256], stored value -> label (``IGNORE_INDEX`` for ignored values).
+        valid: bool [256], which stored values a mask may hold.
+        expected: the valid values in words, for error messages.
+    """
+
+    class_names: tuple[str, ...]
+    lut: np.ndarray = field(repr=False)
+    valid: np.ndarray = field(repr=False)
+    expected: str
+
+    @classmethod
+    def indices(cls, class_names: tuple[str, ...]) -> LabelMap:
+        """Stored value = label for 0..C-1, and 255 = ignore (generic and VOC masks)."""
+        c = len(class_names)
+        if not 1 <= c <= IGNORE_INDEX:
+            raise DataError(f"need 1 to {IGNORE_INDEX} classes ({IGNORE_INDEX} means ignore), got {c}")
+        valid = np.zeros(256, dtype=bool)
+        valid[:c] = True
+        valid[IGNORE_INDEX] = True
+        lut = np.arange(256, dtype=np.uint8)
+        return cls(tuple(class_names), lut, valid, f"class indices 0..{c - 1} or {IGNORE_INDEX} (ignore)")
+
+    def apply(self, values: np.ndarray, path: str | os.PathLike, what: str = "mask") -> np.ndarray:
+        """Stored values (any integer dtype, [H, W]) -> uint8 labels [H, W].
+
+        Raises:
+            DataError: a value that is not valid, naming ``path``, the values and their pixel counts.
+        """
+        if values.dtype == np.uint8:
+            counts = np.bincount(values.reshape(-1), minlength=256)
+            bad = np.flatnonzero(counts * ~self.valid).tolist()
+            found = {v: int(counts[v]) for v in bad}
+        else:
+            uniq, n = np.unique(values, return_counts=True)
+            found = {
+                int(v): int(k) for v, k in zip(uniq.tolist(), n.tolist()) if not (0 <= v < 256 and self.valid[v])
+            }
+            bad = sorted(found)
+        if bad:
+            shown = ", ".join(f"{v} ({found[v]} px)" for v in bad[:8])
+            raise DataError(f"{path}: {what} values must be {self.expected}; found {shown}")
+        return self.lut[values.astype(np.uint8, copy=False)]
+
+
+class SampleTask(NamedTuple):
+    """One sample to load: cheap to pickle to a pool worker."""
+
+    index: int
+    name: str
+    image: str
+    mask: str
+    size: int
+    policy: str
+    labels: LabelMap
+    mask_what: str = "mask"
+    mask_expected: str = "an 8-bit single-channel PNG of class indices"
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """What a worker sends back: arrays on success, or the error message naming the file."""
+
+    index: int
+    name: str
+    image: np.ndarray | None = None  # uint8 [3, S, S]
+    mask: np.ndarray | None = None  # uint8 [S, S]
+    error: str | None = None
+
+
+def resize_pair(img: Image.Image, lab: Image.Image, size: int, policy: str) -> tuple[Image.Image, Image.Image]:
+    """Square ``size``: stretch ("resize") or fit the long side and centre-pad ("pad").
+
+    The image is resized bilinearly (PIL antialiases when shrinking), the labels nearest; "pad"
+    puts both on a canvas that is black in the image and ``IGNORE_INDEX`` in the labels.
+    """
+    if policy == "resize":
+        return (
+            img.resize((size, size), Image.Resampling.BILINEAR),
+            lab.resize((size, size), Image.Resampling.NEAREST),
+        )
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    img_c = Image.new("RGB", (size, size), (0, 0, 0))
+    lab_c = Image.new("L", (size, size), IGNORE_INDEX)
+    x0, y0 = (size - nw) // 2, (size - nh) // 2
+    img_c.paste(img.resize((nw, nh), Image.Resampling.BILINEAR), (x0, y0))
+    lab_c.paste(lab.resize((nw, nh), Image.Resampling.NEAREST), (x0, y0))
+    return img_c, lab_c
+
+
+def load_sample(task: SampleTask) -> SampleResult:
+    """Decode, check and resize one sample; never raises (errors come back as messages).
+
+    Returns:
+        SampleResult with uint8 image [3, S, S] and mask [S, S] (labels, ``IGNORE_INDEX`` where
+        ignored or padded), or ``error``: a one-line message naming the bad file.
+    """
+    task = SampleTask(*task)
+    try:
+        img = open_rgb(task.image, what=f"image {task.name!r}")
+        mask = open_mask(task.mask, what=task.mask_what, expected=task.mask_expected)
+        if mask.size != img.size:
+            raise DataError(
+                f"{task.mask}: {task.mask_what} is {mask.size[0]}x{mask.size[1]} (WxH) but its image "
+                f"{task.image} is {img.size[0]}x{img.size[1]}; expected the same size"
+            )
+        labels = task.labels.apply(np.asarray(mask, dtype=np.uint8), task.mask, task.mask_what)
+        img, lab = resize_pair(img, Image.fromarray(labels), task.size, task.policy)
+        image = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        return SampleResult(task.index, task.name, image=image, mask=np.asarray(lab, dtype=np.uint8))
+    except DataError as e:
+        return SampleResult(task.index, task.name, error=str(e))
+    except Exception as e:  # anything else still names the file instead of killing the pool
+        return SampleResult(
+            task.index, task.name, error=f"{task.image}: unexpected {type(e).__name__} while loading: {e}"
+        )
+
+
+def mask_max_label(path: str) -> int:
+    """The largest stored value below ``IGNORE_INDEX`` in one mask, or -1 (none, or unreadable:
+    a bad mask is reported when its own sample loads)."""
+    try:
+        values = np.bincount(np.asarray(open_mask(path), dtype=np.uint8).reshape(-1), minlength=256)
+    except DataError:
+        return -1
+    present = np.flatnonzero(values[:IGNORE_INDEX])
+    return int(present[-1]) if present.size else -1
