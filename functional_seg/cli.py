@@ -240,8 +240,10 @@ def cmd_train(args) -> int:
     record["data_root"] = str(root)
     print(f"training {model.name} on {len(train_data)} images at {args.size}px ({config.device}, {args.epochs} "
           f"epochs, batch {args.batch_size}), validating on {val_note} -> {out_dir}", file=sys.stderr)
+    from .train.curves import CurvesPlot
+
     result = fit(model, train_data, val_data, config, out_dir=out_dir, resume=args.resume, args=record,
-                 hooks=[ConsoleLog(progress=not args.no_progress)])
+                 hooks=[ConsoleLog(progress=not args.no_progress), CurvesPlot(out_dir)])
     final = result["final"]
     names = result["preprocess"].class_names
     test = None

@@ -38,61 +38,78 @@ def _fseg(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory):
+    """One training run on the real sample, made here so that every test using it can run alone."""
     if not (SAMPLE / "annotations" / "trainval.txt").exists():
         pytest.skip(f"the Oxford pets sample is not at {SAMPLE} (set FSEG_SAMPLE_DATA)")
     out = tmp_path_factory.mktemp("sample_run")
     cache = tmp_path_factory.mktemp("cache")
     argv = ["train", "--data", str(SAMPLE), *TINY, "--size", "64", "--epochs", "2", "--batch-size", "32",
             "--cache-dir", str(cache), "--out", str(out / "run"), "--no-progress", "--device", "cpu"]
-    return argv, out / "run", cache
+    proc = _fseg(*argv)
+    assert proc.returncode == 0, proc.stderr
+    return argv, out / "run", cache, proc
 
 
-def test_train_on_the_sample_writes_metrics_and_a_loadable_checkpoint(sample_run, capsys):
-    argv, run, _ = sample_run
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
+def test_train_on_the_sample_writes_metrics_and_a_loadable_checkpoint(sample_run):
+    from functional_seg.models import load_model
+
+    _, run, _, proc = sample_run
+    printed = proc.stdout
     assert "mean IoU (macro)" in printed and "pixel accuracy" in printed and "series custom IoU" in printed
+    assert "\nvalidation\n" in printed and "\ntest (test)\n" in printed  # selection and the final test apart
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert records[-1]["step"] == 2 * (300 // 32)
-    assert 0 < records[-1]["val"]["pixel_accuracy"] <= 1
-    model, params, state, meta = ckpt.load_model(run / "last.safetensors")
+    carved = round(0.1 * 300)
+    assert records[-1]["step"] == 2 * ((300 - carved) // 32)
+    assert sum(map(sum, records[-1]["val"]["confusion"])) == carved * 64 * 64  # validation: the carved 10%
+    test = json.loads((run / "test.json").read_text())
+    assert test["split"] == "test" and sum(map(sum, test["summary"]["confusion"])) == 298 * 64 * 64
+    model, params, state, meta = load_model(run / "last.safetensors")
     assert model.name == "segnet" and model.cfg.widths == (8, 16)
-    assert meta["args"]["size"] == 64 and meta["args"]["data"] == str(SAMPLE)
+    assert meta["preprocess"]["size"] == 64 and meta["args"]["data"] == str(SAMPLE)
     logits, _ = model.apply(params, state, torch.zeros(1, 3, 64, 64), train=False)
     assert logits.shape == (1, 3, 64, 64)
-    assert (run / "best.safetensors").exists() and (run / "config.json").exists()
+    for name in ("best.safetensors", "config.json", "curves.png"):
+        assert (run / name).exists(), name
+    assert "\r" not in proc.stderr  # not a terminal: plain lines
+    assert [line.split("  ")[0] for line in proc.stderr.splitlines() if line.startswith("epoch ")] == \
+        ["epoch 1/2", "epoch 2/2"]  # --no-progress keeps the per-epoch lines
 
 
-def test_eval_prints_the_table_and_json(sample_run, capsys):
-    _, run, cache = sample_run
-    if not (run / "best.safetensors").exists():
-        pytest.skip("needs the sample run")
+def test_eval_prints_the_table_and_json_equal_to_the_final_test(sample_run, capsys):
+    _, run, cache, _ = sample_run
     common = ["eval", "--checkpoint", str(run / "best.safetensors"), "--data", str(SAMPLE), "--split", "test",
               "--cache-dir", str(cache), "--device", "cpu"]
     assert main(common) == 0
     text = capsys.readouterr().out
-    assert "test (298 images at 64px)" in text and "mean IoU (macro)" in text
+    assert "test (298 images at 64px, fp32)" in text and "mean IoU (macro)" in text
     assert main([*common, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert {"pixel_accuracy", "mean_iou", "iou", "series_iou", "series_custom_iou"} <= set(summary)
-    assert sum(map(sum, summary["confusion"])) == 298 * 64 * 64
+    assert summary == json.loads((run / "test.json").read_text())["summary"]
 
 
-def test_predict_writes_masks_and_overlays(sample_run, tmp_path, capsys):
-    _, run, _ = sample_run
-    if not (run / "best.safetensors").exists():
-        pytest.skip("needs the sample run")
-    images = sorted((SAMPLE / "images").glob("*.jpg"))[:2]
-    assert main(["predict", "--checkpoint", str(run / "best.safetensors"), *map(str, images), "--out",
-                 str(tmp_path), "--device", "cpu"]) == 0
-    for path in images:
-        with Image.open(path) as im:
-            size = im.size
-        mask = np.asarray(Image.open(tmp_path / f"{path.stem}_mask.png"))
-        overlay = Image.open(tmp_path / f"{path.stem}_overlay.png")
-        assert mask.shape == (size[1], size[0]) and set(np.unique(mask)) <= {0, 127, 254}
-        assert overlay.size == (2 * size[0], size[1])
+def test_member_of_a_single_model_is_refused(sample_run, capsys):
+    _, run, cache, _ = sample_run
+    assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--data", str(SAMPLE), "--member", "1",
+                 "--cache-dir", str(cache), "--device", "cpu"]) == 2
+    assert "holds one model, not an ensemble" in capsys.readouterr().err
+
+
+def test_training_writes_nothing_inside_the_data_folder(tmp_path, monkeypatch):
+    from functional_seg.data import make_synthetic_dataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = make_synthetic_dataset(tmp_path / "pets", n_trainval=16, n_test=8, size=40)
+
+    def listing():
+        return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+    before = listing()
+    assert main(["train", "--data", str(root), *TINY, "--size", "32", "--epochs", "1", "--batch-size", "4",
+                 "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]) == 0
+    assert listing() == before
+    assert any((tmp_path / "cache").rglob("*.safetensors"))
 
 
 def test_prepare_and_models(tmp_path, capsys):
@@ -218,7 +235,7 @@ def _step_in(path: Path) -> int:
 def test_sigkilled_run_resumes_to_bit_identical_params(tmp_path):
     syn = tmp_path / "syn"
     common = ["train", "--synthetic", str(syn), *TINY, "--size", "32", "--limit", "16", "--batch-size", "4",
-              "--epochs", "3", "--val-split", "none", "--device", "cpu", "--no-progress", "--checkpoint-every", "1",
+              "--epochs", "3", "--val-split", "none", "--test-split", "none", "--device", "cpu", "--no-progress", "--checkpoint-every", "1",
               "--cache-dir", str(tmp_path / "cache"), "--seed", "7", "--optimizer", "sgd", "--lr", "0.05"]
     one_go = _fseg(*common, "--out", str(tmp_path / "one_go"))
     assert one_go.returncode == 0, one_go.stderr
