@@ -227,3 +227,45 @@ def test_bad_file_is_a_data_error_naming_it(tmp_path, case, layout):
     with pytest.warns(DataWarning, match=match):
         data = _prep(root, "train", strict=False)
     assert len(data) == n - (case != "no_image") and len(data.skipped) == 1
+
+
+# ------------------------------------------------------------------------------------------ all bad files
+
+
+def _corrupt(root: Path, names: list[str]) -> None:
+    for name in names:
+        (root / "images" / f"{name}.jpg").write_bytes(b"broken")
+
+
+def test_strict_error_counts_the_bad_files_and_names_the_first_few(tmp_path):
+    root = make_generic_dataset(tmp_path / "g", n=12, split_files=True)
+    train = (root / "train.txt").read_text().split()  # 7 names
+    _corrupt(root, train[:3])
+    with pytest.raises(DataError, match=r"3 of 7 samples of split 'train' are bad: ") as err:
+        _prep(root, "train")
+    assert all(f"{n}.jpg: cannot decode image" in str(err.value) for n in train[:3])
+    assert "\n" not in str(err.value) and "--skip-bad" in str(err.value)
+    _corrupt(root, train[3:])
+    with pytest.raises(DataError, match=r"7 of 7 samples .*; and 2 more; strict=False") as err:
+        _prep(root, "train")
+    assert train[4] in str(err.value) and train[6] not in str(err.value)
+
+
+def test_not_strict_skips_every_bad_file_with_one_warning(tmp_path):
+    root = make_generic_dataset(tmp_path / "g", n=12, split_files=True)
+    train = (root / "train.txt").read_text().split()
+    _corrupt(root, train[:2])
+    (root / "masks" / f"{train[5]}.png").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = _prep(root, "train", strict=False)
+    data_warnings = [w for w in caught if issubclass(w.category, DataWarning)]
+    assert len(data_warnings) == 1
+    text = str(data_warnings[0].message)
+    assert text.startswith("prepare: skipped 3 of 7 samples of split 'train' are bad")
+    assert all(n in text for n in (train[0], train[1], train[5]))
+    assert data.names == tuple(n for n in train if n not in (train[0], train[1], train[5]))
+    assert len(data.skipped) == 3
+    with pytest.warns(DataWarning, match=r"skipped 3 of 7 .*\(from cache generic-train-"):
+        again = _prep(root, "train", strict=False)
+    assert again.names == data.names

@@ -224,10 +224,13 @@ def _save_cache(path: Path, data: PreparedData, key: dict) -> bool:
         return False
 
 
-def _skip_or_raise(msg: str, strict: bool) -> None:
-    if strict:
-        raise DataError(msg)
-    warnings.warn(f"{msg} (skipped)", DataWarning, stacklevel=4)
+_SHOWN = 5  # bad files named in a summary; the rest are counted
+
+
+def _bad_summary(bad: list[str], total: int, split: str) -> str:
+    """'3 of 120 samples of split 'train' are bad: <msg>; <msg>; <msg>' (the first few named)."""
+    shown = "; ".join(bad[:_SHOWN]) + (f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else "")
+    return f"{len(bad)} of {total} samples of split {split!r} {'is' if len(bad) == 1 else 'are'} bad: {shown}"
 
 
 def _infer_labels(src: Source, workers: int) -> LabelMap:
@@ -280,7 +283,9 @@ def prepare(
         policy: "resize" (stretch to S x S) or "pad" (keep aspect, pad with IGNORE_INDEX).
         cache_dir: where the safetensors cache goes (default: ``default_cache_dir()``, i.e.
             ``$XDG_CACHE_HOME/functional_seg`` or ``~/.cache/functional_seg``; never inside ``root``).
-        strict: raise ``DataError`` on a bad sample; if False, warn (``DataWarning``) and skip it.
+        strict: if any sample is bad, raise one ``DataError`` that counts them and names the
+            first few; if False, skip every bad sample and summarise them in one ``DataWarning``
+            (their messages are kept in ``PreparedData.skipped``).
         workers: decoding processes (default: all usable cores; 1 decodes in this process).
         seed: seed of the seeded splits (unused for split files).
         download: let torchvision fetch Oxford-IIIT Pet if ``root`` holds no layout.
@@ -303,13 +308,15 @@ def prepare(
     if path.is_file():
         cached = _load_cache(path)
         if cached is not None and len(cached) > 0 and cached.size == size:
-            for msg in cached.skipped:
-                warnings.warn(f"{msg} (skipped; from cache {path.name})", DataWarning, stacklevel=2)
+            if cached.skipped:
+                total = len(cached) + len(cached.skipped)
+                summary = _bad_summary(list(cached.skipped), total, split)
+                warnings.warn(f"prepare: skipped {summary} (from cache {path.name})", DataWarning, stacklevel=2)
             return cached
 
     n_workers = max(1, workers if workers is not None else cpu_count())
     labels = src.labels if src.labels is not None else _infer_labels(src, n_workers)
-    skipped: list[str] = []
+    bad: list[str] = []  # every bad sample's message, in data order of discovery
     tasks = []
     for name, ip, mp, (_, _, ist, mst) in zip(src.names, src.images, src.masks, key["files"]):
         if ist is None:
@@ -320,8 +327,7 @@ def prepare(
             tasks.append(SampleTask(len(tasks), name, str(ip), str(mp), size, policy, labels,
                                     src.mask_what, src.mask_expected))
             continue
-        _skip_or_raise(msg, strict)
-        skipped.append(msg)
+        bad.append(msg)
 
     images = np.empty((len(tasks), 3, size, size), dtype=np.uint8)
     masks = np.empty((len(tasks), size, size), dtype=np.uint8)
@@ -329,19 +335,22 @@ def prepare(
     with closing(parallel_map(load_sample, tasks, max(1, min(n_workers, len(tasks))))) as results:
         for r in results:
             if r.error is not None:
-                _skip_or_raise(r.error, strict)
-                skipped.append(r.error)
+                bad.append(r.error)
                 continue
             images[len(kept_names)] = r.image
             masks[len(kept_names)] = r.mask
             kept_names.append(r.name)
+    if bad and strict:
+        raise DataError(f"{_bad_summary(bad, len(src.names), split)}; strict=False (fseg --skip-bad) skips them")
+    if bad:
+        warnings.warn(f"prepare: skipped {_bad_summary(bad, len(src.names), split)}", DataWarning, stacklevel=2)
     if not kept_names:
         raise DataError(f"{src.root}: none of the {len(src.names)} samples of split {split!r} could be loaded")
     data = PreparedData(
         images=torch.from_numpy(images[: len(kept_names)]),
         masks=torch.from_numpy(masks[: len(kept_names)]),
         names=tuple(kept_names),
-        skipped=tuple(skipped),
+        skipped=tuple(bad),
         class_names=labels.class_names,
     )
     if _save_cache(path, data, key):
