@@ -165,10 +165,11 @@ def _synthetic_root(arg: str | None) -> Path:
     return root
 
 
-def _prepare(root, split, size, args):
+def _prepare(root, split, size, args, *, progress=None):
     from .data import prepare
 
-    return prepare(root, split, size, policy=args.policy, cache_dir=args.cache_dir, workers=args.workers)
+    return prepare(root, split, size, policy=args.policy, cache_dir=args.cache_dir, workers=args.workers,
+                   strict=not getattr(args, "skip_bad", False), progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +344,7 @@ def cmd_eval(args) -> int:
     results = []
     for i in members:
         p, s = (params, state) if i is None else (_member(params, i), _member(state, i))
-        summary = evaluate(model, p, s, loader, preprocess=pre, class_names=names)
+        summary = evaluate(model, p, s, loader, preprocess=pre, class_names=names, progress=True)
         results.append({"member": i, **summary} if i is not None else summary)
     if args.json:
         print(dumps(results if k and args.member is None else results[0], indent=2))
@@ -460,6 +461,9 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="resize", choices=("resize", "pad"),
                    help="resize: stretch to S x S; pad: keep the aspect ratio and pad (ignored pixels)")
     p.add_argument("--workers", type=_positive_int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable or inconsistent samples and summarise them in one warning "
+                        "(default: stop, counting the bad files and naming the first few)")
 
 
 def build_parser() -> argparse.ArgumentParser:

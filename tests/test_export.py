@@ -22,8 +22,9 @@ from functional_seg.train import init_train_state, make_optimizer
 
 # Tiny cfgs: each exports in a few seconds on a CPU.
 TINY = {
-    "segnet": dict(widths=(4, 8), convs_per_stage=(1, 1)),
-    "segnet_dsc": dict(widths=(4, 8), convs_per_stage=(1, 1)),
+    # no ReLU on the logits: at init most of them would be 0, and the parity tests vacuous
+    "segnet": dict(widths=(4, 8), convs_per_stage=(1, 1), final_relu=False),
+    "segnet_dsc": dict(widths=(4, 8), convs_per_stage=(1, 1), final_relu=False),
     "unet": dict(base_width=4, depth=2),
     "segformer": dict(dims=(8, 16), depths=(1, 1), num_heads=(1, 2), sr_ratios=(2, 1), patch_sizes=(3, 3),
                       patch_strides=(4, 2), decoder_dim=8),
@@ -91,7 +92,7 @@ def test_export_matches_apply(exported, fmt):
             with torch.no_grad():
                 out = runners[fmt](x)
             ref = _reference(model, params, state, pre, x)
-            assert out.shape == (batch, model.num_classes, h, w)
+            assert out.shape == (batch, model.num_classes, h, w) and ref.std() > 1e-3  # not vacuous
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -123,7 +124,7 @@ def test_vit_cannot_take_dynamic_hw_and_says_why():
     model = create_model("vit", **TINY["vit"])
     params, state = model.init(jr.key(0))
     module = ExportModule(model, params, state, Preprocess(size=SIZE)).eval()
-    with pytest.raises(ExportError, match=r"vit: cannot export with dynamic H, W: .*32|vit: cannot export with dynamic"):
+    with pytest.raises(ExportError, match=r"vit: cannot export with dynamic H, W: \w+"):
         trace(module, SIZE, dynamic_hw=True)
     _, dynamic, note = trace(module, SIZE)
     assert not dynamic and note.startswith("vit: exported with static H, W = 32 (dynamic batch only)")
