@@ -38,7 +38,7 @@ from .oxford_pets import (
     read_split,
 )
 from .layouts import LAYOUTS, detect
-from .prepared import PreparedData, prepare
+from .prepared import PreparedData, overlap, prepare
 from .synthetic import make_generic_dataset, make_synthetic_dataset, make_voc_dataset
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "read_split",
     "PreparedData",
     "prepare",
+    "overlap",
     "Loader",
     "AugmentConfig",
     "PRESETS",

@@ -40,9 +40,9 @@ from .layouts import open_source
 from .oxford_pets import CLASS_NAMES
 from .pool import cpu_count, parallel_map
 from .sample import IGNORE_INDEX, POLICIES, LabelMap, SampleTask, load_sample, mask_max_label
-from .source import Source
+from .source import Source, seeded_order
 
-__all__ = ["PreparedData", "prepare", "default_cache_dir", "cache_path"]
+__all__ = ["PreparedData", "prepare", "overlap", "default_cache_dir", "cache_path"]
 
 _FORMAT = "functional_seg.prepared/2"
 
@@ -154,6 +154,45 @@ class PreparedData:
             skipped=self.skipped,
             class_names=self.class_names,
         )
+
+    def carve(self, fraction: float, seed: int) -> tuple[PreparedData, PreparedData]:
+        """Split off a seeded fraction of the samples, e.g. a validation split out of trainval.
+
+        The carve depends only on the set of sample names and ``seed`` (``source.seeded_order``),
+        so the same names give the same carve whatever their order, on every machine.
+
+        Args:
+            fraction: share of the N samples to carve off, in (0, 1); the carved part has
+                ``round(fraction * N)`` samples, clamped to [1, N - 1].
+            seed: seed of the draw.
+
+        Returns:
+            (rest, carved): disjoint, together all samples, each in this data's order.
+
+        Raises:
+            ValueError: ``fraction`` outside (0, 1), fewer than 2 samples, or repeated names (a
+                carve of ``repeat()``-ed data would put one image on both sides).
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ValueError(f"carve: fraction must lie strictly between 0 and 1, got {fraction!r}")
+        n = len(self)
+        if n < 2:
+            raise ValueError(f"carve: need at least 2 samples to split, got {n}")
+        if len(set(self.names)) != n:
+            repeated = next(x for x in self.names if self.names.count(x) > 1)
+            raise ValueError(f"carve: sample names must be unique (e.g. {repeated!r} repeats); carve before repeat()")
+        k = min(max(round(fraction * n), 1), n - 1)
+        carved = set(seeded_order(self.names, seed)[:k])
+        rest_idx = [i for i, x in enumerate(self.names) if x not in carved]
+        carved_idx = [i for i, x in enumerate(self.names) if x in carved]
+        return self.subset(rest_idx), self.subset(carved_idx)
+
+
+def overlap(a: PreparedData, b: PreparedData) -> list[str]:
+    """Sample names present in both ``a`` and ``b``, once each, in ``a``'s order (empty when the
+    two are disjoint), e.g. to warn when training and evaluation images overlap."""
+    shared = set(b.names)
+    return [x for x in dict.fromkeys(a.names) if x in shared]
 
 
 def default_cache_dir() -> Path:

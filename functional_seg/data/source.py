@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import DataError
 from .sample import LabelMap
 
-__all__ = ["Source", "read_names", "seeded_partition", "image_index", "IMAGE_EXTENSIONS"]
+__all__ = ["Source", "read_names", "seeded_order", "seeded_partition", "image_index", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -91,22 +91,28 @@ def read_names(path: Path, example: str, *, first_field: bool = True) -> list[st
     return list(names)
 
 
+def seeded_order(names: Sequence[str], seed: int) -> list[str]:
+    """The distinct ``names`` in a seeded order that depends only on the set of names and the seed:
+    sorted, then permuted with ``core.random.permutation(key(seed))`` (the same on every machine)."""
+    from ..core import random as fr  # keeps torch out of reader imports until a split is drawn
+
+    ordered = sorted(set(names))
+    order = fr.permutation(fr.key(seed), len(ordered)).tolist() if ordered else []
+    return [ordered[i] for i in order]
+
+
 def seeded_partition(
     names: Sequence[str], parts: Sequence[str], fractions: Sequence[float], seed: int
 ) -> dict[str, list[str]]:
     """A seeded partition of ``names`` into ``parts``: the same on every machine and whatever the
     order of ``names``.
 
-    The sorted names are permuted with ``core.random.permutation(key(seed))``; part i takes the next
+    ``seeded_order`` permutes the sorted names; part i takes the next
     ``round(fractions[i] * N)`` of them and the last part takes the rest. Each part comes back
     sorted, so data order does not depend on the permutation.
     """
-    from ..core import random as fr  # keeps torch out of reader imports until a split is drawn
-
-    ordered = sorted(set(names))
-    n = len(ordered)
-    order = fr.permutation(fr.key(seed), n).tolist() if n else []
-    shuffled = [ordered[i] for i in order]
+    shuffled = seeded_order(names, seed)
+    n = len(shuffled)
     out: dict[str, list[str]] = {}
     start = 0
     for i, part in enumerate(parts):
