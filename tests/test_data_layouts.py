@@ -262,10 +262,10 @@ def test_not_strict_skips_every_bad_file_with_one_warning(tmp_path):
     data_warnings = [w for w in caught if issubclass(w.category, DataWarning)]
     assert len(data_warnings) == 1
     text = str(data_warnings[0].message)
-    assert text.startswith("prepare: skipped 3 of 7 samples of split 'train' are bad")
+    assert text.startswith("prepare: 3 of 7 samples of split 'train' are bad: ") and text.endswith("skipped them")
     assert all(n in text for n in (train[0], train[1], train[5]))
     assert data.names == tuple(n for n in train if n not in (train[0], train[1], train[5]))
     assert len(data.skipped) == 3
-    with pytest.warns(DataWarning, match=r"skipped 3 of 7 .*\(from cache generic-train-"):
+    with pytest.warns(DataWarning, match=r"3 of 7 .*; skipped them \(from cache generic-train-"):
         again = _prep(root, "train", strict=False)
     assert again.names == data.names

@@ -39,6 +39,7 @@ from .errors import DataError, DataWarning
 from .layouts import open_source
 from .oxford_pets import CLASS_NAMES
 from .pool import cpu_count, parallel_map
+from .progress import Progress
 from .sample import IGNORE_INDEX, POLICIES, LabelMap, SampleTask, load_sample, mask_max_label
 from .source import Source, seeded_order
 
@@ -309,6 +310,7 @@ def prepare(
     workers: int | None = None,
     seed: int = 0,
     download: bool = False,
+    progress: bool | None = None,
 ) -> PreparedData:
     """Decode, check and resize one split, or load it from the cache.
 
@@ -328,6 +330,8 @@ def prepare(
         workers: decoding processes (default: all usable cores; 1 decodes in this process).
         seed: seed of the seeded splits (unused for split files).
         download: let torchvision fetch Oxford-IIIT Pet if ``root`` holds no layout.
+        progress: while decoding (never on a cache hit), report on stderr: a tqdm bar on a
+            terminal, else a plain line every ~10%. None: only when stderr is a terminal.
 
     Returns:
         PreparedData with uint8 images [N, 3, S, S], masks [N, S, S] and C class names.
@@ -350,7 +354,7 @@ def prepare(
             if cached.skipped:
                 total = len(cached) + len(cached.skipped)
                 summary = _bad_summary(list(cached.skipped), total, split)
-                warnings.warn(f"prepare: skipped {summary} (from cache {path.name})", DataWarning, stacklevel=2)
+                warnings.warn(f"prepare: {summary}; skipped them (from cache {path.name})", DataWarning, stacklevel=2)
             return cached
 
     n_workers = max(1, workers if workers is not None else cpu_count())
@@ -371,8 +375,11 @@ def prepare(
     images = np.empty((len(tasks), 3, size, size), dtype=np.uint8)
     masks = np.empty((len(tasks), size, size), dtype=np.uint8)
     kept_names: list[str] = []
-    with closing(parallel_map(load_sample, tasks, max(1, min(n_workers, len(tasks))))) as results:
+    results = parallel_map(load_sample, tasks, max(1, min(n_workers, len(tasks))))
+    desc = f"prepare {split} ({src.layout}, {size}px)"
+    with closing(results), Progress(len(tasks), desc, progress) as bar:
         for r in results:
+            bar.update()
             if r.error is not None:
                 bad.append(r.error)
                 continue
@@ -382,7 +389,7 @@ def prepare(
     if bad and strict:
         raise DataError(f"{_bad_summary(bad, len(src.names), split)}; strict=False (fseg --skip-bad) skips them")
     if bad:
-        warnings.warn(f"prepare: skipped {_bad_summary(bad, len(src.names), split)}", DataWarning, stacklevel=2)
+        warnings.warn(f"prepare: {_bad_summary(bad, len(src.names), split)}; skipped them", DataWarning, stacklevel=2)
     if not kept_names:
         raise DataError(f"{src.root}: none of the {len(src.names)} samples of split {split!r} could be loaded")
     data = PreparedData(
