@@ -406,19 +406,18 @@ def cmd_export(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .data import CLASS_NAMES
-
-    data = _prepare(Path(args.data), args.split, args.size, args)
+    data = _prepare(Path(args.data), args.split, args.size, args, progress=True)
     counts = data.class_counts().tolist()
     info = {"split": args.split, "images": len(data), "size": data.size, "cache": str(data.cache_path),
-            "skipped": len(data.skipped), "class_pixels": dict(zip(CLASS_NAMES, counts))}
+            "skipped": len(data.skipped), "classes": list(data.class_names),
+            "class_pixels": dict(zip(data.class_names, counts))}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(f"{args.split}: {len(data)} images at {data.size}px, cache {data.cache_path}"
               + (f", {len(data.skipped)} skipped" if data.skipped else ""))
         total = max(sum(counts), 1)
-        print("  pixels: " + ", ".join(f"{n} {c / total:.1%}" for n, c in zip(CLASS_NAMES, counts)))
+        print("  pixels: " + ", ".join(f"{n} {c / total:.1%}" for n, c in zip(data.class_names, counts)))
     return 0
 
 
