@@ -1,16 +1,18 @@
 """One model, seven losses: cross-entropy, soft IoU (1 - M), soft IoU (-log M), Dice, Tversky, focal and
 CE + Dice; plus one vmapped sweep that trains CE + w * Dice for several w in a single step.
 
-Command (GPU, ~1-1.5 min on an H100/H200):  python experiments/loss_comparison.py
-Command (CPU, ~1-2 min, tiny widths):        python experiments/loss_comparison.py --quick
+Command (GPU, ~1.5-2 min on an H100/H200):  python -m experiments.loss_comparison
+Command (CPU, ~3 min, tiny widths):          python -m experiments.loss_comparison --quick
 
-Every run uses the same init, data order and augmentation draws (same seed), the series' recipe
-otherwise (128 px, 20 epochs, batch 64, flip + contrast jitter, Adam 1e-3 + StepLR(7, 0.7)),
-eager steps, bf16 autocast on CUDA. The sweep stacks K train states with ``init_ensemble(...,
-sweep={"dice_weight": [...]}, same_init=True)`` and trains them with ``ensemble_step`` (a
-``torch.func.vmap`` of the train step over the stack, one shared batch); the weight reaches the
-loss as a tensor hyperparameter, so the members differ only by it. The members with w = 0 and
-w = 1 repeat the CE and CE + Dice runs, a check on the vmapped step.
+One ``FitConfig`` per loss, equal but for ``loss``: same init, data order and augmentation draws
+(same seed), the series' recipe otherwise (128 px, 20 epochs, batch 64, flip + contrast jitter,
+Adam 1e-3 + StepLR(7, 0.7)), run by ``fit`` as ``fseg train`` runs it. The sweep is one more
+config, ``FitConfig(loss="ce_dice", sweep={"loss_weight": (w1, ..., wK)})``: ``fit`` stacks K
+train states and trains them with one ``torch.func.vmap``ped step (one shared batch); the
+weight reaches the loss as a tensor hyperparameter. Each member draws its own init (``fit``
+splits the init key K ways), so members w = 0 and w = 1 repeat the CE and CE + Dice runs only up
+to the spread between inits. Every checkpoint is selected on the validation split carved from
+trainval (the sweep's members together, on their mean); scores are on the official test split.
 
 Writes ``<out>/loss_comparison_<device-kind>.{json,md}``, ``..._curves.png`` and ``..._predictions.png``.
 """
@@ -18,11 +20,8 @@ Writes ``<out>/loss_comparison_<device-kind>.{json,md}``, ``..._curves.png`` and
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from . import _common as C
 
 EXPERIMENT = "loss_comparison"
 LOSSES = {
@@ -37,14 +36,15 @@ LOSSES = {
 QUICK_CFG = {"widths": (8, 16, 32, 32)}
 SWEEP_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 COLUMNS = [
-    ("loss", "loss"), ("pixel_accuracy", "pixel acc"), ("mean_iou", "mean IoU"), ("iou_pet", "IoU pet"),
+    ("loss", "loss"), ("val_mean_iou", "val mIoU"), ("best_epoch", "best epoch"),
+    ("pixel_accuracy", "test pixel acc"), ("mean_iou", "test mIoU"), ("iou_pet", "IoU pet"),
     ("iou_background", "IoU bg"), ("iou_border", "IoU border"), ("series_iou", "series IoU"),
     ("custom_iou", "custom IoU"), ("train_s", "train s"),
 ]
 
 
 def parse_args(argv=None):
-    p = C.base_parser(__doc__.split("\n")[0], epochs=20, size=128, batch_size=64)
+    p = C.experiment_parser(__doc__.split("\n")[0], epochs=20, size=128, batch_size=64)
     p.add_argument("--model", default="segnet", help="registry name (quick: tiny widths)")
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of " + ", ".join(LOSSES))
     p.add_argument("--sweep", default=",".join(map(str, SWEEP_WEIGHTS)),
@@ -58,48 +58,38 @@ def make_model(args):
     return create_model(args.model, **(QUICK_CFG if args.quick and args.model.startswith("segnet") else {}))
 
 
-def ce_weighted_dice(logits, target, dice_weight):
-    """CE + w * Dice with w a (possibly vmapped) 0-d tensor hyperparameter."""
-    from functional_seg.losses import get_loss
+def config(args, **fields):
+    from functional_seg.data import augment_preset
 
-    return get_loss("ce")(logits, target) + dice_weight * get_loss("dice")(logits, target)
-
-
-def run_loss(name: str, args, train, test) -> dict:
-    from functional_seg.losses import get_loss
-
-    return C.train_and_evaluate(
-        make_model(args), train=train, test=test, device=args.device, epochs=args.epochs,
-        batch_size=args.batch_size, loss_fn=get_loss(name), augment="flip_jitter",
-        optimizer_cfg=C.step_schedule(1e-3, 7, 0.7), seed=args.seed, label=name,
-        latency=False,
-    )
+    return C.fit_config(args, augment=augment_preset("flip_jitter"), optimizer=C.step_schedule(1e-3, 7, 0.7),
+                        **fields)
 
 
-def run_sweep(weights: list[float], args, train, test) -> dict:
-    return C.train_and_evaluate(
-        make_model(args), train=train, test=test, device=args.device, epochs=args.epochs,
-        batch_size=args.batch_size, loss_fn=ce_weighted_dice, augment="flip_jitter",
-        optimizer_cfg=C.step_schedule(1e-3, 7, 0.7), seed=args.seed, label="sweep",
-        latency=False, ensemble={"sweep": {"dice_weight": weights}, "same_init": True},
-    )
+def run_loss(name: str, args, splits, stem: str) -> dict:
+    return C.run_config(name, make_model(args), config(args, loss=name), splits, args, stem)
 
 
-def render(args, prov, results: dict, sweep: dict | None, weights, n_train, n_test) -> tuple[dict, str]:
+def run_sweep(weights: list[float], args, splits, stem: str) -> dict:
+    cfg = config(args, loss="ce_dice", sweep={"loss_weight": tuple(weights)})
+    return C.run_config("sweep", make_model(args), cfg, splits, args, stem)
+
+
+def render(args, prov, results: dict, sweep: dict | None, weights, splits) -> tuple[dict, str]:
     ranked = sorted(results, key=lambda n: list(LOSSES).index(n) if n in LOSSES else len(LOSSES))
     rows = [{"loss": LOSSES.get(n, n), **results[n]} for n in ranked]
     md = C.md_header(
         f"Loss comparison: {args.model} at {args.size}x{args.size}, {args.epochs} epochs", prov,
         notes=[
-            f"data: `{args.data}`: {n_train} trainval / {n_test} test (official split); clean test metrics",
+            splits.note, C.PROTOCOL_NOTE,
             f"model cfg: {QUICK_CFG if args.quick else 'series defaults'}; batch {args.batch_size}; flip + contrast "
-            "jitter; Adam 1e-3 + StepLR(7, 0.7); same seed for every run; eager, "
-            + ("bf16 autocast" if args.device.type == "cuda" else "fp32"),
+            f"jitter; Adam 1e-3 + StepLR(7, 0.7); same seed for every run; run by `fit` (--compile {args.compile})",
+            C.METRICS_NOTE,
         ],
     )
     md += "\n" + C.md_table(rows, COLUMNS) + "\n"
     if sweep is not None:
-        md += f"\n## vmapped sweep: CE + w * Dice, K = {len(weights)} members in one step\n\n"
+        md += (f"\n## vmapped sweep: CE + w * Dice, K = {len(weights)} members in one step "
+               "(`sweep={\"loss_weight\": ...}`)\n\n")
         if sweep.get("status", "ok") != "ok":
             md += f"{sweep['status']}\n"
         else:
@@ -109,45 +99,44 @@ def render(args, prov, results: dict, sweep: dict | None, weights, n_train, n_te
                 ref = results.get(twin, {}) if twin else {}
                 delta = (m["mean_iou"] - ref["mean_iou"]) if ref.get("mean_iou") is not None else None
                 srows.append({"loss": f"w = {w}", **m, "delta": delta})
-            md += C.md_table(srows, COLUMNS[:-1] + [("delta", "mean IoU - single run")]) + "\n"
+            md += C.md_table(srows, COLUMNS[:-1] + [("delta", "test mIoU - single run")]) + "\n"
             singles = sum(r.get("train_s", 0) for n, r in results.items() if n in ("ce", "ce_dice"))
             md += (f"\nsweep train time {sweep['train_s']:.1f} s for {len(weights)} members "
                    f"({sweep['train_s'] / len(weights):.1f} s per member; the single CE and CE + Dice runs "
-                   f"took {singles:.1f} s together)\n")
+                   f"took {singles:.1f} s together). The members' inits differ from the single runs' (fit "
+                   "splits the init key K ways), so the delta column is init spread, not an error.\n")
     return C.payload(EXPERIMENT, prov, args, results, sweep=C.strip_private(sweep), sweep_weights=weights), md
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     budget, prov, stem = C.start(args, EXPERIMENT, f", model {args.model}")
-    train, test = C.load_splits(args.data, args.size, train_limit=args.train_limit, test_limit=args.test_limit)
+    splits = C.experiment_splits(args)
     weights = [float(w) for w in args.sweep.split(",") if w.strip()]
     results: dict[str, dict] = {}
     sweep = None
 
     def save():
-        C.write_results(args.out, stem, *render(args, prov, results, sweep, weights, len(train), len(test)))
+        C.write_results(args.out, stem, *render(args, prov, results, sweep, weights, splits))
 
-    names = [n.strip() for n in args.losses.split(",") if n.strip()]
+    chosen = C.names(args.losses, LOSSES)
     # CE and CE + Dice first, then the sweep (its members w = 0 and 1 repeat them), then the rest:
     # under a time budget the sweep is not the part that gets skipped.
-    first = [n for n in names if n in ("ce", "ce_dice")]
-    order = first + ["<sweep>"] + [n for n in names if n not in first]
-    for name in order:
+    first = [n for n in chosen if n in ("ce", "ce_dice")]
+    for name in first + ["<sweep>"] + [n for n in chosen if n not in first]:
         if name == "<sweep>":
             if weights:
-                sweep = C.run_budgeted("sweep", lambda: run_sweep(weights, args, train, test), budget)
+                sweep = C.run_budgeted("sweep", lambda: run_sweep(weights, args, splits, stem), budget)
                 save()
             continue
-        results[name] = C.run_budgeted(name, lambda name=name: run_loss(name, args, train, test), budget)
+        results[name] = C.run_budgeted(name, lambda name=name: run_loss(name, args, splits, stem), budget)
         save()
-    save()
     if not args.no_figures:
         ok = {LOSSES.get(n, n): r for n, r in results.items() if r.get("status") == "ok"}
         if sweep and sweep.get("status") == "ok":
             ok.update({f"sweep w={w}": m for w, m in zip(weights, sweep["members"])})
         single_runs = {n: r for n, r in ok.items() if not n.startswith("sweep")}
-        C.write_figures(ok, single_runs, test, args.out, stem, loss_label="train loss (own scale)",
+        C.write_figures(ok, single_runs, splits.test, args.out, stem, loss_label="train loss (own scale)",
                         title=f"losses, {args.model} {args.size}px, {prov['device_name']}")
     print(C.md_table([{"loss": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0
