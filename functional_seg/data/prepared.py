@@ -299,6 +299,38 @@ def _cache_key(src: Source, size: int, policy: str, seed: int, strict: bool) -> 
     }
 
 
+def _decode(
+    src: Source, stats: list, labels: LabelMap, size: int, policy: str, workers: int, progress: bool | None
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Every sample of ``src`` through ``load_sample``: (images [K, 3, S, S], masks [K, S, S], the K
+    loaded names, a message per bad sample). ``stats`` are the cache key's file rows."""
+    bad: list[str] = []  # every bad sample's message, in order of discovery
+    tasks = []
+    for name, ip, mp, (_, _, ist, mst) in zip(src.names, src.images, src.masks, stats):
+        if ist is None:
+            bad.append(f"{src.listed_in} lists {name!r} but its image {ip} is missing; expected an image file there")
+        elif mst is None:
+            bad.append(f"{mp}: {src.mask_what} for image {name!r} is missing; expected {src.mask_expected}")
+        else:
+            tasks.append(SampleTask(len(tasks), name, str(ip), str(mp), size, policy, labels,
+                                    src.mask_what, src.mask_expected))
+    images = np.empty((len(tasks), 3, size, size), dtype=np.uint8)
+    masks = np.empty((len(tasks), size, size), dtype=np.uint8)
+    kept: list[str] = []
+    results = parallel_map(load_sample, tasks, max(1, min(workers, len(tasks))))
+    desc = f"prepare {src.split} ({src.layout}, {size}px)"
+    with closing(results), Progress(len(tasks), desc, progress) as bar:
+        for r in results:
+            bar.update()
+            if r.error is not None:
+                bad.append(r.error)
+                continue
+            images[len(kept)] = r.image
+            masks[len(kept)] = r.mask
+            kept.append(r.name)
+    return images[: len(kept)], masks[: len(kept)], kept, bad
+
+
 def prepare(
     root: str | os.PathLike,
     split: str = "trainval",
@@ -359,33 +391,7 @@ def prepare(
 
     n_workers = max(1, workers if workers is not None else cpu_count())
     labels = src.labels if src.labels is not None else _infer_labels(src, n_workers)
-    bad: list[str] = []  # every bad sample's message, in data order of discovery
-    tasks = []
-    for name, ip, mp, (_, _, ist, mst) in zip(src.names, src.images, src.masks, key["files"]):
-        if ist is None:
-            msg = f"{src.listed_in} lists {name!r} but its image {ip} is missing; expected an image file there"
-        elif mst is None:
-            msg = f"{mp}: {src.mask_what} for image {name!r} is missing; expected {src.mask_expected}"
-        else:
-            tasks.append(SampleTask(len(tasks), name, str(ip), str(mp), size, policy, labels,
-                                    src.mask_what, src.mask_expected))
-            continue
-        bad.append(msg)
-
-    images = np.empty((len(tasks), 3, size, size), dtype=np.uint8)
-    masks = np.empty((len(tasks), size, size), dtype=np.uint8)
-    kept_names: list[str] = []
-    results = parallel_map(load_sample, tasks, max(1, min(n_workers, len(tasks))))
-    desc = f"prepare {split} ({src.layout}, {size}px)"
-    with closing(results), Progress(len(tasks), desc, progress) as bar:
-        for r in results:
-            bar.update()
-            if r.error is not None:
-                bad.append(r.error)
-                continue
-            images[len(kept_names)] = r.image
-            masks[len(kept_names)] = r.mask
-            kept_names.append(r.name)
+    images, masks, kept_names, bad = _decode(src, key["files"], labels, size, policy, n_workers, progress)
     if bad and strict:
         raise DataError(f"{_bad_summary(bad, len(src.names), split)}; strict=False (fseg --skip-bad) skips them")
     if bad:
@@ -393,8 +399,8 @@ def prepare(
     if not kept_names:
         raise DataError(f"{src.root}: none of the {len(src.names)} samples of split {split!r} could be loaded")
     data = PreparedData(
-        images=torch.from_numpy(images[: len(kept_names)]),
-        masks=torch.from_numpy(masks[: len(kept_names)]),
+        images=torch.from_numpy(images),
+        masks=torch.from_numpy(masks),
         names=tuple(kept_names),
         skipped=tuple(bad),
         class_names=labels.class_names,
