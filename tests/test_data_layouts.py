@@ -17,12 +17,13 @@ from functional_seg.data import (
     DataError,
     DataWarning,
     detect,
+    generic,
     make_generic_dataset,
     make_synthetic_dataset,
     make_voc_dataset,
     prepare,
+    voc,
 )
-from functional_seg.data import generic, voc
 
 
 @pytest.fixture(autouse=True)

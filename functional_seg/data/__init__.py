@@ -25,6 +25,7 @@ from .augment import (
     to_float,
 )
 from .decode import read_mask, read_rgb
+from .layouts import LAYOUTS, detect
 from .loader import Loader
 from .oxford_pets import (
     CLASS_NAMES,
@@ -37,7 +38,6 @@ from .oxford_pets import (
     find_root,
     read_split,
 )
-from .layouts import LAYOUTS, detect
 from .prepared import PreparedData, overlap, prepare
 from .synthetic import make_generic_dataset, make_synthetic_dataset, make_voc_dataset
 

@@ -24,9 +24,9 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
