@@ -390,6 +390,12 @@ class _EpochLines:
         print(f"[{self.label}] {epoch_line(record, epochs)}", flush=True)
 
 
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the repository when inside it (tables stay machine-independent)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def _fresh_run_dir(path: Path) -> Path:
     """``path`` emptied of an earlier run of the same variant (never a folder that is not a run)."""
     if path.exists():
@@ -473,7 +479,7 @@ def run_config(label: str, model, config, splits: Splits, args: argparse.Namespa
     loader = Loader(splits.test, config.batch_size, device=device, shuffle=False, drop_last=False)
     train_times = [r.get("train_time_s") or 0.0 for r in history]
     shared = {"train_s": sum(train_times), "first_epoch_s": train_times[0] if train_times else None,
-              "best_epoch": result.get("best_epoch"), "checkpoint": os.path.relpath(chosen, REPO),
+              "best_epoch": result.get("best_epoch"), "checkpoint": _shown(chosen),
               "weights": weights, "steps": result["step"]}
     rows = []
     for i in range(config.members or 1):
