@@ -31,6 +31,9 @@ class Loader:
         shuffle: permute the samples each epoch with the key given to ``epoch``.
         drop_last: drop the final short batch (keeps shapes static for ``torch.compile``).
         resident: keep the whole dataset on ``device`` and gather there.
+        shard: ``(rank, world_size)`` for data parallelism: each batch is still chosen from the
+            GLOBAL batch of ``batch_size`` (the same permutation on every rank), and this rank
+            gathers only its contiguous slice of ``batch_size // world_size`` samples.
     """
 
     def __init__(
@@ -42,9 +45,14 @@ class Loader:
         shuffle: bool = True,
         drop_last: bool = True,
         resident: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ):
         if batch_size < 1:
             raise ValueError(f"Loader: batch_size must be >= 1, got {batch_size}")
+        rank, world = shard
+        if batch_size % world or not 0 <= rank < world:
+            raise ValueError(f"Loader: shard {shard} needs 0 <= rank < world size dividing batch_size {batch_size}")
+        self.shard = (int(rank), int(world))
         if len(data) == 0:
             raise ValueError("Loader: the data is empty")
         self.data = data
@@ -97,8 +105,12 @@ class Loader:
             order = fr.permutation(key.to(self._images.device), n)
         else:
             order = torch.arange(n, device=self._images.device)
+        rank, world = self.shard
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            if world > 1:
+                local = self.batch_size // world
+                idx = idx[rank * local : (rank + 1) * local]
             images = self._gather(self._images, idx)
             masks = self._gather(self._masks, idx)
             images = images.to(self.device, non_blocking=True)

@@ -7,8 +7,14 @@ fields split in two:
   size, epochs' schedule horizon, ensemble and sweep, precision. A resumed run must agree on
   every one of them (and on the model, preprocessing and data, which the run directory records
   beside it), or it would silently continue a different experiment;
+  ``accumulate`` (K micro-batches per update), ``ema`` (its decay) and ``sync_bn`` are maths too:
+  they change batch-norm statistics, the weights saved or the float order of the sums;
 - the running of it: device, compile, channels-last (a layout, not maths), logging, checkpoint
-  and evaluation frequency, ``max_steps``. These may change between a run and its resume.
+  and evaluation frequency, ``max_steps``, ``bucket`` (how gradients travel between processes).
+  These may change between a run and its resume. The world size (``torchrun`` processes) is not
+  in the config: a run resumed on another number of processes continues the same maths (the
+  global batch and every draw are the same) up to float reduction order, and batch-norm
+  statistics unless ``sync_bn``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from .optim import OptimizerConfig
 __all__ = ["FitConfig", "SWEEPABLE", "MATHS", "maths_record", "flat_settings", "first_difference"]
 
 SWEEPABLE = ("lr", "loss_weight")
-MATHS = ("loss", "loss_cfg", "optimizer", "augment", "seed", "batch_size", "ensemble", "sweep", "precision")
+MATHS = ("loss", "loss_cfg", "optimizer", "augment", "seed", "batch_size", "ensemble", "sweep", "precision",
+         "accumulate", "ema", "sync_bn")
+_DEFAULTS = {"accumulate": 1, "ema": None, "sync_bn": False}
 # Schedules that never read total_steps: a resume may then extend the number of epochs.
 _HORIZONLESS = ("constant", "step")
 
@@ -51,9 +59,13 @@ class FitConfig:
     checkpoint_every: int | None = None
     eval_every: int = 1
     max_steps: int | None = None
+    accumulate: int = 1
+    ema: float | None = None
+    sync_bn: bool = False
+    bucket: bool = True
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "ensemble", "log_every", "eval_every"):
+        for name in ("epochs", "batch_size", "ensemble", "log_every", "eval_every", "accumulate"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -61,6 +73,13 @@ class FitConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.batch_size % self.accumulate:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by accumulate {self.accumulate} "
+                             "(K equal micro-batches per optimizer step)")
+        if self.ema is not None:
+            if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 < self.ema < 1.0:
+                raise ValueError(f"ema is a decay in (0, 1) (e.g. 0.999) or None, got {self.ema!r}")
+            object.__setattr__(self, "ema", float(self.ema))
         sweep = {k: tuple(float(v) for v in vals) for k, vals in dict(self.sweep).items()}
         for name in sweep:
             if name not in SWEEPABLE:
@@ -103,7 +122,8 @@ def flat_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
 def maths_record(config: FitConfig, *, model: Mapping, preprocess: Mapping, data: Mapping) -> dict[str, Any]:
     """The settings a resume must match, as flat dotted names -> JSON values."""
     d = config.to_dict()
-    maths = {k: d[k] for k in MATHS}
+    # settings added later are recorded only when used, so older runs still resume with the defaults
+    maths = {k: d[k] for k in MATHS if k not in _DEFAULTS or d[k] != _DEFAULTS[k]}
     opt = dict(maths["optimizer"])
     if opt.get("schedule") in _HORIZONLESS:
         opt.pop("total_steps", None)

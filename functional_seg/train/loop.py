@@ -39,12 +39,13 @@ from ..losses import get_loss
 from ..models.saved import model_metadata
 from ..runtime import resolve_channels_last, resolve_compile, resolve_precision
 from .config import FitConfig, maths_record
+from .distributed import World, agree, broadcast_tree, failure_report, world_from_env
 from .evaluate import evaluate, evaluate_ensemble
 from .log import ConsoleLog, call_hooks
 from .optim import make_optimizer
-from .rundir import RunDir, TrainingDiverged
-from .state import TrainState, ensemble_size, init_ensemble, init_train_state
-from .step import compile_step, ensemble_step, make_eval_step, make_train_step
+from .rundir import RunDir, RunDirError, TrainingDiverged
+from .state import TrainState, ensemble_size, init_ensemble, init_train_state, with_ema
+from .step import compile_step, make_eval_step, make_train_step
 
 __all__ = ["fit", "Plan", "plan_run", "TrainingDiverged", "unstack_members"]
 
@@ -65,6 +66,7 @@ class Plan:
     init_key: torch.Tensor
     data_key: torch.Tensor
     data: dict
+    world: World = World()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -84,9 +86,10 @@ class Plan:
     def init_state(self) -> TrainState:
         c = self.config
         if c.members:
-            return init_ensemble(self.model, self.optimizer, self.init_key, c.members, sweep=c.sweep,
-                                 device=self.device)
-        return init_train_state(self.model, self.optimizer, self.init_key, device=self.device)
+            ts = init_ensemble(self.model, self.optimizer, self.init_key, c.members, sweep=c.sweep, device=self.device)
+        else:
+            ts = init_train_state(self.model, self.optimizer, self.init_key, device=self.device)
+        return with_ema(ts) if c.ema is not None else ts
 
     def metadata(self, args) -> dict:
         """What every checkpoint and config.json of the run records besides the model."""
@@ -96,12 +99,20 @@ class Plan:
 
 
 def plan_run(model, train_data, val_data, config: FitConfig) -> Plan:
-    """Resolve devices, precision and layout, build the loaders, optimizer and (compiled) steps."""
-    device = torch.device(config.device)
+    """Resolve devices, precision and layout, build the loaders, optimizer and (compiled) steps.
+
+    Under ``torchrun`` this process joins the job (``distributed.world_from_env``): its device is
+    ``cuda:LOCAL_RANK`` on CUDA, its train loader yields its slice of each global batch, and only
+    rank 0 gets a validation loader (it alone evaluates and writes).
+    """
+    world = world_from_env(config.device, bucket=config.bucket)
+    device = world.device(config.device)
     precision = resolve_precision(config.precision, device)
     use_compile = resolve_compile(config.compile, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
+    if use_compile:
+        _enable_compile_cache(config)
     pre = Preprocess(size=int(train_data.size), policy=getattr(train_data, "policy", "resize"),
                      channels_last=resolve_channels_last(config.channels_last, device), precision=precision,
                      class_names=tuple(getattr(train_data, "class_names", CLASS_NAMES)))
@@ -109,28 +120,44 @@ def plan_run(model, train_data, val_data, config: FitConfig) -> Plan:
         raise ValueError(f"the model predicts {model.num_classes} classes but the data has {pre.num_classes} "
                          f"({', '.join(pre.class_names)}); pass num_classes={pre.num_classes} in the model cfg")
     b = config.batch_size
-    train_loader = Loader(train_data, b, device=device, shuffle=True, drop_last=True)
+    if world.local_batch(b) % config.accumulate:
+        raise ValueError(f"the per-process batch {world.local_batch(b)} (--batch-size {b} over {world.size} "
+                         f"processes) must be divisible by --accumulate {config.accumulate}")
+    members = config.members
+    if members and config.sync_bn and world.distributed and use_compile:
+        raise ValueError("--sync-bn with an ensemble cannot compile yet (dynamo cannot vmap the differentiable "
+                         "all-reduce); pass --compile off")
+    train_loader = Loader(train_data, b, device=device, shuffle=True, drop_last=True, shard=(world.rank, world.size))
     if len(train_loader) == 0:
         raise ValueError(f"batch size {b} is larger than the {len(train_data)} training images")
-    val_loader = Loader(val_data, b, device=device, shuffle=False, drop_last=False) if val_data is not None else None
+    val_loader = (Loader(val_data, b, device=device, shuffle=False, drop_last=False)
+                  if val_data is not None and world.is_main else None)
     spe = len(train_loader)
     opt_cfg = dataclasses.replace(config.optimizer, steps_per_epoch=spe,
                                   total_steps=config.optimizer.total_steps or config.epochs * spe)
     optimizer = make_optimizer(opt_cfg)
     loss_fn = get_loss(config.loss, ignore_index=pre.ignore_index, **config.loss_cfg)
-    members = config.members
     step = make_train_step(model, loss_fn, optimizer, preprocess=pre, augment_cfg=config.augment,
-                           compile=use_compile and not members)
+                           compile=use_compile, accumulate=config.accumulate, ema=config.ema, world=world,
+                           ensemble=bool(members), sync_bn=config.sync_bn)
     eval_step = make_eval_step(model, preprocess=pre)
     if members:
-        step = ensemble_step(step, compile=use_compile)
         eval_step = torch.func.vmap(eval_step, in_dims=(0, 0, None, None))
     if use_compile:
         eval_step = compile_step(eval_step)
     init_key, data_key = jr.split(jr.key(config.seed))
     data = {"n_train": len(train_data), "steps_per_epoch": spe}
     return Plan(model, config, pre, device, train_loader, val_loader, optimizer, step, eval_step, init_key,
-                data_key, data)
+                data_key, data, world)
+
+
+def _enable_compile_cache(config: FitConfig) -> None:
+    """torch's on-disk compile caches (``compile_cache.enable``), when that module is present."""
+    try:
+        from . import compile_cache
+    except ImportError:
+        return
+    compile_cache.enable()
 
 
 @dataclass
@@ -233,9 +260,9 @@ def _record(plan: Plan, ts: TrainState, sums: _EpochSums, epoch: int) -> dict:
     return record
 
 
-def _validate(plan: Plan, ts: TrainState) -> tuple[Any, float]:
+def _validate(plan: Plan, params, state) -> tuple[Any, float]:
     """``(summary or member summaries, score)``; the score of an ensemble is its members' mean."""
-    args = (plan.model, ts.params, ts.state, plan.val_loader)
+    args = (plan.model, params, state, plan.val_loader)
     kw = {"eval_step": plan.eval_step, "preprocess": plan.preprocess}
     if plan.config.members:
         summaries = evaluate_ensemble(*args, **kw)
@@ -244,13 +271,42 @@ def _validate(plan: Plan, ts: TrainState) -> tuple[Any, float]:
     return summary, summary["mean_iou"]
 
 
+def _evaluate_epoch(plan: Plan, ts: TrainState, record: dict, epoch: int) -> float | None:
+    """Validate the raw params (``val``) and, with ``--ema``, the EMA weights (``val_ema``) into
+    ``record``; the score (that selects best.safetensors) is the raw params' mean IoU."""
+    c = plan.config
+    if plan.val_loader is None or (isinstance(record["epoch"], int) and (epoch + 1) % c.eval_every
+                                   and epoch + 1 != c.epochs):
+        return None
+    t1 = time.perf_counter()
+    record["val"], score = _validate(plan, ts.params, ts.state)
+    if ts.ema:
+        record["val_ema"], _ = _validate(plan, ts.ema["params"], ts.ema["state"])
+    record["eval_time_s"] = time.perf_counter() - t1
+    return score
+
+
+def _open_run(plan: Plan, run: RunDir, model, record: dict, resume: bool) -> tuple[TrainState, dict]:
+    """The starting train state (fresh or restored) and the checkpoint's extras, the same on every
+    rank: rank 0 checks the directory, every rank reads the checkpoint, rank 0's state is broadcast."""
+    ts = plan.init_state()
+    extra: dict = {}
+    if agree(plan.world, lambda: run.start(record, plan.maths, resume=resume), errors=(RunDirError,)):
+        ts, extra = run.restore(ts, model, record, plan.maths)
+    return broadcast_tree(plan.world, ts), extra
+
+
 def fit(model, train_data, val_data, config: FitConfig, *, out_dir: str | os.PathLike, resume: bool = False,
         hooks: Sequence | None = None, args: dict | None = None) -> dict:
     """Train ``model`` on ``train_data`` as ``config`` says, keeping the run's record in ``out_dir``.
 
+    Under ``torchrun`` every process runs this same call (see ``distributed``): rank 0 writes the
+    run directory, validates and runs the hooks; the others train their slice of each batch.
+
     Args:
         train_data, val_data: ``PreparedData`` (val_data may be None: no evaluation; ``best``
-            is then never written).
+            is then never written). Validation scores the raw params (``val``, which selects
+            best.safetensors) and, with ``config.ema``, the EMA weights too (``val_ema``).
         config: a ``FitConfig``.
         out_dir: the run directory (see ``rundir``); ``resume`` continues from its last.safetensors.
         hooks: objects with ``on_epoch_start``/``on_log``/``on_epoch_end``/``close`` (default:
@@ -265,14 +321,12 @@ def fit(model, train_data, val_data, config: FitConfig, *, out_dir: str | os.Pat
         RunDirError: the directory cannot hold this run (the message says why and what to do).
     """
     plan = plan_run(model, train_data, val_data, config)
-    hooks = list(hooks) if hooks is not None else [ConsoleLog()]
+    world = plan.world
+    hooks = (list(hooks) if hooks is not None else [ConsoleLog()]) if world.is_main else []
     meta = plan.metadata(args)
-    with RunDir(out_dir) as run:
-        ts = plan.init_state()
-        extra: dict = {}
+    with failure_report(world), RunDir(out_dir, writer=world.is_main) as run:
         record = {"model": model_metadata(model), **meta}
-        if run.start(record, plan.maths, resume=resume):
-            ts, extra = run.restore(ts, model, record, plan.maths)
+        ts, extra = _open_run(plan, run, model, record, resume)
         history = run.history(_step_of(ts)) if resume else []
         best = {"best_mean_iou": extra.get("best_mean_iou"), "best_epoch": extra.get("best_epoch")}
         save = lambda which, state, more=None: run.save(which, state, model=model, metadata=meta,  # noqa: E731
@@ -285,12 +339,7 @@ def fit(model, train_data, val_data, config: FitConfig, *, out_dir: str | os.Pat
                                         lambda state, more: save("last", state, more))
                 record = _record(plan, ts, sums, epoch)
                 whole = isinstance(record["epoch"], int)
-                score = None
-                if plan.val_loader is not None and (not whole or (epoch + 1) % config.eval_every == 0
-                                                    or epoch + 1 == config.epochs):
-                    t1 = time.perf_counter()
-                    record["val"], score = _validate(plan, ts)
-                    record["eval_time_s"] = time.perf_counter() - t1
+                score = _evaluate_epoch(plan, ts, record, epoch)
                 if not whole:
                     record["partial"] = True  # stopped by max_steps: a resumed run replaces it
                 record["time"] = time.time()

@@ -16,7 +16,10 @@ Guarantees:
 - a checkpoint never holds a non-finite parameter, statistic or optimizer moment: the state is
   checked before every write and the run stops with :class:`TrainingDiverged`;
 - every write is atomic (``core.files``); OS errors (read-only folder, disk full, a file where
-  the folder should be) become one :class:`RunDirError` line naming the path.
+  the folder should be) become one :class:`RunDirError` line naming the path;
+- in a data-parallel run only rank 0 writes (``writer=True``); the other ranks open the directory
+  with ``writer=False``: they take no lock, write nothing, read the checkpoint on resume and
+  check each state for nan/inf as rank 0 does, so every rank stops together.
 """
 
 from __future__ import annotations
@@ -71,8 +74,9 @@ def nonfinite_leaves(tree) -> list[str]:
 class RunDir:
     """A locked run directory; use as a context manager (the lock is released on exit)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
         self.config = self.path / "config.json"
         self.metrics = self.path / "metrics.jsonl"
         self.last = self.path / "last.safetensors"
@@ -84,6 +88,8 @@ class RunDir:
     def __enter__(self) -> RunDir:
         import fcntl
 
+        if not self.writer:
+            return self
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} is a file, not a folder; choose a folder for the run")
         try:
@@ -136,6 +142,8 @@ class RunDir:
         return has_last and resume
 
     def write_config(self, record: Mapping[str, Any], maths: Mapping[str, Any]) -> None:
+        if not self.writer:
+            return
         self._write(self.config, lambda p: write_json(p, {**record, "maths": dict(maths)}))
 
     def _read_config(self) -> dict:
@@ -177,12 +185,16 @@ class RunDir:
             raise TrainingDiverged(f"the train state became non-finite ({len(bad)} tensors, first {bad[0]}) at "
                                    f"step {int(train_state.step.reshape(-1)[0])}; training stopped and {kept}")
         path = {"last": self.last, "best": self.best}[which]
+        if not self.writer:
+            return path
         k = 0 if train_state.step.dim() == 0 else int(train_state.step.shape[0])
         meta = {**model_metadata(model), **dict(metadata), "ensemble": k, "extra": dict(extra)}
         self._write(path, lambda p: ckpt.save(p, train_state, meta))
         return path
 
     def append(self, record: Mapping[str, Any]) -> None:
+        if not self.writer:
+            return
         self._write(self.metrics, lambda p: append_jsonl(p, record))
 
     def history(self, max_step: int) -> list[dict]:
@@ -195,5 +207,6 @@ class RunDir:
                 record = json.loads(line)
                 if record.get("step", 0) <= max_step and not record.get("partial"):
                     kept.append(record)
-        self._write(self.metrics, lambda p: write_atomic(p, "".join(json.dumps(r) + "\n" for r in kept)))
+        if self.writer:
+            self._write(self.metrics, lambda p: write_atomic(p, "".join(json.dumps(r) + "\n" for r in kept)))
         return kept

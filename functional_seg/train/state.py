@@ -8,6 +8,10 @@
 - key: int64 [2] random key; the step's key is ``fold_in(key, step)``.
 - hparams: dict of float 0-d tensors, at least ``lr``. Keeping them tensors means changing them
   costs no recompile, and an ensemble can sweep them under ``vmap``.
+- ema: ``{}`` (no EMA: no leaves, so tree maps, ``stack`` and checkpoints see nothing), or
+  ``{"params": ..., "state": ...}``, the exponential moving average of params and
+  model state (``--ema``); a checkpoint stores it as ``ema.params.*`` / ``ema.state.*``, which
+  ``models.load_model(path, weights="ema")`` reads.
 
 For an ensemble of K members every leaf gains a leading axis of size K (``core.tree.stack``).
 """
@@ -22,7 +26,7 @@ import torch
 from ..core import random as jr
 from ..core.tree import stack, tree_map
 
-__all__ = ["TrainState", "init_train_state", "init_ensemble", "ensemble_size"]
+__all__ = ["TrainState", "init_train_state", "init_ensemble", "ensemble_size", "with_ema"]
 
 
 class TrainState(NamedTuple):
@@ -32,6 +36,13 @@ class TrainState(NamedTuple):
     step: torch.Tensor
     key: torch.Tensor
     hparams: dict
+    ema: dict = {}  # noqa: RUF012 (never mutated: states are replaced, not written)
+
+
+def with_ema(train_state: TrainState) -> TrainState:
+    """The state with its EMA started at the current params and model state (copies)."""
+    ema = tree_map(torch.clone, {"params": train_state.params, "state": train_state.state})
+    return train_state._replace(ema=ema)
 
 
 def init_train_state(model, optimizer, key: torch.Tensor, *, hparams: Mapping[str, float] | None = None,

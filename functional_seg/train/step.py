@@ -28,13 +28,17 @@ import warnings
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.utils._pytree as pytree
 import torchopt
 
 from .. import metrics as M
 from ..core import random as jr
 from ..data.augment import augment, to_float
 from ..data.preprocess import Preprocess
+from ..core.tree import tree_map
+from ..nn.norm import batch_stats_reducer
 from ..runtime import autocast
+from .distributed import SINGLE, World, all_reduce_sum, all_reduce_sum_autograd
 from .state import TrainState
 
 __all__ = ["make_train_step", "make_eval_step", "ensemble_step", "compile_step", "compile_report"]
@@ -60,9 +64,30 @@ def _ordered_like(template, tree):
     return tree
 
 
+def _augment_samples(aug_key: torch.Tensor, x: torch.Tensor, target: torch.Tensor, cfg, offset: int):
+    """Augment sample i of the batch with ``fold_in(aug_key, offset + i)``, its GLOBAL index.
+
+    A sample's draw then depends on the step and on where it sits in the global batch only, not
+    on how the batch is split over processes or micro-batches. ``vmap`` turns the per-sample calls
+    back into batched kernels (the crop's ``affine_grid`` has no batching rule and loops).
+    """
+    keys = jr.fold_in(aug_key, offset + torch.arange(x.shape[0], device=x.device))
+
+    def one(k, xi, mi):
+        xa, ma = augment(k, xi[None], mi[None], cfg)
+        return xa[0], ma[0]
+
+    return torch.func.vmap(one, randomness="error")(keys, x, target)
+
+
+def _is_float(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
 def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preprocess | None = None,
                     augment_cfg=None, compile: bool = False, fullgraph: bool = True,
-                    backend: str = "inductor") -> Callable:
+                    backend: str = "inductor", accumulate: int = 1, ema: float | None = None,
+                    world: World | None = None, ensemble: bool = False, sync_bn: bool = False) -> Callable:
     """Build the pure ``train_step(train_state, batch) -> (train_state, metrics)``.
 
     Args:
@@ -73,46 +98,154 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preproce
         preprocess: the ``Preprocess`` contract (static): normalisation, channels-last, precision
             (bf16 autocasts the forward only; the loss is computed in fp32) and the ignored label.
             Default: ImageNet normalisation, fp32, NCHW, ignore 255.
-        augment_cfg: an ``AugmentConfig`` (static) or None for no augmentation.
+        augment_cfg: an ``AugmentConfig`` (static) or None for no augmentation. Sample i of the
+            global batch draws from ``fold_in(aug_key, i)``.
         compile: wrap the step in ``torch.compile`` (see :func:`compile_step`).
         fullgraph: ask dynamo for one graph (falls back with a warning if it cannot).
         backend: the ``torch.compile`` backend ("aot_eager" traces the same graph without code
             generation: what the CPU tests use, as inductor's C++ build takes minutes there).
+        accumulate: K (static): the batch is split into K equal micro-batches, each forward and
+            backward separately (peak activation memory of B/K images); gradients are summed
+            weighted by each micro-batch's labelled pixels, then one optimizer update. For
+            pixel-mean losses (ce, focal without class weights) this is one step on the whole
+            batch up to float reduction order; the overlap losses (batch-wide soft counts) are
+            then averaged over micro-batches instead. Batch-norm layers normalise each
+            micro-batch by itself and the K new running statistics are averaged (as K ranks).
+        ema: decay d in (0, 1) (static) or None: ``ema <- d * ema + (1 - d) * new`` over params
+            and model state after every update (``train_state.ema`` must be set: ``with_ema``).
+        world: a ``distributed.World`` (static); the batch is then this rank's slice of the
+            global batch, and gradients, averaged model state, loss and confusion are summed over
+            the ranks inside the step.
+        ensemble: the train state is K stacked members (``vmap`` over them; collectives stay
+            outside the ``vmap``, so each reduces the K members at once).
+        sync_bn: with a distributed ``world``, batch norm normalises with the statistics of the
+            whole global (micro-)batch (``nn.norm.batch_stats_reducer``).
 
     Returns:
-        ``train_step``; batch is ``(images uint8 [B, 3, S, S], masks int64 [B, S, S])`` on the
-        state's device.
+        ``train_step``; batch is ``(images uint8 [b, 3, S, S], masks int64 [b, S, S])`` on the
+        state's device, b = B / world size.
     """
     pre = preprocess or _DEFAULT
+    world = world or SINGLE
+    k_micro = int(accumulate)
+    if k_micro < 1:
+        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
+    if ema is not None and not 0.0 < ema < 1.0:
+        raise ValueError(f"ema is a decay in (0, 1), got {ema!r}")
+    parts = k_micro * world.size  # micro-batches in the global batch
 
-    def train_step(train_state: TrainState, batch) -> tuple[TrainState, dict]:
+    def local(train_state: TrainState, batch):
+        """This rank's share: (grads, state, sums) summed over its micro-batches."""
         images, masks = batch
+        b = images.shape[0]
+        if b % k_micro:
+            raise ValueError(f"the batch of {b} images (per process) is not divisible by accumulate {k_micro}")
         step_key = jr.fold_in(train_state.key, train_state.step)
         aug_key, model_key = jr.split(step_key)
         x, target = to_float(images), masks
         if augment_cfg is not None:
-            x, target = augment(aug_key, x, target, augment_cfg)
+            x, target = _augment_samples(aug_key, x, target, augment_cfg, world.rank * b)
         x = pre.model_input(x)
         extra = {k: v for k, v in train_state.hparams.items() if k != "lr"}
+        m = b // k_micro
+        grads = state = None
+        sums: dict = {}
+        for j in range(k_micro):
+            xj, tj = x[j * m:(j + 1) * m], target[j * m:(j + 1) * m]
+            key_j = model_key if parts == 1 else jr.fold_in(model_key, world.rank * k_micro + j)
+            weight = (torch.ones((), device=tj.device) if parts == 1 else
+                      (tj != pre.ignore_index).sum().float() if pre.ignore_index is not None else
+                      torch.tensor(float(tj.numel()), device=tj.device))
 
-        def loss_of(params):
-            with autocast(pre.precision, x.device.type):
-                logits, new_state = model.apply(params, train_state.state, x, train=True, key=model_key)
-            logits = logits.float()
-            loss = loss_fn(logits, target, **extra)
-            return loss, (logits.detach(), new_state)
+            def loss_of(params, xj=xj, tj=tj, key_j=key_j, weight=weight):
+                with autocast(pre.precision, xj.device.type):
+                    logits, new_state = model.apply(params, train_state.state, xj, train=True, key=key_j)
+                logits = logits.float()
+                loss = loss_fn(logits, tj, **extra)
+                return loss * weight if parts > 1 else loss, (logits.detach(), new_state)
 
-        grads, (loss, (logits, new_state)) = torch.func.grad_and_value(loss_of, has_aux=True)(train_state.params)
+            g, (loss, (logits, new_state)) = torch.func.grad_and_value(loss_of, has_aux=True)(train_state.params)
+            cm = _confusion(logits, tj, pre)
+            new_state = _ordered_like(train_state.state, new_state)
+            part = {"loss": loss.detach(), "weight": weight, "confusion": cm}
+            if j == 0:
+                grads, state, sums = g, new_state, part
+            else:
+                grads = tree_map(torch.add, grads, g)
+                state = tree_map(lambda a, c: a + c if _is_float(a) else c, state, new_state)
+                sums = {k: sums[k] + part[k] for k in sums}
+        return grads, state, sums
+
+    def update(train_state: TrainState, grads, state, sums):
+        """The optimizer update from the summed gradients; state and loss averaged."""
+        if parts > 1:
+            total = sums["weight"].clamp_min(1.0)
+            grads = tree_map(lambda g: g / total, grads)
+            state = tree_map(lambda s: s / parts if _is_float(s) else s, state)
+            loss = sums["loss"] / total
+        else:
+            loss = sums["loss"]
         updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params,
                                               step=train_state.step, lr=train_state.hparams["lr"])
         params = torchopt.apply_updates(train_state.params, updates, inplace=False)
-        cm = _confusion(logits, target, pre)
-        metrics = {"loss": loss.detach(), "pixel_accuracy": M.pixel_accuracy(cm).float(), "confusion": cm}
-        new = train_state._replace(params=params, state=_ordered_like(train_state.state, new_state),
-                                   opt_state=opt_state, step=train_state.step + 1, hparams=dict(train_state.hparams))
+        cm = sums["confusion"]
+        metrics = {"loss": loss, "pixel_accuracy": M.pixel_accuracy(cm).float(), "confusion": cm}
+        new = train_state._replace(params=params, state=state, opt_state=opt_state, step=train_state.step + 1,
+                                   hparams=dict(train_state.hparams))
+        if ema is not None:
+            new = new._replace(ema=_ema_update(train_state.ema, params, state, ema))
         return new, metrics
 
-    return compile_step(train_step, fullgraph=fullgraph, backend=backend) if compile else train_step
+    def reduce(grads, state, sums):
+        """Sum over ranks: gradients and float state in one bucket, loss/weight/confusion in float64."""
+        g_leaves, g_spec = pytree.tree_flatten(grads)
+        s_leaves, s_spec = pytree.tree_flatten(state)
+        s_float = [i for i, t in enumerate(s_leaves) if _is_float(t)]
+        reduced = all_reduce_sum(world, g_leaves + [s_leaves[i] for i in s_float])
+        for i, t in zip(s_float, reduced[len(g_leaves):]):
+            s_leaves[i] = t
+        cm = sums["confusion"]
+        scal = torch.cat([sums["loss"].double().reshape(*cm.shape[:-2], 1),
+                          sums["weight"].double().reshape(*cm.shape[:-2], 1),
+                          cm.double().flatten(-2)], dim=-1)
+        (scal,) = all_reduce_sum(world, [scal])
+        sums = {"loss": scal[..., 0].float(), "weight": scal[..., 1].float(),
+                "confusion": scal[..., 2:].round().to(torch.int64).reshape(cm.shape)}
+        return (pytree.tree_unflatten(reduced[:len(g_leaves)], g_spec), pytree.tree_unflatten(s_leaves, s_spec),
+                sums)
+
+    def train_step(train_state: TrainState, batch) -> tuple[TrainState, dict]:
+        if ema is not None and not train_state.ema:
+            raise ValueError("the step keeps an EMA but train_state.ema is empty; start from state.with_ema(...)")
+        if ensemble:
+            out = torch.func.vmap(local, in_dims=(0, None), randomness="error")(train_state, batch)
+        else:
+            out = local(train_state, batch)
+        if world.distributed:
+            out = reduce(*out)
+        if ensemble:
+            return torch.func.vmap(update, randomness="error")(train_state, *out)
+        return update(train_state, *out)
+
+    step = compile_step(train_step, fullgraph=fullgraph, backend=backend) if compile else train_step
+    if not (sync_bn and world.distributed):
+        return step
+
+    @functools.wraps(train_step)
+    def synced(train_state: TrainState, batch):
+        # entered outside the compiled function: dynamo reads (and guards on) the reducer
+        with batch_stats_reducer(all_reduce_sum_autograd):
+            return step(train_state, batch)
+
+    return synced
+
+
+def _ema_update(ema: dict, params: dict, state: dict, decay: float) -> dict:
+    """``d * ema + (1 - d) * new`` for every float leaf; integer leaves (counters) take the new value."""
+    def mix(e, new):
+        return e * decay + new * (1.0 - decay) if _is_float(new) else new
+
+    return {"params": tree_map(mix, ema["params"], params), "state": tree_map(mix, ema["state"], state)}
 
 
 def make_eval_step(model, *, preprocess: Preprocess | None = None, compile: bool = False,
