@@ -221,7 +221,8 @@ def _fit_config(args, model):
         epochs=args.epochs, batch_size=args.batch_size, loss=args.loss, loss_cfg=loss_cfg, optimizer=optimizer,
         augment=augment_preset(args.augment), seed=args.seed, ensemble=args.ensemble, sweep=parse_sweep(args.sweep),
         precision=args.precision, device=str(_device(args.device)), compile=args.compile,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
+        accumulate=args.accumulate, ema=args.ema, sync_bn=args.sync_bn, bucket=args.bucket == "flat")
 
 
 def cmd_train(args) -> int:
@@ -502,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--step-size", type=_positive_int, default=7, help="step schedule: epochs between decays")
     t.add_argument("--gamma", type=float, default=0.7, help="step schedule: decay factor")
     t.add_argument("--epochs", type=_positive_int, default=2)
-    t.add_argument("--batch-size", type=_positive_int, default=16)
+    t.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="images per optimizer step; under torchrun the GLOBAL batch, split over the processes")
     t.add_argument("--size", type=_positive_int, default=64, help="square input side S")
     t.add_argument("--augment", default="flip_jitter",
                    help="none, flip, flip_jitter (the series' recipe), flip_jitter_full, flip_jitter_crop")
@@ -518,6 +520,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=_positive_int, default=None, help="also checkpoint every N steps")
     t.add_argument("--log-every", type=_positive_int, default=10, help="steps between host syncs / progress updates")
     t.add_argument("--max-steps", type=_positive_int, default=None, help="stop after N steps in total")
+    t.add_argument("--accumulate", type=_positive_int, default=1, metavar="K",
+                   help="split each batch into K micro-batches (forward/backward each, one update): the memory "
+                        "of batch/K images; --batch-size must be divisible by K")
+    t.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999); saved in checkpoints, "
+                        "scored as val_ema each epoch, used by eval/predict/export with --weights ema")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: batch norm uses the statistics of the whole global batch (world-size "
+                        "invariant); without it each process normalises its slice and running statistics are averaged")
+    t.add_argument("--bucket", default="flat", choices=("flat", "per-leaf"),
+                   help="under torchrun: all-reduce gradients as one flat buffer or one collective per tensor")
     t.add_argument("--limit", type=_positive_int, default=None, help="train on the first N images only")
     t.add_argument("--no-progress", action="store_true",
                    help="no progress bar or in-epoch lines (the per-epoch lines stay)")
