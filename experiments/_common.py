@@ -448,21 +448,43 @@ def predict_labels(model, params, state, preprocess, device: torch.device, image
     return torch.stack([one.argmax(dim=0) for one in logits])
 
 
+def _val_choices(best: dict, k: int | None) -> list[dict]:
+    """Per member, the weights ("params" or, with EMA, "ema") with the higher validation mean IoU
+    at the selected epoch: ``[{"weights", "val_mean_iou", "val_mean_iou_params", ...}, ...]``."""
+    def of(key: str, i: int):
+        v = best.get(key)
+        v = v[i] if isinstance(v, list) else v
+        return v.get("mean_iou") if v else None
+
+    out = []
+    for i in range(k or 1):
+        scores = {w: of(key, i) for w, key in (("params", "val"), ("ema", "val_ema")) if of(key, i) is not None}
+        weights = max(scores, key=scores.get) if scores else "params"
+        out.append({"member": i if k else None, "weights": weights, "val_mean_iou": scores.get(weights),
+                    **{f"val_mean_iou_{w}": v for w, v in scores.items()},
+                    "hparams": {n: v[i] for n, v in (best.get("hparams") or {}).items()}})
+    return out
+
+
 def run_config(label: str, model, config, splits: Splits, args: argparse.Namespace, stem: str, *,
-               latency: bool = False, n_show: int = 4) -> dict:
+               latency: bool = False, best_member: bool = False, n_show: int = 4) -> dict:
     """Train ``model`` with ``fit(config)``, then score the selected checkpoint once on the test split.
 
-    The checkpoint is ``best.safetensors`` (best validation mean IoU; an ensemble's members are
-    selected together on their mean) or ``last.safetensors`` without validation. It is read back
-    with ``predict.load_for_inference`` and evaluated with ``train.evaluate``: the figures are what
-    ``fseg eval --checkpoint <it> --split test [--member i]`` prints.
+    Selection uses the validation split only: the checkpoint is ``best.safetensors`` (best
+    validation mean IoU of the raw params; an ensemble's members are selected together on their
+    mean), or ``last.safetensors`` without validation; with ``config.ema`` the raw or the EMA
+    weights, whichever scored higher on validation at that epoch; with ``best_member`` only the
+    ensemble member with the best validation score. The choice is read back with
+    ``predict.load_for_inference`` and evaluated with ``train.evaluate``: the figures are what
+    ``fseg eval --checkpoint <it> --split test [--member i] [--weights ema]`` prints.
 
     Returns:
-        For one model, its row: test metrics (``metrics_row``), ``val_mean_iou`` (at the
-        selected epoch), ``best_epoch``, ``train_s`` (sum of the epochs' training time from
-        ``metrics.jsonl``, evaluation excluded), ``first_epoch_s``, ``checkpoint``, ``history``
-        (per-epoch curve) and ``_preds`` (labels of the first test images, for the figure).
-        For an ensemble, ``{"members": [row, ...], "hparams": ..., "train_s": ...}``.
+        For one model (or ``best_member``), its row: test metrics (``metrics_row``),
+        ``val_mean_iou`` (at the selected epoch), ``best_epoch``, ``weights``, ``train_s`` (sum of
+        the epochs' training time from ``metrics.jsonl``, evaluation excluded), ``first_epoch_s``,
+        ``checkpoint``, ``history`` (per-epoch curve) and ``_preds`` (labels of the first test
+        images, for the figure); ``validation`` lists every member's validation choice.
+        For an ensemble otherwise, ``{"members": [row, ...], "train_s": ..., ...}``.
     """
     from functional_seg.data import Loader
     from functional_seg.predict import load_for_inference
@@ -474,34 +496,28 @@ def run_config(label: str, model, config, splits: Splits, args: argparse.Namespa
     history = result["history"]
     chosen = result["best_checkpoint"] or result["checkpoint"]
     best = next((r for r in history if r["epoch"] == result.get("best_epoch")), history[-1] if history else {})
+    choices = _val_choices(best, config.members)
+    if best_member:
+        choices = [max(choices, key=lambda c: -math.inf if c["val_mean_iou"] is None else c["val_mean_iou"])]
     device = torch.device(config.device)
-    weights = "ema" if getattr(config, "ema", None) else "params"
     loader = Loader(splits.test, config.batch_size, device=device, shuffle=False, drop_last=False)
     train_times = [r.get("train_time_s") or 0.0 for r in history]
     shared = {"train_s": sum(train_times), "first_epoch_s": train_times[0] if train_times else None,
-              "best_epoch": result.get("best_epoch"), "checkpoint": _shown(chosen),
-              "weights": weights, "steps": result["step"]}
+              "best_epoch": result.get("best_epoch"), "checkpoint": _shown(chosen), "steps": result["step"]}
     rows = []
-    for i in range(config.members or 1):
-        member = i if config.members else None
-        m_model, params, state, pre, _ = load_for_inference(chosen, device=device, weights=weights, member=member)
-        summary = evaluate(m_model, params, state, loader, preprocess=pre)
-        row = metrics_row(summary, pre.class_names)
-        val = best.get("val")
-        val = val[i] if isinstance(val, list) else val
-        row["val_mean_iou"] = val.get("mean_iou") if val else None
-        row.update(shared, history=_curve(history, member))
+    for choice in choices:
+        m_model, params, state, pre, _ = load_for_inference(chosen, device=device, weights=choice["weights"],
+                                                            member=choice["member"])
+        row = metrics_row(evaluate(m_model, params, state, loader, preprocess=pre), pre.class_names)
+        row.update(choice, **shared, history=_curve(history, choice["member"]))
         row["_preds"] = predict_labels(m_model, params, state, pre, device, splits.test.images[:n_show])
-        if latency and i == 0:
+        if latency and not rows:
             row["latency_ms"] = inference_latency(m_model, params, state, pre, device,
                                                   iters=10 if device.type == "cuda" else 3)
         rows.append(row)
-    if not config.members:
-        return rows[0]
-    hparams = best.get("hparams") or {}
-    for i, row in enumerate(rows):
-        row["hparams"] = {k: v[i] for k, v in hparams.items()}
-    return {"members": rows, **shared}
+    if best_member:
+        return {**rows[0], "validation": _val_choices(best, config.members)}
+    return rows[0] if not config.members else {"members": rows, **shared}
 
 
 def model_cost(model, size: int) -> dict:
