@@ -1,14 +1,18 @@
 """Latency of every registered model: pure ``apply`` vs the same architecture as a plain ``nn.Module``.
 
-For each model (default cfg) and batch size, times four variants on zeros [N, 3, S, S] in eval under
-``torch.no_grad()``: the pure model's ``apply(train=False)`` eager and under ``torch.compile``, and
-its reference ``nn.Module`` (tests/reference_modules.py; torchvision's own module for the lifted
-models) eager and under ``torch.compile``. Prints the median milliseconds per batch and images per
-second, with the device, torch version and the command line on top.
+For each model (default cfg) and batch size, times five variants on zeros [N, 3, S, S] in eval under
+``torch.no_grad()``: the pure model's ``apply(train=False)`` eager and under ``torch.compile``, its
+reference ``nn.Module`` (tests/reference_modules.py; torchvision's own module for the lifted
+models) eager and under ``torch.compile``, and the model as ``fseg export --format onnx`` writes it
+(normalisation inside, dynamic batch) run by onnxruntime's CPU provider with torch's thread count.
+Prints the median milliseconds per batch and images per second, then the ratios pure eager / onnx
+and pure compiled / onnx from the same run (above 1: onnxruntime is faster), with the device,
+torch version and the command line on top. The onnx row is always on the CPU.
 
     python benchmarks/bench_latency.py                       # all models, batch 1 and 64, 128 px
     python benchmarks/bench_latency.py --device cuda --models segnet vit
     python benchmarks/bench_latency.py --quick               # few repeats; on CPU 3 models, batch 1 and 4
+    python benchmarks/bench_latency.py --no-onnx             # without the onnxruntime row
 
 Runtime: on a GPU a few minutes for everything (mostly compilation); on CPU, compilation takes tens
 of seconds per model and variant, and the big models at batch 64 take seconds per call, so use
@@ -47,8 +51,34 @@ def _init_on(model, device: torch.device):
     return tree_map(lambda t: t.to(device), params), tree_map(lambda t: t.to(device), state)
 
 
+ONNX_LABEL = "onnxruntime cpu"
+RATIOS = (("pure eager", "eager/onnx"), ("pure compiled", "compiled/onnx"))
+
+
+def onnx_runner(model, params, state, size: int):
+    """The model exported as ``fseg export --format onnx`` does, as ``x -> logits`` on onnxruntime's CPU."""
+    import onnxruntime as ort
+
+    from functional_seg.data.preprocess import Preprocess
+    from functional_seg.export import ExportModule, to_onnx_bytes, trace
+
+    params, state = tree_map(lambda t: t.detach().cpu(), (params, state))
+    module = ExportModule(model, params, state, Preprocess(size=size)).eval()
+    program, _, _ = trace(module, size)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(to_onnx_bytes(program), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"x": x.cpu().numpy()})[0]
+
+
+def _failing(err: Exception):
+    def run(x):
+        raise RuntimeError(f"{type(err).__name__}: {str(err).splitlines()[0][:60]}")
+    return run
+
+
 def bench_model(name: str, batch_sizes: list[int], size: int, device: torch.device, warmup: int, repeats: int,
-                compile_: bool) -> list[dict]:
+                compile_: bool, onnx: bool = False) -> list[dict]:
     model = create_model(name)
     params, state = _init_on(model, device)
     reference = build_reference(name, model.cfg).to(device).eval()
@@ -58,6 +88,12 @@ def bench_model(name: str, batch_sizes: list[int], size: int, device: torch.devi
         compiled_pure = torch.compile(pure, dynamic=False)
         variants["pure compiled"] = lambda x: compiled_pure(params, state, x)
         variants["nn.Module compiled"] = torch.compile(reference, dynamic=False)
+    if onnx:
+        try:
+            variants[ONNX_LABEL] = onnx_runner(model, params, state, size)
+        except Exception as err:  # an export failure is a cell in the table, not the end of the run
+            variants[ONNX_LABEL] = _failing(err)
+    ratios = [r for base, r in RATIOS if ONNX_LABEL in variants and base in variants]
     rows = []
     for batch in batch_sizes:
         x = torch.zeros(batch, 3, size, size, device=device)
@@ -69,8 +105,11 @@ def bench_model(name: str, batch_sizes: list[int], size: int, device: torch.devi
                     row[label] = C.median_ms(lambda fn=fn, x=x: fn(x), device, warmup=warmup, iters=repeats) / 1e3
             except Exception as err:  # report and go on: one failure should not hide the rest
                 row[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"
+        for base, ratio in RATIOS:
+            if isinstance(row.get(base), float) and isinstance(row.get(ONNX_LABEL), float):
+                row[ratio] = row[base] / row[ONNX_LABEL]
         rows.append(row)
-        print(format_row(row, list(variants)), flush=True)
+        print(format_row(row, list(variants) + ratios), flush=True)
     torch._dynamo.reset()
     return rows
 
@@ -79,7 +118,9 @@ def format_row(row: dict, labels: list[str]) -> str:
     cells = [f"{row['model']:<20}", f"{row['batch']:>5}"]
     for label in labels:
         value = row.get(label)
-        if isinstance(value, float):
+        if label.endswith("/onnx"):
+            cells.append(f"{value:>13.2f}x" if isinstance(value, float) else f"{'-':>14}")
+        elif isinstance(value, float):
             cells.append(f"{value * 1e3:>10.2f} ms {row['batch'] / value:>9.1f}/s")
         else:
             cells.append(f"{str(value)[:24]:>24}")
@@ -96,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="override the warm-up calls")
     parser.add_argument("--repeats", type=int, default=None, help="override the timed calls")
     parser.add_argument("--no-compile", action="store_true", help="eager variants only")
+    parser.add_argument("--no-onnx", action="store_true", help="without the onnxruntime (CPU) row")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -117,10 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device_name}; torch {torch.__version__}; input {args.size}x{args.size}, float32, eval, "
           f"no_grad; median of {repeats} after {warmup} warm-up calls")
     labels = ["pure eager", "nn.Module eager"] + ([] if args.no_compile else ["pure compiled", "nn.Module compiled"])
-    header = [f"{'model':<20}", f"{'batch':>5}", *(f"{label:>24}" for label in labels)]
+    if not args.no_onnx:
+        labels += [ONNX_LABEL] + [ratio for base, ratio in RATIOS if base in labels]
+    header = [f"{'model':<20}", f"{'batch':>5}",
+              *(f"{label:>14}" if label.endswith("/onnx") else f"{label:>24}" for label in labels)]
     print("  ".join(header), flush=True)
     for name in models:
-        bench_model(name, batch_sizes, args.size, device, warmup, repeats, not args.no_compile)
+        bench_model(name, batch_sizes, args.size, device, warmup, repeats, not args.no_compile, not args.no_onnx)
     return 0
 
 
