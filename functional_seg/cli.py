@@ -34,11 +34,32 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """ArgumentDefaultsHelpFormatter shows a default only beside help text: give every option some."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+        elif action.help is None and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = "_"  # a placeholder: _DefaultsFormatter prints only the default
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's default after its help, unless the help already says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = "" if action.help == "_" else (action.help or "")
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad arguments in one line (no usage dump) and shows every default."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
@@ -490,27 +511,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-cfg", nargs="*", metavar="KEY=VALUE", help="model cfg overrides, e.g. widths=16,32,64,64")
     t.add_argument("--loss", default="ce", help="ce, soft_iou, soft_iou_log, dice, tversky, focal, ce_dice")
     t.add_argument("--loss-cfg", nargs="*", metavar="KEY=VALUE", help="loss keywords, e.g. label_smoothing=0.1")
-    t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    t.add_argument("--lr", type=_positive_float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="torchopt-based optimizer")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="L2 (adam, sgd) or decoupled (adamw)")
     t.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
-    t.add_argument("--nesterov", action="store_true")
+    t.add_argument("--nesterov", action="store_true", help="sgd: Nesterov momentum")
     t.add_argument("--clip-norm", type=_positive_float, default=None, help="clip the global gradient norm")
-    t.add_argument("--schedule", default="constant", choices=SCHEDULES)
-    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--schedule", default="constant", choices=SCHEDULES, help="learning-rate schedule")
+    t.add_argument("--warmup-steps", type=int, default=0, help="linear warmup of any schedule")
     t.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine/poly floor as a fraction of lr")
     t.add_argument("--power", type=float, default=1.0, help="poly schedule exponent")
     t.add_argument("--step-size", type=_positive_int, default=7, help="step schedule: epochs between decays")
     t.add_argument("--gamma", type=float, default=0.7, help="step schedule: decay factor")
-    t.add_argument("--epochs", type=_positive_int, default=2)
+    t.add_argument("--epochs", type=_positive_int, default=2, help="passes over the training split")
     t.add_argument("--batch-size", type=_positive_int, default=16,
                    help="images per optimizer step; under torchrun the GLOBAL batch, split over the processes")
     t.add_argument("--size", type=_positive_int, default=64, help="square input side S")
     t.add_argument("--augment", default="flip_jitter",
                    help="none, flip, flip_jitter (the series' recipe), flip_jitter_full, flip_jitter_crop")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="the one seed: init, shuffling, augmentation, carve")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on cuda")
     t.add_argument("--compile", type=_flag, default="auto", help="auto (on for cuda), on, off")
     t.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (default runs/<model>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.safetensors")
@@ -608,12 +629,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _show_defaults(parser)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     from .checkpoint import CheckpointError
     from .train.rundir import TrainingDiverged
+
+    # warnings (a skipped bad file, train/test overlap) print as one line, without source lines
+    warnings.formatwarning = lambda message, *_a, **_k: f"fseg: warning: {' '.join(str(message).split())}\n"
 
     try:
         return args.func(args)

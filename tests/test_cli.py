@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sample_data import SAMPLE
 
 from functional_seg import checkpoint as ckpt
@@ -235,7 +233,8 @@ def _step_in(path: Path) -> int:
 def test_sigkilled_run_resumes_to_bit_identical_params(tmp_path):
     syn = tmp_path / "syn"
     common = ["train", "--synthetic", str(syn), *TINY, "--size", "32", "--limit", "16", "--batch-size", "4",
-              "--epochs", "3", "--val-split", "none", "--test-split", "none", "--device", "cpu", "--no-progress", "--checkpoint-every", "1",
+              "--epochs", "3", "--val-split", "none", "--test-split", "none", "--device", "cpu", "--no-progress",
+              "--checkpoint-every", "1",
               "--cache-dir", str(tmp_path / "cache"), "--seed", "7", "--optimizer", "sgd", "--lr", "0.05"]
     one_go = _fseg(*common, "--out", str(tmp_path / "one_go"))
     assert one_go.returncode == 0, one_go.stderr
