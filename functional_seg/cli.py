@@ -119,17 +119,12 @@ def parse_sweep(text: str | None) -> dict[str, list[float]]:
 
 
 def _device(name: str):
-    import torch
+    from .runtime import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CliError(f"unknown device {name!r}; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda was asked for, but CUDA is not available here")
-    return device
+        return resolve_device(name)
+    except ValueError as err:
+        raise CliError(f"--device: {err}") from None
 
 
 def _flag(value: str) -> bool | str:
