@@ -22,10 +22,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .data.preprocess import Preprocess
+from typing import Any
 
 __all__ = ["main", "build_parser", "parse_kv", "parse_value"]
 
@@ -326,24 +323,13 @@ def _member(tree, i: int):
     return tree_map(lambda t: t[i], tree)
 
 
-def preprocess_of(meta) -> Preprocess:
-    """The checkpoint's preprocessing contract (older files recorded only ``args.size``)."""
-    from .data.preprocess import Preprocess
-
-    if meta.get("preprocess"):
-        return Preprocess.from_dict(meta["preprocess"])
-    size = (meta.get("args") or {}).get("size")
-    if not size:
-        raise CliError("the checkpoint records neither its preprocessing nor its training size")
-    return Preprocess(size=int(size))
-
-
 def cmd_eval(args) -> int:
     import dataclasses as dc
 
     from .core.files import dumps
     from .data import Loader
     from .metrics import format_table
+    from .predict import preprocess_of
     from .train import evaluate
 
     device, model, params, state, meta, k = _load(args)
