@@ -1,0 +1,111 @@
+"""The cost of the data-parallel train step: plain step vs the step with its collectives, flat bucket vs per leaf.
+
+Run under torchrun (one process per device; gloo on CPU, NCCL on CUDA):
+
+    torchrun --standalone --nproc_per_node=1 benchmarks/bench_distributed.py --device cpu
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_distributed.py --device cpu
+    torchrun --standalone --nproc_per_node=1 benchmarks/bench_distributed.py --device cuda --widths 64,128,256,512 \\
+        --batch-size 64 --size 128 --compile
+
+Rows (median ms per step over --steps after --warmup, the same per-rank batch each step):
+
+  plain     ``make_train_step`` with no world (what a single process runs: no collective at all)
+  flat      the distributed step, gradients + BN statistics in one flat all-reduce per dtype
+  per-leaf  the distributed step, one all-reduce per tensor
+
+With ``--nproc_per_node=1`` the collectives are forced on (a world of one), so ``flat - plain``
+is what the distributed machinery itself costs on one device. Rank 0 prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from functional_seg.core.tree import tree_bytes  # noqa: E402
+from functional_seg.data import augment_preset  # noqa: E402
+from functional_seg.losses import get_loss  # noqa: E402
+from functional_seg.models import create_model  # noqa: E402
+from functional_seg.train import OptimizerConfig, init_train_state, make_optimizer, make_train_step  # noqa: E402
+from functional_seg.core import random as jr  # noqa: E402
+from functional_seg.train.distributed import World, world_from_env  # noqa: E402
+
+
+class _Forced(World):
+    """A world whose collectives run even with one process (to time them at world size 1)."""
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+
+def _time(step, ts, batch, warmup: int, steps: int, device) -> float:
+    for _ in range(warmup):
+        ts, _ = step(ts, batch)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ts, m = step(ts, batch)
+        m["loss"].item()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--widths", default="8,16", help="SegNet widths")
+    ap.add_argument("--batch-size", type=int, default=8, help="per-process batch")
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    if "WORLD_SIZE" not in os.environ:
+        sys.exit("run under torchrun (see the module docstring)")
+    env_world = world_from_env(args.device)
+    if int(os.environ["WORLD_SIZE"]) == 1:  # world_from_env does not join a group for one process
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    base = World(rank=env_world.rank, size=max(env_world.size, 1), local_rank=env_world.local_rank)
+    device = base.device(args.device)
+    widths = tuple(int(w) for w in args.widths.split(","))
+    model = create_model("segnet", widths=widths, convs_per_stage=(1,) * len(widths))
+    opt = make_optimizer(OptimizerConfig(lr=1e-3))
+    g = torch.Generator().manual_seed(base.rank)
+    batch = (torch.randint(0, 256, (args.batch_size, 3, args.size, args.size), dtype=torch.uint8,
+                           generator=g).to(device),
+             torch.randint(0, 3, (args.batch_size, args.size, args.size), generator=g).to(device))
+    ts = init_train_state(model, opt, jr.key(0), device=device)
+    kw = {"augment_cfg": augment_preset("flip"), "compile": args.compile}
+    cls = _Forced if base.size == 1 else World
+    rows = {}
+    for name, world in (("plain", None), ("flat", cls(base.rank, base.size, base.local_rank, bucket=True)),
+                        ("per-leaf", cls(base.rank, base.size, base.local_rank, bucket=False))):
+        if name == "plain" and base.size > 1:
+            world = None  # each rank alone: the per-device compute without any communication
+        step = make_train_step(model, get_loss("ce"), opt, world=world, **kw)
+        rows[name] = round(_time(step, ts, batch, args.warmup, args.steps, device), 3)
+    if base.is_main:
+        leaves = len(torch.utils._pytree.tree_leaves(ts.params))
+        print(json.dumps({"world_size": base.size, "device": str(device), "widths": widths,
+                          "batch_per_rank": args.batch_size, "size": args.size, "compile": args.compile,
+                          "param_tensors": leaves, "grad_mb": round(tree_bytes(ts.params) / 1e6, 3),
+                          "median_ms": rows,
+                          "overhead_flat_vs_plain_ms": round(rows["flat"] - rows["plain"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
