@@ -155,11 +155,16 @@ def _positive_float(value: str) -> float:
     return x
 
 
-def _make_model(name: str, cfg_items: list[str] | None):
+def _make_model(name: str, cfg_items: list[str] | None, *, num_classes: int | None = None):
+    """The model with its --model-cfg; ``num_classes`` (the data's) fills in an unset num_classes."""
     from . import models  # noqa: F401  (registers the zoo)
     from .models import create_model
 
-    return create_model(name, **parse_kv(cfg_items, "--model-cfg"))
+    cfg = parse_kv(cfg_items, "--model-cfg")
+    model = create_model(name, **cfg)  # validated before any data is read
+    if num_classes is not None and "num_classes" not in cfg and model.num_classes != num_classes:
+        model = create_model(name, **cfg, num_classes=num_classes)
+    return model
 
 
 # The built-in dataset: enough images that a small SegNet learns visibly in 3 CPU epochs at 64 px
@@ -250,6 +255,7 @@ def cmd_train(args) -> int:
     config = _fit_config(args, model)
     root = Path(args.data) if args.data else _synthetic_root(args.synthetic)
     train_data, val_data, test_data, val_note = _split_data(root, args)
+    model = _make_model(args.model, args.model_cfg, num_classes=train_data.num_classes)
     out_dir = Path(args.out or Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     record["data_root"] = str(root)
