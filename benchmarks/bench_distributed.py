@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from functional_seg.core import random as jr  # noqa: E402
 from functional_seg.core.tree import tree_bytes  # noqa: E402
 from functional_seg.data import augment_preset  # noqa: E402
 from functional_seg.losses import get_loss  # noqa: E402
 from functional_seg.models import create_model  # noqa: E402
 from functional_seg.train import OptimizerConfig, init_train_state, make_optimizer, make_train_step  # noqa: E402
-from functional_seg.core import random as jr  # noqa: E402
 from functional_seg.train.distributed import World, world_from_env  # noqa: E402
 
 

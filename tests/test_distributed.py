@@ -178,5 +178,6 @@ def test_batch_norm_with_sync_bn_is_world_size_invariant_and_without_it_is_accum
 def test_single_process_collectives_are_the_identity_and_the_batch_must_divide():
     t = [torch.ones(3), torch.zeros(2, dtype=torch.float64)]
     assert all_reduce_sum(SINGLE, t) == t
-    with pytest.raises(ValueError, match="--batch-size 6 is the global batch and must be divisible by the world size 4"):
+    with pytest.raises(ValueError, match="--batch-size 6 is the global batch and must be divisible by the world size 4"
+                       ):
         World(rank=0, size=4).local_batch(6)

@@ -33,9 +33,9 @@ import torchopt
 
 from .. import metrics as M
 from ..core import random as jr
+from ..core.tree import tree_map
 from ..data.augment import augment, to_float
 from ..data.preprocess import Preprocess
-from ..core.tree import tree_map
 from ..nn.norm import batch_stats_reducer
 from ..runtime import autocast
 from .distributed import SINGLE, World, all_reduce_sum, all_reduce_sum_autograd
