@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 
 from . import _common as C
+from .figures import write_figures
 
 EXPERIMENT = "augmentation"
 QUICK_CFG = {"widths": (8, 16, 32, 32)}
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         C.write_results(args.out, stem, *render(args, prov, results, splits))
     if not args.no_figures:
         ok = {VARIANTS[n]: r for n, r in results.items() if r.get("status") == "ok"}
-        C.write_figures(ok, ok, splits.test, args.out, stem, loss_label="train loss (augmented)",
+        write_figures(ok, ok, splits.test, args.out, stem, loss_label="train loss (augmented)",
                         title=f"augmentation, {args.model} {args.size}px, {prov['device_name']}")
     print(C.md_table([{"variant": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 
 from . import _common as C
+from .figures import write_figures
 
 EXPERIMENT = "best_recipe"
 TARGET = 0.70
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
         C.write_results(args.out, stem, *render(args, prov, results, splits, plan))
     if not args.no_figures:
         ok = {n: r for n, r in results.items() if r.get("status") == "ok"}
-        C.write_figures(ok, ok, splits.test, args.out, stem, loss_label="train loss (own scale)",
+        write_figures(ok, ok, splits.test, args.out, stem, loss_label="train loss (own scale)",
                         title=f"best recipe vs series, {args.size}px, {prov['device_name']}")
     print(C.md_table([{"recipe": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 
 from . import _common as C
+from .figures import write_figures
 
 EXPERIMENT = "loss_comparison"
 LOSSES = {
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         if sweep and sweep.get("status") == "ok":
             ok.update({f"sweep w={w}": m for w, m in zip(weights, sweep["members"])})
         single_runs = {n: r for n, r in ok.items() if not n.startswith("sweep")}
-        C.write_figures(ok, single_runs, splits.test, args.out, stem, loss_label="train loss (own scale)",
+        write_figures(ok, single_runs, splits.test, args.out, stem, loss_label="train loss (own scale)",
                         title=f"losses, {args.model} {args.size}px, {prov['device_name']}")
     print(C.md_table([{"loss": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0

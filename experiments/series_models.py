@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 
 from . import _common as C
+from .figures import write_figures
 
 EXPERIMENT = "series_models"
 CNN = (1e-3, 7, 0.7)
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
         C.write_results(args.out, stem, *render(args, prov, results, splits))
     if not args.no_figures:
         ok = {n: r for n, r in results.items() if r.get("status") == "ok"}
-        C.write_figures(ok, ok, splits.test, args.out, stem, loss_label="train loss (CE)",
+        write_figures(ok, ok, splits.test, args.out, stem, loss_label="train loss (CE)",
                         title=f"series models, {args.size}px, {prov['device_name']}")
     print(C.md_table([{"model": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0
