@@ -259,12 +259,14 @@ def _random_resized_crop(
     box_key, apply_key = fr.split(key, 2)
     box = _crop_boxes(box_key, n, height, width, cfg).to(images.dtype)
     x0, y0, w, h = box.unbind(1)
-    zeros = torch.zeros_like(w)
-    # Output coords in [-1, 1] map to the box: x_in = w * x_out + (2 x0 + w - 1), same for y.
-    theta = torch.stack(
-        [torch.stack([w, zeros, 2.0 * x0 + w - 1.0], 1), torch.stack([zeros, h, 2.0 * y0 + h - 1.0], 1)], 1
-    )
-    grid = F.affine_grid(theta, [n, 1, height, width], align_corners=False)
+    # Output coords in [-1, 1] map to the box: x_in = w * x_out + (2 x0 + w - 1), same for y; the
+    # output pixel centres (align_corners=False) are (2 j + 1) / W - 1. Written out instead of
+    # F.affine_grid, which has no vmap batching rule (the step vmaps augmentation per sample).
+    xs = (2.0 * torch.arange(width, device=images.device, dtype=images.dtype) + 1.0) / width - 1.0
+    ys = (2.0 * torch.arange(height, device=images.device, dtype=images.dtype) + 1.0) / height - 1.0
+    gx = w[:, None, None] * xs[None, None, :] + (2.0 * x0 + w - 1.0)[:, None, None]
+    gy = h[:, None, None] * ys[None, :, None] + (2.0 * y0 + h - 1.0)[:, None, None]
+    grid = torch.stack([gx.expand(n, height, width), gy.expand(n, height, width)], dim=-1)
     cropped = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # One grid for both: nearest on the float labels picks an existing label, never a blend.
     mask_f = masks.unsqueeze(1).to(images.dtype)
