@@ -26,6 +26,8 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -125,110 +127,29 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preproce
         ``train_step``; batch is ``(images uint8 [b, 3, S, S], masks int64 [b, S, S])`` on the
         state's device, b = B / world size.
     """
-    pre = preprocess or _DEFAULT
-    world = world or SINGLE
-    k_micro = int(accumulate)
-    if k_micro < 1:
+    spec = _StepSpec(model, loss_fn, optimizer, preprocess or _DEFAULT, augment_cfg, int(accumulate), ema,
+                     world or SINGLE)
+    if spec.k_micro < 1:
         raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
     if ema is not None and not 0.0 < ema < 1.0:
         raise ValueError(f"ema is a decay in (0, 1), got {ema!r}")
-    parts = k_micro * world.size  # micro-batches in the global batch
-
-    def local(train_state: TrainState, batch):
-        """This rank's share: (grads, state, sums) summed over its micro-batches."""
-        images, masks = batch
-        b = images.shape[0]
-        if b % k_micro:
-            raise ValueError(f"the batch of {b} images (per process) is not divisible by accumulate {k_micro}")
-        step_key = jr.fold_in(train_state.key, train_state.step)
-        aug_key, model_key = jr.split(step_key)
-        x, target = to_float(images), masks
-        if augment_cfg is not None:
-            x, target = _augment_samples(aug_key, x, target, augment_cfg, world.rank * b)
-        x = pre.model_input(x)
-        extra = {k: v for k, v in train_state.hparams.items() if k != "lr"}
-        m = b // k_micro
-        grads = state = None
-        sums: dict = {}
-        for j in range(k_micro):
-            xj, tj = x[j * m:(j + 1) * m], target[j * m:(j + 1) * m]
-            key_j = model_key if parts == 1 else jr.fold_in(model_key, world.rank * k_micro + j)
-            weight = (torch.ones((), device=tj.device) if parts == 1 else
-                      (tj != pre.ignore_index).sum().float() if pre.ignore_index is not None else
-                      torch.tensor(float(tj.numel()), device=tj.device))
-
-            def loss_of(params, xj=xj, tj=tj, key_j=key_j, weight=weight):
-                with autocast(pre.precision, xj.device.type):
-                    logits, new_state = model.apply(params, train_state.state, xj, train=True, key=key_j)
-                logits = logits.float()
-                loss = loss_fn(logits, tj, **extra)
-                return loss * weight if parts > 1 else loss, (logits.detach(), new_state)
-
-            g, (loss, (logits, new_state)) = torch.func.grad_and_value(loss_of, has_aux=True)(train_state.params)
-            cm = _confusion(logits, tj, pre)
-            new_state = _ordered_like(train_state.state, new_state)
-            part = {"loss": loss.detach(), "weight": weight, "confusion": cm}
-            if j == 0:
-                grads, state, sums = g, new_state, part
-            else:
-                grads = tree_map(torch.add, grads, g)
-                state = tree_map(lambda a, c: a + c if _is_float(a) else c, state, new_state)
-                sums = {k: sums[k] + part[k] for k in sums}
-        return grads, state, sums
-
-    def update(train_state: TrainState, grads, state, sums):
-        """The optimizer update from the summed gradients; state and loss averaged."""
-        if parts > 1:
-            total = sums["weight"].clamp_min(1.0)
-            grads = tree_map(lambda g: g / total, grads)
-            state = tree_map(lambda s: s / parts if _is_float(s) else s, state)
-            loss = sums["loss"] / total
-        else:
-            loss = sums["loss"]
-        updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params,
-                                              step=train_state.step, lr=train_state.hparams["lr"])
-        params = torchopt.apply_updates(train_state.params, updates, inplace=False)
-        cm = sums["confusion"]
-        metrics = {"loss": loss, "pixel_accuracy": M.pixel_accuracy(cm).float(), "confusion": cm}
-        new = train_state._replace(params=params, state=state, opt_state=opt_state, step=train_state.step + 1,
-                                   hparams=dict(train_state.hparams))
-        if ema is not None:
-            new = new._replace(ema=_ema_update(train_state.ema, params, state, ema))
-        return new, metrics
-
-    def reduce(grads, state, sums):
-        """Sum over ranks: gradients and float state in one bucket, loss/weight/confusion in float64."""
-        g_leaves, g_spec = pytree.tree_flatten(grads)
-        s_leaves, s_spec = pytree.tree_flatten(state)
-        s_float = [i for i, t in enumerate(s_leaves) if _is_float(t)]
-        reduced = all_reduce_sum(world, g_leaves + [s_leaves[i] for i in s_float])
-        for i, t in zip(s_float, reduced[len(g_leaves):]):
-            s_leaves[i] = t
-        cm = sums["confusion"]
-        scal = torch.cat([sums["loss"].double().reshape(*cm.shape[:-2], 1),
-                          sums["weight"].double().reshape(*cm.shape[:-2], 1),
-                          cm.double().flatten(-2)], dim=-1)
-        (scal,) = all_reduce_sum(world, [scal])
-        sums = {"loss": scal[..., 0].float(), "weight": scal[..., 1].float(),
-                "confusion": scal[..., 2:].round().to(torch.int64).reshape(cm.shape)}
-        return (pytree.tree_unflatten(reduced[:len(g_leaves)], g_spec), pytree.tree_unflatten(s_leaves, s_spec),
-                sums)
 
     def train_step(train_state: TrainState, batch) -> tuple[TrainState, dict]:
         if ema is not None and not train_state.ema:
             raise ValueError("the step keeps an EMA but train_state.ema is empty; start from state.with_ema(...)")
+        local, update = functools.partial(_local, spec), functools.partial(_update, spec)
         if ensemble:
             out = torch.func.vmap(local, in_dims=(0, None), randomness="error")(train_state, batch)
         else:
             out = local(train_state, batch)
-        if world.distributed:
-            out = reduce(*out)
+        if spec.world.distributed:
+            out = _reduce(spec.world, *out)
         if ensemble:
             return torch.func.vmap(update, randomness="error")(train_state, *out)
         return update(train_state, *out)
 
     step = compile_step(train_step, fullgraph=fullgraph, backend=backend) if compile else train_step
-    if not (sync_bn and world.distributed):
+    if not (sync_bn and spec.world.distributed):
         return step
 
     @functools.wraps(train_step)
@@ -238,6 +159,116 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preproce
             return step(train_state, batch)
 
     return synced
+
+
+@dataclass(frozen=True)
+class _StepSpec:
+    """The static parts of a train step, bound before ``torch.compile``."""
+
+    model: Any
+    loss_fn: Callable
+    optimizer: Any
+    pre: Preprocess
+    augment_cfg: Any
+    k_micro: int
+    ema: float | None
+    world: World
+
+    @property
+    def parts(self) -> int:
+        """Micro-batches in the global batch."""
+        return self.k_micro * self.world.size
+
+
+def _micro_weight(spec: _StepSpec, tj: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's share of the global pixel mean: its labelled pixels (1 when it is the whole batch)."""
+    if spec.parts == 1:
+        return torch.ones((), device=tj.device)
+    if spec.pre.ignore_index is not None:
+        return (tj != spec.pre.ignore_index).sum().float()
+    return torch.tensor(float(tj.numel()), device=tj.device)
+
+
+def _micro_grads(spec: _StepSpec, train_state: TrainState, xj, tj, key_j, extra: dict):
+    """One micro-batch's (grads, new model state, sums) from ``grad_and_value``."""
+    weight = _micro_weight(spec, tj)
+
+    def loss_of(params):
+        with autocast(spec.pre.precision, xj.device.type):
+            logits, new_state = spec.model.apply(params, train_state.state, xj, train=True, key=key_j)
+        logits = logits.float()
+        loss = spec.loss_fn(logits, tj, **extra)
+        return loss * weight if spec.parts > 1 else loss, (logits.detach(), new_state)
+
+    g, (loss, (logits, new_state)) = torch.func.grad_and_value(loss_of, has_aux=True)(train_state.params)
+    sums = {"loss": loss.detach(), "weight": weight, "confusion": _confusion(logits, tj, spec.pre)}
+    return g, _ordered_like(train_state.state, new_state), sums
+
+
+def _local(spec: _StepSpec, train_state: TrainState, batch):
+    """This rank's share: (grads, state, sums) summed over its micro-batches."""
+    images, masks = batch
+    b, k_micro, world = images.shape[0], spec.k_micro, spec.world
+    if b % k_micro:
+        raise ValueError(f"the batch of {b} images (per process) is not divisible by accumulate {k_micro}")
+    step_key = jr.fold_in(train_state.key, train_state.step)
+    aug_key, model_key = jr.split(step_key)
+    x, target = to_float(images), masks
+    if spec.augment_cfg is not None:
+        x, target = _augment_samples(aug_key, x, target, spec.augment_cfg, world.rank * b)
+    x = spec.pre.model_input(x)
+    extra = {k: v for k, v in train_state.hparams.items() if k != "lr"}
+    m = b // k_micro
+    for j in range(k_micro):
+        key_j = model_key if spec.parts == 1 else jr.fold_in(model_key, world.rank * k_micro + j)
+        g, new_state, part = _micro_grads(spec, train_state, x[j * m:(j + 1) * m], target[j * m:(j + 1) * m],
+                                          key_j, extra)
+        if j == 0:
+            grads, state, sums = g, new_state, part
+        else:
+            grads = tree_map(torch.add, grads, g)
+            state = tree_map(lambda a, c: a + c if _is_float(a) else c, state, new_state)
+            sums = {k: sums[k] + part[k] for k in sums}
+    return grads, state, sums
+
+
+def _update(spec: _StepSpec, train_state: TrainState, grads, state, sums):
+    """The optimizer update from the summed gradients; state and loss averaged."""
+    if spec.parts > 1:
+        total = sums["weight"].clamp_min(1.0)
+        grads = tree_map(lambda g: g / total, grads)
+        state = tree_map(lambda s: s / spec.parts if _is_float(s) else s, state)
+        loss = sums["loss"] / total
+    else:
+        loss = sums["loss"]
+    updates, opt_state = spec.optimizer.update(grads, train_state.opt_state, train_state.params,
+                                               step=train_state.step, lr=train_state.hparams["lr"])
+    params = torchopt.apply_updates(train_state.params, updates, inplace=False)
+    cm = sums["confusion"]
+    metrics = {"loss": loss, "pixel_accuracy": M.pixel_accuracy(cm).float(), "confusion": cm}
+    new = train_state._replace(params=params, state=state, opt_state=opt_state, step=train_state.step + 1,
+                               hparams=dict(train_state.hparams))
+    if spec.ema is not None:
+        new = new._replace(ema=_ema_update(train_state.ema, params, state, spec.ema))
+    return new, metrics
+
+
+def _reduce(world: World, grads, state, sums):
+    """Sum over ranks: gradients and float state in one bucket, loss/weight/confusion in float64."""
+    g_leaves, g_spec = pytree.tree_flatten(grads)
+    s_leaves, s_spec = pytree.tree_flatten(state)
+    s_float = [i for i, t in enumerate(s_leaves) if _is_float(t)]
+    reduced = all_reduce_sum(world, g_leaves + [s_leaves[i] for i in s_float])
+    for i, t in zip(s_float, reduced[len(g_leaves):]):
+        s_leaves[i] = t
+    cm = sums["confusion"]
+    scal = torch.cat([sums["loss"].double().reshape(*cm.shape[:-2], 1),
+                      sums["weight"].double().reshape(*cm.shape[:-2], 1),
+                      cm.double().flatten(-2)], dim=-1)
+    (scal,) = all_reduce_sum(world, [scal])
+    sums = {"loss": scal[..., 0].float(), "weight": scal[..., 1].float(),
+            "confusion": scal[..., 2:].round().to(torch.int64).reshape(cm.shape)}
+    return pytree.tree_unflatten(reduced[:len(g_leaves)], g_spec), pytree.tree_unflatten(s_leaves, s_spec), sums
 
 
 def _ema_update(ema: dict, params: dict, state: dict, decay: float) -> dict:
