@@ -132,21 +132,23 @@ def test_resume_may_extend_the_epochs_of_a_constant_schedule(model, data, tmp_pa
         _fit(model, data, cosine, epochs=2, resume=True, optimizer=OptimizerConfig(lr=1e-2, schedule="cosine"))
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model, data, tmp_path, monkeypatch):
+def _poison(monkeypatch, edit):
+    """Make fit's train step pass its output through ``edit(old_state, new_state, metrics)``."""
     real = loop_mod.make_train_step
 
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
-
-        def wrapped(train_state, batch):
-            new, metrics = step(train_state, batch)
-            bad = train_state.step >= 2  # the first step of epoch 2 (a tensor test: no sync)
-            metrics = {**metrics, "loss": torch.where(bad, torch.tensor(float("nan")), metrics["loss"])}
-            return new, metrics
-
-        return wrapped
+        return lambda train_state, batch: edit(train_state, *step(train_state, batch))
 
     monkeypatch.setattr(loop_mod, "make_train_step", poisoned)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model, data, tmp_path, monkeypatch):
+    def nan_loss(old, new, metrics):
+        bad = old.step >= 2  # the first step of epoch 2 (a tensor test: no sync)
+        return new, {**metrics, "loss": torch.where(bad, torch.tensor(float("nan")), metrics["loss"])}
+
+    _poison(monkeypatch, nan_loss)
     with pytest.raises(TrainingDiverged, match=r"non-finite \(nan\) at epoch 2, step 3.*last good checkpoint"):
         _fit(model, data, tmp_path)
     tree, _ = ckpt.load(tmp_path / "last.safetensors")
@@ -156,22 +158,15 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model, data
 
 def test_a_non_finite_state_with_a_finite_loss_is_never_checkpointed(model, data, tmp_path, monkeypatch):
     """lr 1e9 kept the loss finite (ln 3) while batch-norm running_var became inf: caught at the save."""
-    real = loop_mod.make_train_step
 
-    def poisoned(*args, **kwargs):
-        step = real(*args, **kwargs)
+    def inf_statistic(old, new, metrics):
+        leaf = next(k for k in new.state)  # one statistic becomes inf from step 3 on
+        first = next(iter(new.state[leaf]))
+        bad = torch.where(old.step >= 2, float("inf"), 0.0)
+        inner = {**new.state[leaf], first: new.state[leaf][first] + bad}
+        return new._replace(state={**new.state, leaf: inner}), metrics
 
-        def wrapped(train_state, batch):
-            new, metrics = step(train_state, batch)
-            leaf = next(k for k in new.state)  # one statistic becomes inf from step 3 on
-            first = next(iter(new.state[leaf]))
-            bad = torch.where(train_state.step >= 2, float("inf"), 0.0)
-            inner = {**new.state[leaf], first: new.state[leaf][first] + bad}
-            return new._replace(state={**new.state, leaf: inner}), metrics
-
-        return wrapped
-
-    monkeypatch.setattr(loop_mod, "make_train_step", poisoned)
+    _poison(monkeypatch, inf_statistic)
     with pytest.raises(TrainingDiverged, match=r"train state became non-finite .* step 4.*last good checkpoint"):
         _fit(model, data, tmp_path)
     tree, _ = ckpt.load(tmp_path / "last.safetensors")
