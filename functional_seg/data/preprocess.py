@@ -6,10 +6,10 @@ experiments, so a model is always fed the way it was trained::
 
     uint8 [N, 3, H, W] --to_float--> [0, 1] --normalize(mean, std)--> (channels_last) --> model
 
-``size`` (None: any size, for steps and tests that do not care) and ``policy`` say how the prepared data was made (stretch to S x S, or keep the
-aspect ratio and pad with ignored pixels); ``precision`` and ``channels_last`` how the model
-ran; ``class_names`` what label i means (C = its length) and ``ignore_index`` the label that
-no loss or metric counts.
+``size`` (None: any size, for steps and tests that do not care) and ``policy`` say how the
+prepared data was made (stretch to S x S, or keep the aspect ratio and pad with ignored pixels);
+``precision`` and ``channels_last`` how the model ran; ``class_names`` what label i means
+(C = its length) and ``ignore_index`` the label that no loss or metric counts.
 """
 
 from __future__ import annotations
