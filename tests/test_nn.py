@@ -224,10 +224,13 @@ def test_window_unpool_writes_channels_last_and_vmaps():
     pooled, indices = fnn.max_pool2d_with_indices(x, 2)
     out = fnn.max_unpool2d(pooled, indices, (8, 6), kernel_size=2)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    from_nchw = fnn.max_unpool2d(pooled.contiguous(), indices.contiguous(), (8, 6), kernel_size=2)
-    assert from_nchw.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, fnn.max_unpool2d(pooled.contiguous(), indices.contiguous(), (8, 6)))
-    assert torch.equal(from_nchw, out)
+    # NCHW in, eager, no vmap: ATen's max_unpool2d (NCHW out); traced, the windowed form (channels-last)
+    from_nchw = fnn.max_unpool2d(pooled.contiguous(), indices.contiguous(), (8, 6), kernel_size=2)
+    assert from_nchw.is_contiguous() and torch.equal(from_nchw, out)
+    traced = torch.compile(lambda p, i: fnn.max_unpool2d(p, i, (8, 6), kernel_size=2), backend="aot_eager",
+                           fullgraph=True)(pooled.contiguous(), indices.contiguous())
+    assert traced.is_contiguous(memory_format=torch.channels_last) and torch.equal(traced, out)
     stacked = torch.stack([x, 2 * x]).contiguous()
     pooled_k, indices_k = torch.func.vmap(lambda t: fnn.max_pool2d_with_indices(t, 2))(stacked)
     batched = torch.func.vmap(lambda p, i: fnn.max_unpool2d(p, i, (8, 6), kernel_size=2))(pooled_k, indices_k)
@@ -489,3 +492,127 @@ def test_vmapped_batch_norm_over_stacked_params_and_state_equals_loop(key, train
         close(ys[i], y)
         if train:
             assert tree_allclose(unstack(states)[i], s, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ batch norm: gradients, sync hook
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_gradients_match_torch(key, train):
+    """Forward and the gradients wrt input, weight and bias equal nn.BatchNorm2d's, in both modes."""
+    params, state = fnn.init_batch_norm(3)
+    params = perturbed(key, params)
+    state = {**state, "running_mean": torch.tensor([0.5, -1.0, 2.0]), "running_var": torch.tensor([1.5, 0.5, 3.0])}
+    torch_bn = load(nn.BatchNorm2d(3), params, state).train(train)
+    x = randn(4, 3, 5, 6) * 2 + 1
+    g = randn(4, 3, 5, 6, seed=1)
+    x_ref = x.clone().requires_grad_(True)
+    (torch_bn(x_ref) * g).sum().backward()
+
+    def loss(params, x):
+        y, new_state = fnn.batch_norm(params, state, x, train=train)
+        return (y * g).sum(), new_state
+
+    (grad_p, grad_x), new_state = torch.func.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    close(grad_x, x_ref.grad)
+    close(grad_p["weight"], torch_bn.weight.grad)
+    close(grad_p["bias"], torch_bn.bias.grad)
+    close(new_state["running_mean"], torch_bn.running_mean)
+    close(new_state["running_var"], torch_bn.running_var)
+
+
+def test_batch_norm_train_saves_only_its_input():
+    """The backward keeps one activation-sized tensor (the input), as nn.BatchNorm2d's does."""
+    params, state = fnn.init_batch_norm(8)
+    params = tree_map(lambda t: t.requires_grad_(True), params)
+    x = randn(4, 8, 16, 16).requires_grad_(True)
+    big = []
+
+    def pack(t):
+        if t.numel() >= x.numel():
+            big.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fnn.batch_norm(params, state, x, train=True)
+    assert len(big) == 1 and big[0] is x
+
+
+def _doubling(stats):
+    """Two identical ranks: the all-reduced sums and counts are twice the local ones."""
+    return stats * 2
+
+
+def test_batch_stats_reducer_with_identical_ranks_equals_the_plain_path(key):
+    params, state = fnn.init_batch_norm(3)
+    params = perturbed(key, params)
+    state = {**state, "running_mean": torch.tensor([0.2, 1.5, -0.5])}
+    x = randn(4, 3, 5, 6) * 3 + 2
+    g = randn(4, 3, 5, 6, seed=1)
+
+    def loss(params, x):
+        y, new_state = fnn.batch_norm(params, state, x, train=True)
+        return (y * g).sum(), (y, new_state)
+
+    plain_grads, (plain_y, plain_state) = torch.func.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    calls = []
+
+    def reducer(stats):
+        calls.append(stats.shape)
+        return _doubling(stats)
+
+    with fnn.batch_stats_reducer(reducer):
+        grads, (y, new_state) = torch.func.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    assert calls == [torch.Size([3, 3])]
+    close(y, plain_y)
+    # the state is that of the two ranks' batch in one process (the count, hence n / (n - 1), doubles)
+    _, both_state = fnn.batch_norm(params, state, torch.cat([x, x]), train=True)
+    assert tree_allclose(new_state, both_state, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(new_state["running_var"], plain_state["running_var"], rtol=1e-5, atol=1e-6)
+    assert tree_allclose(grads, plain_grads, rtol=1e-4, atol=1e-4)
+    # the count is the reduced one: the running variance's n / (n - 1) uses the 2 ranks' values
+    n = 2 * 4 * 5 * 6
+    with fnn.batch_stats_reducer(_doubling):
+        _, s = fnn.batch_norm(params, state, x, train=True)
+    var = x.var(dim=(0, 2, 3), correction=0)
+    close(s["running_var"], 0.9 * state["running_var"] + 0.1 * var * n / (n - 1))
+    # outside the context the fast path runs again
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert fnn.norm._REDUCER is None
+
+
+def test_batch_stats_reducer_sees_the_other_rank():
+    """A reducer adding a second rank's statistics normalises with the pooled mean and variance."""
+    params, state = fnn.init_batch_norm(2)
+    x, other = randn(3, 2, 4, 4), randn(3, 2, 4, 4, seed=5) * 2 + 1
+
+    def pooled_stats(t):
+        return fnn.norm._local_stats(other, state["running_mean"]) + t
+
+    with fnn.batch_stats_reducer(pooled_stats):
+        y, s = fnn.batch_norm(params, state, x, train=True)
+    both, _ = fnn.batch_norm(params, state, torch.cat([x, other]), train=True)
+    close(y, both[:3], rtol=1e-4, atol=1e-4)
+    close(s["running_mean"], fnn.batch_norm(params, state, torch.cat([x, other]), train=True)[1]["running_mean"])
+
+
+def test_batch_stats_reducer_compiles_in_one_graph_with_grad_and_vmap(key):
+    params, state = fnn.init_batch_norm(3)
+    params = perturbed(key, params)
+    x = randn(4, 3, 5, 6) * 2 + 1
+
+    def step(params, x):
+        def loss(p):
+            y, new_state = fnn.batch_norm(p, state, x, train=True)
+            return y.square().mean(), new_state
+        return torch.func.grad(loss, has_aux=True)(params)
+
+    eager_grads, _ = step(params, x)
+    with fnn.batch_stats_reducer(_doubling):
+        eager_state = step(params, x)[1]
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        grads, new_state = compiled(params, x)
+        vgrads, _ = torch.func.vmap(step, in_dims=(None, 0))(params, torch.stack([x, x]))
+    assert tree_allclose(grads, eager_grads, rtol=1e-4, atol=1e-4)
+    assert tree_allclose(new_state, eager_state, rtol=1e-5, atol=1e-5)
+    assert tree_allclose(unstack(vgrads)[1], eager_grads, rtol=1e-4, atol=1e-4)

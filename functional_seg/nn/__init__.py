@@ -11,11 +11,11 @@ from .conv import (
     separable_conv2d,
 )
 from .linear import init_linear, linear
-from .norm import batch_norm, init_batch_norm, init_layer_norm, layer_norm
+from .norm import batch_norm, batch_stats_reducer, init_batch_norm, init_layer_norm, layer_norm
 from .pool import max_pool2d, max_pool2d_with_indices, max_unpool2d, resize
 
 __all__ = [
-    "batch_norm", "conv2d", "conv_transpose2d", "dot_product_attention", "dropout", "gelu",
+    "batch_norm", "batch_stats_reducer", "conv2d", "conv_transpose2d", "dot_product_attention", "dropout", "gelu",
     "init_batch_norm", "init_conv2d", "init_conv_transpose2d", "init_layer_norm", "init_linear",
     "init_self_attention", "init_separable_conv2d", "layer_norm", "linear", "max_pool2d",
     "max_pool2d_with_indices", "max_unpool2d", "relu", "resize", "self_attention", "separable_conv2d",
