@@ -11,9 +11,9 @@ Augment: images/s at 128 x 128, batch 64, for the same flips and colour jitter d
                the batches are pinned and copied to the GPU.
 Both read the same in-memory uint8 tensors, so no decoding is timed. Not a test.
 
-    .venv/bin/python benchmarks/bench_data.py                   # cpu
-    .venv/bin/python benchmarks/bench_data.py --device cuda     # GPU, when there is one
-    .venv/bin/python benchmarks/bench_data.py --sample PATH --batches 20 --compile
+    .venv/bin/python -m benchmarks.bench_data                   # cpu
+    .venv/bin/python -m benchmarks.bench_data --device cuda     # GPU, when there is one
+    .venv/bin/python -m benchmarks.bench_data --sample PATH --batches 20 --compile
 
 Runtime: ~2 min on a 2-core CPU; a few seconds for the augment part on a GPU.
 """

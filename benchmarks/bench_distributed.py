@@ -25,11 +25,8 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from functional_seg.core import random as jr  # noqa: E402
 from functional_seg.core.tree import tree_bytes  # noqa: E402

@@ -1,7 +1,7 @@
 """vmap ensemble: K small SegNets trained in one vmapped step against K sequential calls of the single step.
 
-Command (GPU, ~40 s eager; --compile adds ~1-2 min):  python benchmarks/bench_ensemble.py
-Command (CPU, ~1 min):                                python benchmarks/bench_ensemble.py --quick
+Command (GPU, ~40 s eager; --compile adds ~1-2 min):  python -m benchmarks.bench_ensemble
+Command (CPU, ~1 min):                                python -m benchmarks.bench_ensemble --quick
 
 K = 8 members of SegNet with widths (16, 32, 64, 64) (quick: (8, 16, 16, 16)), each with its
 own init and train key, all seeing the same batch (``ensemble_step`` = ``torch.func.vmap(train_step,
@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import torch
 
-import _common as C  # noqa: E402
-import torch  # noqa: E402
+from experiments import _common as C
 
 EXPERIMENT = "bench_ensemble"
 WIDTHS = (16, 32, 64, 64)

@@ -2,17 +2,17 @@
 
 For each model (default cfg) and batch size, times five variants on zeros [N, 3, S, S] in eval under
 ``torch.no_grad()``: the pure model's ``apply(train=False)`` eager and under ``torch.compile``, its
-reference ``nn.Module`` (tests/reference_modules.py; torchvision's own module for the lifted
+reference ``nn.Module`` (benchmarks/reference_modules.py; torchvision's own module for the lifted
 models) eager and under ``torch.compile``, and the model as ``fseg export --format onnx`` writes it
 (normalisation inside, dynamic batch) run by onnxruntime's CPU provider with torch's thread count.
 Prints the median milliseconds per batch and images per second, then the ratios pure eager / onnx
 and pure compiled / onnx from the same run (above 1: onnxruntime is faster), with the device,
 torch version and the command line on top. The onnx row is always on the CPU.
 
-    python benchmarks/bench_latency.py                       # all models, batch 1 and 64, 128 px
-    python benchmarks/bench_latency.py --device cuda --models segnet vit
-    python benchmarks/bench_latency.py --quick               # few repeats; on CPU 3 models, batch 1 and 4
-    python benchmarks/bench_latency.py --no-onnx             # without the onnxruntime row
+    python -m benchmarks.bench_latency                       # all models, batch 1 and 64, 128 px
+    python -m benchmarks.bench_latency --device cuda --models segnet vit
+    python -m benchmarks.bench_latency --quick               # few repeats; on CPU 3 models, batch 1 and 4
+    python -m benchmarks.bench_latency --no-onnx             # without the onnxruntime row
 
 Runtime: on a GPU a few minutes for everything (mostly compilation); on CPU, compilation takes tens
 of seconds per model and variant, and the big models at batch 64 take seconds per call, so use
@@ -23,21 +23,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-# The repo root (functional_seg without installing it) and tests/ (reference_modules; imported by its
-# own name, since a site-packages "tests" package would shadow a namespace-package import).
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(_ROOT), str(_ROOT / "tests"), str(_ROOT / "experiments")]
-
-import _common as C  # noqa: E402
-from reference_modules import build_reference  # noqa: E402
-
-from functional_seg.core import random as jr  # noqa: E402
-from functional_seg.core.tree import tree_map  # noqa: E402
-from functional_seg.models import create_model, list_models  # noqa: E402
+from benchmarks.reference_modules import build_reference
+from experiments import _common as C
+from functional_seg.core import random as jr
+from functional_seg.core.tree import tree_map
+from functional_seg.models import create_model, list_models
 
 QUICK_CPU_MODELS = ("segnet", "segnet_dsc", "segformer")
 
@@ -155,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device_name = f"CPU, {torch.get_num_threads()} threads"
 
-    print(f"command: {' '.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}")
+    print(f"command: python -m benchmarks.bench_latency {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"device: {device_name}; torch {torch.__version__}; input {args.size}x{args.size}, float32, eval, "
           f"no_grad; median of {repeats} after {warmup} warm-up calls")
     labels = ["pure eager", "nn.Module eager"] + ([] if args.no_compile else ["pure compiled", "nn.Module compiled"])

@@ -6,8 +6,8 @@ torchmetrics is timed as a streaming metric (update + compute + reset, its usual
 its functional form with and without argument validation. Prints the median of each and the
 ratio torchmetrics / ours (> 1 means ours is faster). Not a test.
 
-    .venv/bin/python benchmarks/bench_metrics.py                 # cuda if available, else cpu
-    .venv/bin/python benchmarks/bench_metrics.py --device cpu --repeat 30 --compile
+    .venv/bin/python -m benchmarks.bench_metrics                 # cuda if available, else cpu
+    .venv/bin/python -m benchmarks.bench_metrics --device cpu --repeat 30 --compile
 
 Runtime: a few seconds on a GPU, ~10-30 s on a small CPU.
 """

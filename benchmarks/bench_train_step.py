@@ -1,7 +1,7 @@
 """Train-step throughput (images/s): this library's compiled functional step against the stateful baselines.
 
-Command (GPU, ~2 min with compiles):   python benchmarks/bench_train_step.py
-Command (CPU, ~1 min):                 python benchmarks/bench_train_step.py --quick
+Command (GPU, ~2 min with compiles):   python -m benchmarks.bench_train_step
+Command (CPU, ~1 min):                 python -m benchmarks.bench_train_step --quick
 
 Rows, all on the same prepared uint8 data (the sample's trainval, repeated so no epoch boundary
 falls inside the timed window), the same architecture and loss (cross-entropy), Adam lr 1e-3:
@@ -32,13 +32,11 @@ import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import torch
+import torch.nn.functional as F
 
-import _common as C  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from experiments import _common as C
 
 EXPERIMENT = "bench_train_step"
 QUICK_WIDTHS = (8, 16, 32, 32)

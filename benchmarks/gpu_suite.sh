@@ -14,12 +14,14 @@
 #   prepare           decode + cache the 128 px splits                     ~5 s   -> 60 s
 #   bench_train_step  b / b-input / b16 / a' (~20 s), a (compile 50-80 s), ~2.3 min -> 200 s
 #                     c (compile ~25 s), profile
+#   bench_memory      peak memory of a / a' / b / c, one process per row    (not yet run on a GPU) -> 120 s
 #   bench_ensemble    K=8 small SegNets, vmapped vs sequential (eager)     ~20 s  -> 60 s
 #   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~1.8 min -> 170 s
 #                     (the first epoch, with both compiles, is ~50 s of it)
 #   series_models     5 models, 128 px, 20 epochs (SegFormer ~20 s)        ~70 s  -> 150 s
 #   loss_comparison   CE, CE+Dice, a K=4 vmapped CE+w*Dice sweep, 5 more   ~1.5 min -> 120 s
 #   augmentation      5 variants                                           ~50 s  -> 70 s
+#   best_recipe       only when PARTS names it: the full recipe           (not yet run on a GPU) -> 540 s
 # A part's limit is also cut so that every later part in PARTS keeps its minimum share of SUITE_SECONDS
 # (default 540); each script gets a --budget a little under its limit, after which it records the
 # variants it did not start as "skipped: time budget" and still writes its tables. A part that
@@ -40,12 +42,14 @@ PY="${PYTHON:-python3}"
 # EXTRA_ARGS (e.g. "--quick") is appended to every script's arguments: for a dry run of the suite on a CPU.
 read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
 TOTAL="${SUITE_SECONDS:-540}"
-ALL_PARTS="prepare bench_train_step bench_ensemble bench_end_to_end series_models loss_comparison augmentation"
-PARTS="${PARTS:-$ALL_PARTS}"
+ALL_PARTS="prepare bench_train_step bench_memory bench_ensemble bench_end_to_end series_models loss_comparison augmentation best_recipe"
+# best_recipe (the long recipe run) only when asked for: PARTS="prepare best_recipe" SUITE_SECONDS=540
+DEFAULT_PARTS="${ALL_PARTS% best_recipe}"
+PARTS="${PARTS:-$DEFAULT_PARTS}"
 PARALLEL="${PARALLEL:-}"
 # the minimum share of a 540 s suite each part keeps while earlier parts run
-declare -A SHARE=([prepare]=10 [bench_train_step]=120 [bench_ensemble]=30 [bench_end_to_end]=110
-                  [series_models]=80 [loss_comparison]=70 [augmentation]=40)
+declare -A SHARE=([prepare]=10 [bench_train_step]=120 [bench_memory]=40 [bench_ensemble]=30 [bench_end_to_end]=110
+                  [series_models]=80 [loss_comparison]=70 [augmentation]=40 [best_recipe]=300)
 START=$SECONDS
 LOG="$OUT/suite.log"
 
@@ -125,12 +129,14 @@ for split in ('trainval', 'test'):
 # prepare's output goes to suite.log rather than an eighth log file
 cat "$OUT/prepare.log" >>"$LOG" 2>/dev/null && rm -f "$OUT/prepare.log"
 
-run bench_train_step 200 "$PY" benchmarks/bench_train_step.py --data "$DATA_ROOT" --profile --budget BUDGET "${EXTRA[@]}"
-run bench_ensemble 60 "$PY" benchmarks/bench_ensemble.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-run bench_end_to_end 170 "$PY" benchmarks/bench_end_to_end.py --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
-run series_models 150 "$PY" experiments/series_models.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-run loss_comparison 120 "$PY" experiments/loss_comparison.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-run augmentation 70 "$PY" experiments/augmentation.py --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+run bench_train_step 200 "$PY" -m benchmarks.bench_train_step --data "$DATA_ROOT" --profile --budget BUDGET "${EXTRA[@]}"
+run bench_memory 120 "$PY" -m benchmarks.bench_memory --budget BUDGET "${EXTRA[@]}"
+run bench_ensemble 60 "$PY" -m benchmarks.bench_ensemble --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+run bench_end_to_end 170 "$PY" -m benchmarks.bench_end_to_end --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
+run series_models 150 "$PY" -m experiments.series_models --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+run loss_comparison 120 "$PY" -m experiments.loss_comparison --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+run augmentation 70 "$PY" -m experiments.augmentation --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
+run best_recipe 540 "$PY" -m experiments.best_recipe --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
 wait
 
 say "done in $((SECONDS - START))s"

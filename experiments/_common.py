@@ -560,10 +560,6 @@ def autocast(device: torch.device, enabled: bool = True):
 
 def reference_module(name: str, **cfg) -> torch.nn.Module:
     """For ``benchmarks/bench_train_step.py``: the plain ``nn.Module`` twin of registry model ``name``."""
+    from benchmarks.reference_modules import build_reference
     from functional_seg.models import create_model
-
-    try:
-        from benchmarks.reference_modules import build_reference
-    except ImportError:  # a benchmark run as a script has benchmarks/ itself on its path
-        from reference_modules import build_reference
     return build_reference(name, create_model(name, **cfg).cfg)

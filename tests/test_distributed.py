@@ -119,7 +119,6 @@ def _local_fit(data, out, **kw):
 
 
 def test_two_ranks_equal_one_process_and_accumulate_2(two_ranks, data, tmp_path):
-    sys.path.insert(0, str(TESTS))
     dist_params = _params(two_ranks / "last.safetensors")
     one = _local_fit(data, tmp_path / "one")["train_state"].params
     acc = _local_fit(data, tmp_path / "acc", accumulate=2)["train_state"].params
@@ -159,8 +158,16 @@ def _cli(tmp_path, data, out, *extra, nproc=None):
     else:
         proc = subprocess.run([sys.executable, *args], env=_env(tmp_path), cwd=tmp_path, capture_output=True,
                               text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _first_error(proc.stderr)
     return ckpt.load(out / "last.safetensors")[0]
+
+
+def _first_error(stderr: str) -> str:
+    """The ranks' own complaint (before torchrun's summary), then the summary's tail."""
+    lines = stderr.splitlines()
+    marks = [i for i, line in enumerate(lines) if any(w in line for w in ("Error", "error:", "terminate", "abort"))]
+    head = "\n".join(lines[max(marks[0] - 20, 0):marks[0] + 20]) if marks else ""
+    return head + "\n...\n" + stderr[-1500:]
 
 
 def test_batch_norm_with_sync_bn_is_world_size_invariant_and_without_it_is_accumulate(data, tmp_path):

@@ -1,6 +1,6 @@
 """The model zoo: every registered model through init, apply (train and eval), grad, vmap over two
 stacked parameter sets and torch.compile; the series' parameter counts; equality with the plain
-``torch.nn.Module`` references in tests/reference_modules.py; cfg and input-size errors; keys.
+``torch.nn.Module`` references in benchmarks/reference_modules.py; cfg and input-size errors; keys.
 
 The walk uses small cfgs (SMALL) so the file runs in about a minute on 2 CPU cores. Compilation:
 each model is compiled once, ``fullgraph=True`` for all of them (the lifted torchvision models
@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_modules import build_reference, load_pure
 from torch.func import grad, vmap
 
+from benchmarks.reference_modules import build_reference, load_pure
 from functional_seg.core import random as jr
 from functional_seg.core.tree import flatten_with_names, stack, tree_leaves, tree_size, tree_structure
 from functional_seg.models import create_model, list_models

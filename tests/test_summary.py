@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 import torchinfo
-from reference_modules import SeparableConv2d, build_reference
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.reference_modules import SeparableConv2d, build_reference
 from functional_seg import summary as summary_mod
 from functional_seg.core import random as jr
 from functional_seg.core.tree import flatten_with_names, tree_size

@@ -5,7 +5,8 @@ They serve as references: the same widths give the same parameter counts as the 
 ``nn.MultiheadAttention``'s fused ``in_proj_weight``/``in_proj_bias``, mapped by
 :func:`load_pure`), so a pure model's weights load into its reference and the outputs can be
 compared; torchinfo runs on them in the summary tests; and ``benchmarks/bench_latency.py`` times
-them beside the pure models.
+them beside the pure models; ``benchmarks/_rows.py`` trains them for the memory and eager-step
+benchmarks. They live here, not in ``tests/``, since benchmarks and experiments import them too.
 
 ``build_reference(name, cfg)`` takes a registered model's name and cfg; the lifted torchvision
 models are their own reference (the module is rebuilt with the same constructor).

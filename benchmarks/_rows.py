@@ -1,0 +1,95 @@
+"""The train-step rows that the memory, eager-step and compile benchmarks share, on one resident batch.
+
+Every row runs the same architecture (the registry model and its ``nn.Module`` twin from
+``benchmarks/reference_modules.py``), the same loss (cross-entropy), Adam lr 1e-3, and the same
+uint8 batch already on the device, normalised by the same ``Preprocess.model_input``. No
+augmentation and no data loader: these rows isolate the step itself.
+
+  a   ``make_train_step(..., compile=True)`` (inductor)
+  a'  ``make_train_step(..., compile=False)`` (what ``fseg train`` runs on CPU by default)
+  b   the series' eager ``nn.Module`` + ``torch.optim.Adam`` (forward, CE, zero_grad, backward, step)
+  c   ``torch.compile(module)`` + ``torch.optim.Adam(fused=True)``
+
+``build(row, ...)`` returns ``step()``: one training step on the fixed batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROWS = ("a", "a_eager", "b", "c")
+LABELS = {
+    "a": "a: library, compiled (inductor)",
+    "a_eager": "a': library, eager",
+    "b": "b: nn.Module + torch.optim.Adam, eager",
+    "c": "c: torch.compile(module) + Adam(fused)",
+}
+
+
+def model_cfg(widths: str | None) -> dict:
+    return {"widths": tuple(int(w) for w in widths.split(","))} if widths else {}
+
+
+def batch(batch_size: int, size: int, num_classes: int, device: torch.device, seed: int = 0):
+    """uint8 images [B, 3, S, S] and int64 masks [B, S, S], drawn from a fixed generator."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, 3, size, size), generator=g, dtype=torch.uint8)
+    masks = torch.randint(0, num_classes, (batch_size, size, size), generator=g)
+    return images.to(device), masks.to(device)
+
+
+def _preprocess(device: torch.device):
+    from functional_seg.data.preprocess import Preprocess
+
+    return Preprocess(precision="bf16" if device.type == "cuda" else "fp32", channels_last=device.type == "cuda")
+
+
+def build(row: str, *, model: str, cfg: dict, device: torch.device, data, seed: int = 0):
+    """``step()`` for ``row`` (one of ROWS) over the fixed batch ``data``."""
+    pre = _preprocess(device)
+    images, masks = data
+    if row in ("a", "a_eager"):
+        from functional_seg.core import random as jr
+        from functional_seg.losses import get_loss
+        from functional_seg.models import create_model
+        from functional_seg.train import init_train_state, make_optimizer, make_train_step
+
+        m = create_model(model, **cfg)
+        optimizer = make_optimizer(name="adam", lr=1e-3)
+        train_step = make_train_step(m, get_loss("ce"), optimizer, preprocess=pre, compile=row == "a")
+        holder = [init_train_state(m, optimizer, jr.key(seed), device=device)]
+
+        def step():
+            holder[0], metrics = train_step(holder[0], (images, masks))
+            return metrics["loss"]
+
+        return step
+    if row in ("b", "c"):
+        from functional_seg.models import create_model
+
+        from .reference_modules import build_reference
+
+        torch.manual_seed(seed)
+        module = build_reference(model, create_model(model, **cfg).cfg).to(device).train()
+        if pre.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        if row == "b":
+            opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+            forward = module
+        else:
+            opt = torch.optim.Adam(module.parameters(), lr=1e-3, fused=True)
+            forward = torch.compile(module)
+
+        def step():
+            x = pre.model_input(images)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=pre.precision == "bf16"):
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float(), masks)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return step
+    raise ValueError(f"unknown row {row!r}; expected one of {', '.join(ROWS)}")
