@@ -106,7 +106,7 @@ def _params(path):
 def two_ranks(data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two")
     proc = _worker(tmp, data, tmp / "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _first_error(proc.stderr)
     return tmp / "run"
 
 

@@ -27,6 +27,7 @@ contiguous slices of B / size; rank r holds images ``r*B/size .. (r+1)*B/size - 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -101,6 +102,7 @@ def world_from_env(device: str | torch.device = "cpu", *, bucket: bool = True) -
             torch.cuda.set_device(local)
         timeout = datetime.timedelta(seconds=float(os.environ.get("FSEG_DIST_TIMEOUT", "600")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        atexit.register(_leave_at_exit)
     if dist.get_world_size() != size or dist.get_rank() != rank:
         raise RuntimeError(f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees "
                            f"with RANK={rank} WORLD_SIZE={size}")
@@ -111,6 +113,23 @@ def shutdown() -> None:
     """Leave the process group (at the end of a run, so the next one may join another)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Set by failure_report: this rank is ending on an error, so its peers may be inside a collective.
+_FAILED = False
+
+
+def _leave_at_exit() -> None:
+    """Registered when this process joins: leave the group while the interpreter is still whole.
+
+    A process that exits holding a gloo group can die with SIGABRT during interpreter shutdown
+    (gloo's worker threads still hold work objects whose tensors need the GIL; pytorch/pytorch
+    PR 179291), which turned finished runs into failed ones (seen: rank 1 of a 2-rank CPU run,
+    exit -6 after its last epoch). After a failure the group is left alone: destroying it may
+    wait on peers that are blocked in a collective, and torchrun ends the job anyway.
+    """
+    if not _FAILED:
+        shutdown()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +246,8 @@ def failure_report(world: World):
     try:
         yield
     except BaseException as err:
+        global _FAILED
+        _FAILED = True
         if world.distributed and not isinstance(err, KeyboardInterrupt):
             print(f"fseg: rank {world.rank} of {world.size} failed: {type(err).__name__}: "
                   f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}; the job ends and no "
