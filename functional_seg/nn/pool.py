@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.autodiff import active_transforms
+
 
 def max_pool2d_with_indices(x: torch.Tensor, kernel_size: int = 2, stride: int | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,13 +55,8 @@ def _eager_unbatched() -> bool:
     """True in eager mode (not traced by torch.compile) with no ``torch.func.vmap`` active."""
     if torch.compiler.is_compiling():
         return False
-    try:
-        from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-        return all(i.key() != TransformType.Vmap for i in retrieve_all_functorch_interpreters())
-    except (ImportError, AttributeError):  # private API moved: the windowed form is always right
-        return False
+    active = active_transforms()
+    return active is not None and "Vmap" not in active
 
 
 def _unpool_windows(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int, int], k: int) -> torch.Tensor:

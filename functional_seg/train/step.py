@@ -35,6 +35,7 @@ import torchopt
 
 from .. import metrics as M
 from ..core import random as jr
+from ..core.autodiff import grad_and_value
 from ..core.tree import tree_map
 from ..data.augment import augment, to_float
 from ..data.preprocess import Preprocess
@@ -190,7 +191,8 @@ def _micro_weight(spec: _StepSpec, tj: torch.Tensor) -> torch.Tensor:
 
 
 def _micro_grads(spec: _StepSpec, train_state: TrainState, xj, tj, key_j, extra: dict):
-    """One micro-batch's (grads, new model state, sums) from ``grad_and_value``."""
+    """One micro-batch's (grads, new model state, sums) from ``core.autodiff.grad_and_value``
+    (``torch.func``'s under vmap and compile, ``torch.autograd``'s memory cost in plain eager)."""
     weight = _micro_weight(spec, tj)
 
     def loss_of(params):
@@ -200,7 +202,7 @@ def _micro_grads(spec: _StepSpec, train_state: TrainState, xj, tj, key_j, extra:
         loss = spec.loss_fn(logits, tj, **extra)
         return loss * weight if spec.parts > 1 else loss, (logits.detach(), new_state)
 
-    g, (loss, (logits, new_state)) = torch.func.grad_and_value(loss_of, has_aux=True)(train_state.params)
+    g, (loss, (logits, new_state)) = grad_and_value(loss_of)(train_state.params)
     sums = {"loss": loss.detach(), "weight": weight, "confusion": _confusion(logits, tj, spec.pre)}
     return g, _ordered_like(train_state.state, new_state), sums
 
