@@ -2,9 +2,9 @@
 
 Run under torchrun (one process per device; gloo on CPU, NCCL on CUDA):
 
-    torchrun --standalone --nproc_per_node=1 benchmarks/bench_distributed.py --device cpu
-    torchrun --standalone --nproc_per_node=2 benchmarks/bench_distributed.py --device cpu
-    torchrun --standalone --nproc_per_node=1 benchmarks/bench_distributed.py --device cuda --widths 64,128,256,512 \\
+    torchrun --standalone --nproc_per_node=1 -m benchmarks.bench_distributed --device cpu
+    torchrun --standalone --nproc_per_node=2 -m benchmarks.bench_distributed --device cpu
+    torchrun --standalone --nproc_per_node=1 -m benchmarks.bench_distributed --device cuda --widths 64,128,256,512 \\
         --batch-size 64 --size 128 --compile
 
 Rows (median ms per step over --steps after --warmup, the same per-rank batch each step):
