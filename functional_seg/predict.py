@@ -406,7 +406,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
         if not batch:
             continue
         for (path, name, image), logits in zip(batch, predictor.logits([b[2] for b in batch])):
-            mask = logits.argmax(0).to(torch.uint8).numpy()
+            mask = logits.max(0).indices.to(torch.uint8).numpy()  # argmax (first maximum), faster on CPU
             counts = np.bincount(mask.reshape(-1), minlength=predictor.model.num_classes)
             fractions = tuple(float(c) / mask.size for c in counts)
             mask_path = out_dir / f"{name}_mask.png"

@@ -52,8 +52,9 @@ _DEFAULT = Preprocess()
 
 
 def _confusion(logits: torch.Tensor, target: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    return M.confusion_matrix(logits.argmax(dim=1), target, logits.shape[1], ignore_index=pre.ignore_index,
-                              method="compare")
+    # the logits themselves: confusion_matrix takes their max().indices, several times faster on CPU
+    # than argmax over dim 1 (26 ms of a 0.67 s step at SegNet 16..64, batch 64, 64 px)
+    return M.confusion_matrix(logits, target, logits.shape[1], ignore_index=pre.ignore_index, method="compare")
 
 
 def _ordered_like(template, tree):
