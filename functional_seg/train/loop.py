@@ -111,8 +111,6 @@ def plan_run(model, train_data, val_data, config: FitConfig) -> Plan:
     use_compile = resolve_compile(config.compile, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
-    if use_compile:
-        _enable_compile_cache(config)
     pre = Preprocess(size=int(train_data.size), policy=getattr(train_data, "policy", "resize"),
                      channels_last=resolve_channels_last(config.channels_last, device), precision=precision,
                      class_names=tuple(getattr(train_data, "class_names", CLASS_NAMES)))
@@ -149,15 +147,6 @@ def plan_run(model, train_data, val_data, config: FitConfig) -> Plan:
     data = {"n_train": len(train_data), "steps_per_epoch": spe}
     return Plan(model, config, pre, device, train_loader, val_loader, optimizer, step, eval_step, init_key,
                 data_key, data, world)
-
-
-def _enable_compile_cache(config: FitConfig) -> None:
-    """torch's on-disk compile caches (``compile_cache.enable``), when that module is present."""
-    try:
-        from . import compile_cache
-    except ImportError:
-        return
-    compile_cache.enable()
 
 
 @dataclass
