@@ -188,3 +188,14 @@ def test_single_process_collectives_are_the_identity_and_the_batch_must_divide()
     with pytest.raises(ValueError, match="--batch-size 6 is the global batch and must be divisible by the world size 4"
                        ):
         World(rank=0, size=4).local_batch(6)
+
+
+def test_a_vmapped_lr_sweep_under_two_ranks_equals_one_process(data, tmp_path):
+    """Ensembles vmap over members inside the distributed step: each member's params after 2
+    epochs on 2 ranks equal the same sweep run in one process (SegNet with --sync-bn)."""
+    sweep = ("--sweep", "lr=1e-2,3e-2", "--sync-bn")
+    two = _cli(tmp_path, data, tmp_path / "sweep2", *sweep, nproc=2)
+    one = _cli(tmp_path, data, tmp_path / "sweep1", *sweep)
+    assert next(iter(flatten_with_names(two["params"]).values())).shape[0] == 2  # stacked members
+    assert _max_diff(two["params"], one["params"]) <= 1e-4
+    assert _max_diff(two["state"], one["state"]) <= 1e-4
