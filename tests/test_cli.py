@@ -265,3 +265,32 @@ def test_sigkilled_run_resumes_to_bit_identical_params(tmp_path):
     assert not different, f"resumed from step {stopped_at}; differing tensors: {different[:5]}"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("layout", ["generic", "voc"])
+def test_own_data_trains_and_evaluates_with_its_class_names(tmp_path, layout):
+    """A generic 5-class folder and a small VOC tree: fseg train takes C from the data, and fseg
+    eval prints the per-class table under the data's own names; a broken image is refused by name."""
+    from functional_seg.data import make_generic_dataset, make_voc_dataset
+
+    if layout == "generic":
+        root, c, names = make_generic_dataset(tmp_path / "mine", n=20, num_classes=5, seed=1), 5, ["shape_4"]
+        val, image = "val", next(iter(sorted((tmp_path / "mine" / "images").glob("*.jpg"))))
+    else:
+        root, c, names = make_voc_dataset(tmp_path / "voc", n=12, seed=2), 21, ["aeroplane", "tvmonitor"]
+        val, image = "val", next(iter(sorted((tmp_path / "voc" / "JPEGImages").glob("*.jpg"))))
+    common = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    run = tmp_path / "run"
+    proc = _fseg("train", "--data", str(root), *TINY, "--size", "32", "--epochs", "1", "--batch-size", "4",
+                 "--val-split", val, "--test-split", "none", "--out", str(run), "--no-progress", *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, meta = ckpt.load(run / "last.safetensors")
+    assert len(meta["preprocess"]["class_names"]) == c
+    proc = _fseg("eval", "--checkpoint", str(run / "last.safetensors"), "--data", str(root), "--split", val, *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(name in proc.stdout for name in names), proc.stdout
+    image.write_bytes(b"not an image")
+    proc = _fseg("train", "--data", str(root), *TINY, "--size", "32", "--epochs", "1", "--out", str(tmp_path / "r2"),
+                 "--cache-dir", str(tmp_path / "cache2"), "--device", "cpu")
+    assert proc.returncode != 0 and image.name in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
