@@ -116,7 +116,7 @@ def _reduced_batch_norm(params: dict, state: dict, x: torch.Tensor, reduce: Call
     shape = (1, -1) + (1,) * (x.dim() - 2)
     shift = state["running_mean"].detach().float()
     xc = x.float() - shift.reshape(shape)
-    stats = reduce(_local_stats(x, shift))
+    stats = reduce(_local_stats(xc))
     count = stats[2]
     mean_c = stats[0] / count
     var = torch.clamp(stats[1] / count - mean_c * mean_c, min=0.0)
@@ -126,12 +126,12 @@ def _reduced_batch_norm(params: dict, state: dict, x: torch.Tensor, reduce: Call
     return y.to(x.dtype), _updated(state, (shift + mean_c).detach(), var.detach(), total, momentum)
 
 
-def _local_stats(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """float32 [3, C]: sums of ``x - shift`` and of its square over (N, ...), and the count."""
-    dims = [0] + list(range(2, x.dim()))
-    xc = x.float() - shift.reshape((1, -1) + (1,) * (x.dim() - 2))
+def _local_stats(xc: torch.Tensor) -> torch.Tensor:
+    """float32 [3, C] for the centred float32 ``xc = x - shift`` [N, C, ...]: the sums of xc and
+    of its square over (N, ...), and the count."""
+    dims = [0] + list(range(2, xc.dim()))
     local_sum = xc.sum(dims)
-    return torch.stack([local_sum, (xc * xc).sum(dims), torch.full_like(local_sum, x.numel() // x.shape[1])])
+    return torch.stack([local_sum, (xc * xc).sum(dims), torch.full_like(local_sum, xc.numel() // xc.shape[1])])
 
 
 def init_layer_norm(dim: int) -> dict:
