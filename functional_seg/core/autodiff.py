@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["grad_and_value", "active_transforms"]
+__all__ = ["grad_and_value", "active_transforms", "eager_outside"]
 
 
 def active_transforms() -> set[str] | None:
@@ -36,8 +36,19 @@ def active_transforms() -> set[str] | None:
         return None
 
 
-def _plain_eager() -> bool:
-    return not torch.compiler.is_compiling() and active_transforms() == set()
+def eager_outside(transforms: frozenset[str] | None = None) -> bool:
+    """True in eager mode (not traced by ``torch.compile``) with none of ``transforms`` active
+    (e.g. ``frozenset({"Vmap"})``; None: no ``torch.func`` transform at all). False when unknown.
+
+    The gate for a kernel or mechanism that is right only outside a trace or transform (ATen's
+    unpool has no vmap rule; ``torch.autograd.grad`` does not compose with ``torch.func``).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    active = active_transforms()
+    if active is None:
+        return False
+    return not active if transforms is None else not (active & transforms)
 
 
 def grad_and_value(fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> Callable[[Any], tuple[Any, tuple]]:
@@ -49,7 +60,7 @@ def grad_and_value(fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> Callable[[A
     func_version = torch.func.grad_and_value(fn, has_aux=True)
 
     def call(params):
-        if not _plain_eager():
+        if not eager_outside():
             return func_version(params)
         leaves, spec = tree_flatten(params)
         inputs = [t.detach().requires_grad_(True) for t in leaves]

@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.autodiff import active_transforms
+from ..core.autodiff import eager_outside
+
+_VMAP = frozenset({"Vmap"})
 
 
 def max_pool2d_with_indices(x: torch.Tensor, kernel_size: int = 2, stride: int | None = None
@@ -41,7 +43,7 @@ def max_unpool2d(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int,
     """
     stride = stride or kernel_size
     if kernel_size is not None and kernel_size == stride:
-        if x.dim() == 4 and x.is_contiguous() and _eager_unbatched():
+        if x.dim() == 4 and x.is_contiguous() and eager_outside(_VMAP):
             return F.max_unpool2d(x, indices, kernel_size, stride, output_size=tuple(output_size))
         return _unpool_windows(x, indices, output_size, kernel_size)
     n, c = x.shape[:2]
@@ -49,14 +51,6 @@ def max_unpool2d(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int,
     out = x.new_zeros(n, c, h * w)
     out = out.scatter(2, indices.flatten(2), x.flatten(2))
     return out.reshape(n, c, h, w)
-
-
-def _eager_unbatched() -> bool:
-    """True in eager mode (not traced by torch.compile) with no ``torch.func.vmap`` active."""
-    if torch.compiler.is_compiling():
-        return False
-    active = active_transforms()
-    return active is not None and "Vmap" not in active
 
 
 def _unpool_windows(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[int, int], k: int) -> torch.Tensor:
