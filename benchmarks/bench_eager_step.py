@@ -59,15 +59,9 @@ def main(argv=None) -> int:
     medians = {row: statistics.median(t) for row, t in times.items()}
     results = {row: {"median_s": medians[row], "min_s": min(times[row]), "max_s": max(times[row]),
                      "ratio_to_b": medians[row] / medians["b"]} for row in ROWS}
-    table = [{"row": R.LABELS[row], **r} for row, r in results.items()]
-    md = C.md_header(f"Eager step time: {args.model} at {args.size}x{args.size}, batch {args.batch_size}", prov,
-                     notes=[f"model cfg: {R.model_cfg(args.widths) or 'series widths'}; CE; Adam lr 1e-3; one fixed "
-                            f"batch, no augmentation; {args.warmup} warm-up steps each, then {args.steps} steps "
-                            "per row, interleaved"])
-    md += "\n" + C.md_table(table, [("row", "row"), ("median_s", "median step s"), ("ratio_to_b", "x b"),
-                                    ("min_s", "min s"), ("max_s", "max s")]) + "\n"
-    C.write_results(args.out, stem, C.payload(EXPERIMENT, prov, args, results), md)
-    print(md)
+    R.write_report(args, prov, stem, EXPERIMENT, "Eager step time", results,
+                   [("median_s", "median step s"), ("ratio_to_b", "x b"), ("min_s", "min s"), ("max_s", "max s")],
+                   notes=[f"{args.warmup} warm-up steps each, then {args.steps} steps per row, interleaved"])
     return 0
 
 

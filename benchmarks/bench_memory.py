@@ -138,17 +138,11 @@ def main(argv=None) -> int:
     for r in results.values():
         if ref and "peak_above_baseline_mb" in r:
             r["ratio_to_b"] = r["peak_above_baseline_mb"] / ref
-    table = [{"row": R.LABELS[n], **r} for n, r in results.items()]
-    md = C.md_header(f"Peak training-step memory: {args.model} at {args.size}x{args.size}, batch {args.batch_size}",
-                     prov, notes=[f"model cfg: {R.model_cfg(args.widths) or 'series widths'}; CE; Adam lr 1e-3; "
-                                  f"{args.steps} steps per row, each row in its own process; one fixed batch, "
-                                  "no augmentation",
-                                  f"peak = {what} above the post-import baseline (build + steps)"])
-    md += "\n" + C.md_table(table, [("row", "row"), ("peak_above_baseline_mb", "peak MB above baseline"),
-                                    ("ratio_to_b", "x b"), ("last_step_s", "last step s"),
-                                    ("first_step_s", "first step s"), ("status", "status")]) + "\n"
-    C.write_results(args.out, stem, C.payload(EXPERIMENT, prov, args, results), md)
-    print(md)
+    R.write_report(args, prov, stem, EXPERIMENT, "Peak training-step memory", results,
+                   [("peak_above_baseline_mb", "peak MB above baseline"), ("ratio_to_b", "x b"),
+                    ("last_step_s", "last step s"), ("first_step_s", "first step s"), ("status", "status")],
+                   notes=[f"{args.steps} steps per row, each row in its own process",
+                          f"peak = {what} above the post-import baseline (build + steps)"])
     return 0
 
 
