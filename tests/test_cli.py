@@ -275,11 +275,11 @@ def test_own_data_trains_and_evaluates_with_its_class_names(tmp_path, layout):
 
     if layout == "generic":
         root, c, names = make_generic_dataset(tmp_path / "mine", n=20, num_classes=5, seed=1), 5, ["shape_4"]
-        val, image = "val", next(iter(sorted((tmp_path / "mine" / "images").glob("*.jpg"))))
+        image = sorted((tmp_path / "mine" / "images").glob("*.jpg"))[0]
     else:
         root, c, names = make_voc_dataset(tmp_path / "voc", n=12, seed=2), 21, ["aeroplane", "tvmonitor"]
-        val, image = "val", next(iter(sorted((tmp_path / "voc" / "JPEGImages").glob("*.jpg"))))
-    common = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+        image = sorted((tmp_path / "voc" / "JPEGImages").glob("*.jpg"))[0]
+    common, val = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"], "val"
     run = tmp_path / "run"
     proc = _fseg("train", "--data", str(root), *TINY, "--size", "32", "--epochs", "1", "--batch-size", "4",
                  "--val-split", val, "--test-split", "none", "--out", str(run), "--no-progress", *common)
