@@ -27,6 +27,31 @@ LABELS = {
 }
 
 
+def add_malloc_option(parser) -> None:
+    parser.add_argument("--malloc", choices=("reuse", "system"), default="reuse",
+                        help="CPU: 'reuse' keeps freed memory in the heap as fseg does "
+                             "(runtime.reuse_freed_cpu_memory); 'system' leaves glibc's default (default: reuse)")
+
+
+def apply_malloc(args) -> str:
+    """Set the CPU allocator as ``--malloc`` says, for every row alike; returns the table's note."""
+    if args.device.type == "cpu" and args.malloc == "reuse":
+        from functional_seg.runtime import reuse_freed_cpu_memory
+
+        if not reuse_freed_cpu_memory():
+            return ("CPU allocator: the system's (--malloc reuse declined: an allocator chosen in the "
+                    "environment, or not glibc)")
+    return malloc_note(args)
+
+
+def malloc_note(args) -> str:
+    if args.device.type != "cpu":
+        return "allocator: the device's"
+    if args.malloc == "reuse":
+        return "CPU allocator: freed memory kept in the heap for reuse, as fseg does (--malloc reuse)"
+    return "CPU allocator: glibc's default, large blocks mapped and unmapped every step (--malloc system)"
+
+
 def model_cfg(widths: str | None) -> dict:
     return {"widths": tuple(int(w) for w in widths.split(","))} if widths else {}
 

@@ -2,6 +2,7 @@
 
 Command (CPU, ~2 min):  python -m benchmarks.bench_eager_step --threads 2 --batch-size 32
 Command (CPU, quick):   python -m benchmarks.bench_eager_step --quick
+Command (CPU, glibc's allocator instead of fseg's setting):  add --malloc system
 
 Rows (``benchmarks/_rows.py``, one fixed uint8 batch on the device, no augmentation, CE, Adam
 lr 1e-3): a' the library's ``make_train_step(..., compile=False)`` (what ``fseg train`` runs on
@@ -31,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--widths", default=None, help="encoder widths, e.g. 16,32,64,64 (default: the series')")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row, interleaved")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
+    R.add_malloc_option(p)
     args = C.finish_args(p.parse_args(argv), quick_batch=8)
     if args.quick and args.widths is None:
         args.widths = "8,16,32,32"
@@ -40,6 +42,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     C.set_threads(args)
+    allocator = R.apply_malloc(args)
     budget, prov, stem = C.start(args, EXPERIMENT, f", batch {args.batch_size}, {args.size} px, model {args.model}")
     device = args.device
     data = R.batch(args.batch_size, args.size, 3, device, args.seed)
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
                      "ratio_to_b": medians[row] / medians["b"]} for row in ROWS}
     R.write_report(args, prov, stem, EXPERIMENT, "Eager step time", results,
                    [("median_s", "median step s"), ("ratio_to_b", "x b"), ("min_s", "min s"), ("max_s", "max s")],
-                   notes=[f"{args.warmup} warm-up steps each, then {args.steps} steps per row, interleaved"])
+                   notes=[f"{args.warmup} warm-up steps each, then {args.steps} steps per row, interleaved", allocator])
     return 0
 
 

@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--widths", default=None, help="encoder widths, e.g. 16,32,64,64 (default: the series')")
     p.add_argument("--steps", type=int, default=3, help="steps per row (the first included)")
     p.add_argument("--rows", default=",".join(R.ROWS), help="comma separated, from " + ",".join(R.ROWS))
+    R.add_malloc_option(p)
     p.add_argument("--child", default=None, help=argparse_hidden())
     args = C.finish_args(p.parse_args(argv), quick_batch=8)
     if args.quick and args.widths is None:
@@ -74,6 +75,7 @@ def child(args) -> dict:
     from experiments import _common as C
 
     C.set_threads(args)
+    R.apply_malloc(args)
     device = args.device
     cuda = device.type == "cuda"
     if cuda:
@@ -142,7 +144,8 @@ def main(argv=None) -> int:
                    [("peak_above_baseline_mb", "peak MB above baseline"), ("ratio_to_b", "x b"),
                     ("last_step_s", "last step s"), ("first_step_s", "first step s"), ("status", "status")],
                    notes=[f"{args.steps} steps per row, each row in its own process",
-                          f"peak = {what} above the post-import baseline (build + steps)"])
+                          f"peak = {what} above the post-import baseline (build + steps)",
+                          R.malloc_note(args)])
     return 0
 
 

@@ -116,12 +116,16 @@ def parse_sweep(text: str | None) -> dict[str, list[float]]:
 
 
 def _device(name: str):
-    from .runtime import resolve_device
+    """The resolved ``--device``; on the CPU, freed memory is kept for the next batch (``runtime``)."""
+    from .runtime import resolve_device, reuse_freed_cpu_memory
 
     try:
-        return resolve_device(name)
+        device = resolve_device(name)
     except ValueError as err:
         raise CliError(f"--device: {err}") from None
+    if device.type == "cpu":
+        reuse_freed_cpu_memory()
+    return device
 
 
 def _flag(value: str) -> bool | str:
@@ -374,9 +378,8 @@ def _weights_kwargs(args) -> dict:
 
 def cmd_predict(args) -> int:
     from .predict import Predictor, format_result, load_for_inference, predict_files
-    from .runtime import resolve_device
 
-    device = resolve_device(args.device)
+    device = _device(args.device)
     model, params, state, preprocess, meta = load_for_inference(
         args.checkpoint, device=device, member=args.member, **_weights_kwargs(args))
     if args.size:

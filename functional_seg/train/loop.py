@@ -37,7 +37,7 @@ from ..data.oxford_pets import CLASS_NAMES
 from ..data.preprocess import Preprocess
 from ..losses import get_loss
 from ..models.saved import model_metadata
-from ..runtime import resolve_channels_last, resolve_compile, resolve_precision
+from ..runtime import resolve_channels_last, resolve_compile, resolve_precision, reuse_freed_cpu_memory
 from .config import FitConfig, maths_record
 from .distributed import World, agree, broadcast_tree, failure_report, world_from_env
 from .evaluate import evaluate, evaluate_ensemble
@@ -111,6 +111,8 @@ def plan_run(model, train_data, val_data, config: FitConfig) -> Plan:
     use_compile = resolve_compile(config.compile, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
+    else:
+        reuse_freed_cpu_memory()  # an eager CPU step would page-fault its activations in again every step
     pre = Preprocess(size=int(train_data.size), policy=getattr(train_data, "policy", "resize"),
                      channels_last=resolve_channels_last(config.channels_last, device), precision=precision,
                      class_names=tuple(getattr(train_data, "class_names", CLASS_NAMES)))
