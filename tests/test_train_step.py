@@ -266,6 +266,46 @@ def test_optimizers_match_torch_optim(case):
         assert torch.allclose(ours[k], ref[k], atol=1e-5, rtol=1e-5), (case, k, ours[k] - ref[k])
 
 
+@pytest.mark.parametrize("cfg", [OptimizerConfig(name="adam", lr=0.05, weight_decay=0.1, clip_norm=0.5),
+                                 OptimizerConfig(name="adamw", lr=0.05, weight_decay=0.1, schedule="cosine",
+                                                 warmup_steps=2, total_steps=8),
+                                 OptimizerConfig(name="sgd", lr=0.01, momentum=0.9, nesterov=True)],
+                         ids=["adam", "adamw_cosine", "sgd_nesterov"])
+def test_apply_is_update_then_apply_updates(cfg):
+    import torchopt
+
+    params, loss = _quadratic_problem()
+    opt = make_optimizer(cfg)
+    state_a = state_b = opt.init(params)
+    by_apply = by_update = params
+    lr = torch.tensor(cfg.lr)
+    for i in range(8):
+        step = torch.tensor(i)
+        by_apply, state_a = opt.apply(torch.func.grad(loss)(by_apply), state_a, by_apply, step=step, lr=lr)
+        updates, state_b = opt.update(torch.func.grad(loss)(by_update), state_b, by_update, step=step, lr=lr)
+        by_update = torchopt.apply_updates(by_update, updates, inplace=False)
+    for a, b in zip(tree_leaves((by_apply, state_a)), tree_leaves((by_update, state_b))):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6), (a - b).abs().max()
+    assert _max_diff(by_apply, params) > 1e-3  # it did move
+
+
+def test_adam_matches_torch_over_a_thousand_steps_of_bias_correction():
+    # the bias corrections (1 - b ** t) are folded into 0-d factors; they must hold from t = 1 to
+    # where they reach 1, with torch.optim.Adam's eps placement (eps added to sqrt(v_hat))
+    params, loss = _quadratic_problem()
+    opt = make_optimizer(OptimizerConfig(name="adam", lr=1e-3, eps=1e-3))
+    ours, opt_state, lr = params, opt.init(params), torch.tensor(1e-3)
+    ref = [torch.nn.Parameter(params["w"].clone()), torch.nn.Parameter(params["b"].clone())]
+    torch_opt = torch.optim.Adam(ref, lr=1e-3, eps=1e-3)
+    for i in range(1000):
+        ours, opt_state = opt.apply(torch.func.grad(loss)(ours), opt_state, ours, step=torch.tensor(i), lr=lr)
+        torch_opt.zero_grad()
+        loss({"w": ref[0], "b": ref[1]}).backward()
+        torch_opt.step()
+    assert _max_diff(ours, {"w": ref[0].detach(), "b": ref[1].detach()}) < 1e-5
+    assert _max_diff(ours, params) > 0.1
+
+
 def test_schedules_are_pure_tensor_functions():
     step = torch.arange(0, 101)
     cos = make_schedule(OptimizerConfig(schedule="cosine", warmup_steps=10, total_steps=100, min_lr_ratio=0.1))(step)

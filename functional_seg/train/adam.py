@@ -41,10 +41,11 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         count = pytree.tree_map(lambda c: c + 1, state.count)
 
         def direction(m, v, c):
+            # m_hat / (sqrt(v_hat) + eps) == m / (sqrt(v) + eps * sqrt(bc2)) * (sqrt(bc2) / bc1): the bias
+            # corrections act on 0-d tensors, so the leaf takes four passes, not five
             c = c.to(m.dtype)
-            m_hat = m / (1 - torch.exp(c * log_b1))
-            v_hat = v / (1 - torch.exp(c * log_b2))
-            return m_hat / (v_hat.sqrt() + eps)
+            bc1, sqrt_bc2 = 1 - torch.exp(c * log_b1), (1 - torch.exp(c * log_b2)).sqrt()
+            return torch.div(m, v.sqrt() + eps * sqrt_bc2).mul_(sqrt_bc2 / bc1)
 
         new_updates = pytree.tree_map(direction, mu, nu, count)
         return new_updates, ScaleByAdamState(mu=mu, nu=nu, count=count)

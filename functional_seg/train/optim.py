@@ -222,6 +222,17 @@ class Optimizer:
         updates = tree_map(lambda u: None if u is None else u * scale.to(u.dtype), directions)
         return updates, opt_state
 
+    def apply(self, grads, opt_state, params, *, step: torch.Tensor, lr: torch.Tensor):
+        """Returns ``(new_params, new_opt_state)``: ``update`` and ``torchopt.apply_updates`` in one.
+
+        Each new leaf is ``addcmul(p, direction, -lr * schedule(step))``: one pass over the leaf
+        where scaling and adding take two (and a tree of updates the size of the params).
+        """
+        directions, opt_state = self.tx.update(grads, opt_state, params=params, inplace=False)
+        scale = -self.learning_rate(step, lr)
+        new_params = tree_map(lambda p, d: torch.addcmul(p, d, scale.to(d.dtype)), params, directions)
+        return new_params, opt_state
+
 
 def make_optimizer(cfg: OptimizerConfig | None = None, **overrides) -> Optimizer:
     """Build an :class:`Optimizer` from a config (or keyword overrides of the defaults)."""

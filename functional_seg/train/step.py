@@ -5,7 +5,7 @@
     step_key = fold_in(key, step); aug_key, model_key = split(step_key)
     images uint8 [B, 3, S, S] -> to_float -> augment(aug_key) -> preprocess.model_input
     (grads, (loss, (logits, new_state))) = grad_and_value(loss_of_params, has_aux=True)(params)
-    updates = -lr * schedule(step) * optimizer(grads);  params = params + updates
+    params = params - lr * schedule(step) * optimizer(grads)   (Optimizer.apply, one pass a leaf)
 
 All out of place: neither the train state nor the batch is modified. The model, loss, optimizer,
 preprocessing and augmentation settings are bound in Python before ``torch.compile``; everything
@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-import torchopt
 
 from .. import metrics as M
 from ..core import random as jr
@@ -244,9 +243,8 @@ def _update(spec: _StepSpec, train_state: TrainState, grads, state, sums):
         loss = sums["loss"] / total
     else:
         loss = sums["loss"]
-    updates, opt_state = spec.optimizer.update(grads, train_state.opt_state, train_state.params,
-                                               step=train_state.step, lr=train_state.hparams["lr"])
-    params = torchopt.apply_updates(train_state.params, updates, inplace=False)
+    params, opt_state = spec.optimizer.apply(grads, train_state.opt_state, train_state.params,
+                                             step=train_state.step, lr=train_state.hparams["lr"])
     cm = sums["confusion"]
     metrics = {"loss": loss, "pixel_accuracy": M.pixel_accuracy(cm).float(), "confusion": cm}
     new = train_state._replace(params=params, state=state, opt_state=opt_state, step=train_state.step + 1,
