@@ -257,6 +257,7 @@ def cmd_train(args) -> int:
     if args.size % model.stride:
         raise CliError(f"--size {args.size} must be divisible by the model's stride {model.stride}")
     config = _fit_config(args, model)
+    cache_hooks = _compile_cache_hooks(args, config)  # a bad --compile-cache file stops us before any write
     root = Path(args.data) if args.data else _synthetic_root(args.synthetic)
     train_data, val_data, test_data, val_note = _split_data(root, args)
     model = _make_model(args.model, args.model_cfg, num_classes=train_data.num_classes)
@@ -267,8 +268,8 @@ def cmd_train(args) -> int:
           f"epochs, batch {args.batch_size}), validating on {val_note} -> {out_dir}", file=sys.stderr)
     from .train.curves import CurvesPlot
 
-    result = fit(model, train_data, val_data, config, out_dir=out_dir, resume=args.resume, args=record,
-                 hooks=[ConsoleLog(progress=not args.no_progress), CurvesPlot(out_dir)])
+    hooks = [ConsoleLog(progress=not args.no_progress), CurvesPlot(out_dir), *cache_hooks]
+    result = fit(model, train_data, val_data, config, out_dir=out_dir, resume=args.resume, args=record, hooks=hooks)
     final = result["final"]
     names = result["preprocess"].class_names
     test = None
@@ -305,6 +306,25 @@ def cmd_train(args) -> int:
           + (f", {result['best_checkpoint']} (best validation mean IoU {result['best_mean_iou']:.4f}, epoch "
              f"{result['best_epoch']})" if result.get("best_checkpoint") else ""))
     return 0
+
+
+def _compile_cache_hooks(args, config) -> list:
+    """``--compile-cache FILE``: preload it now (before anything compiles), save to it after epoch 1."""
+    if not args.compile_cache:
+        return []
+    from .compile_cache import CompileCacheError, SaveArtifacts, load_artifacts
+    from .runtime import resolve_compile
+
+    if not resolve_compile(config.compile, config.device):
+        print(f"fseg: warning: --compile-cache {args.compile_cache} is unused: this run does not compile "
+              "(--compile off, or auto on the CPU)", file=sys.stderr)
+        return []
+    try:
+        if load_artifacts(args.compile_cache):
+            print(f"compile cache: preloaded {args.compile_cache}", file=sys.stderr)
+    except CompileCacheError as err:
+        raise CliError(f"--compile-cache: {err}") from None
+    return [SaveArtifacts(args.compile_cache)]
 
 
 def _fmt(x, spec=".4f") -> str:
@@ -523,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on cuda")
     t.add_argument("--compile", type=_flag, default="auto", help="auto (on for cuda), on, off")
+    t.add_argument("--compile-cache", metavar="FILE", default=None,
+                   help="with compilation: preload compiled code from FILE if it exists, and write this run's "
+                        "to it after the first epoch (carries a warm start to a fresh machine)")
     t.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (default runs/<model>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.safetensors")
     t.add_argument("--ensemble", type=_positive_int, default=1, help="train K members in one vmapped step")

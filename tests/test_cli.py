@@ -175,6 +175,29 @@ def test_bad_model_cfg_is_one_line_before_anything_is_written(cfg, message, tmp_
     assert list(tmp_path.iterdir()) == []  # no dataset, cache or run directory
 
 
+def test_a_damaged_compile_cache_is_one_line_before_anything_is_written(tmp_path, capsys):
+    bad = tmp_path / "compiled.bin"
+    bad.write_bytes(b"\x00 not a cache")
+    argv = ["train", *TINY, "--synthetic", str(tmp_path / "syn"), "--out", str(tmp_path / "run"), "--cache-dir",
+            str(tmp_path / "cache"), "--device", "cpu", "--compile", "on", "--compile-cache", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fseg: error: --compile-cache: compile cache {bad}: not a compile-cache file")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compiled.bin"] and bad.read_bytes() == b"\x00 not a cache"
+
+
+def test_a_compile_cache_without_compilation_is_a_warning_and_writes_nothing(tmp_path, capsys):
+    file = tmp_path / "compiled.bin"
+    argv = ["train", *TINY, "--synthetic", str(tmp_path / "syn"), "--out", str(tmp_path / "run"), "--cache-dir",
+            str(tmp_path / "cache"), "--device", "cpu", "--epochs", "1", "--max-steps", "1", "--batch-size", "4",
+            "--size", "32", "--no-progress", "--compile-cache", str(file)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"fseg: warning: --compile-cache {file} is unused: this run does not compile" in err
+    assert not file.exists() and (tmp_path / "run" / "last.safetensors").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--model", "nosuch"], "unknown model 'nosuch'"),
     (["train", "--model-cfg", "depth"], "--model-cfg expects key=value"),

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..compile_cache import use_user_cache_dir
 from ..core import random as jr
 from ..core.tree import unstack
 from ..data.loader import Loader
@@ -109,6 +110,8 @@ def plan_run(model, train_data, val_data, config: FitConfig) -> Plan:
     device = world.device(config.device)
     precision = resolve_precision(config.precision, device)
     use_compile = resolve_compile(config.compile, device)
+    if use_compile:
+        use_user_cache_dir()  # compiled code outlives the process: the next run of these shapes starts warm
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
     else:
