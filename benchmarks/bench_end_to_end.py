@@ -1,7 +1,8 @@
 """End to end: wall time of the real CLI, ``fseg train``, for 20 epochs of SegNet at 128x128 on a full-size split.
 
-Command (GPU, ~1.5-2 min):  python -m benchmarks.bench_end_to_end
-Command (CPU, ~1-2 min):    python -m benchmarks.bench_end_to_end --quick   (1 epoch, 64 px, 256 images, tiny widths)
+Command (GPU, ~3 min):      python -m benchmarks.bench_end_to_end   (a cold run, then a warm one)
+Command (CPU, ~1-2 min):    python -m benchmarks.bench_end_to_end --quick --caches cold
+                            (1 epoch, 64 px, 256 images, tiny widths; CPU does not compile by default)
 
 Runs ``python -m functional_seg.cli train ...`` as a subprocess (what ``fseg train`` runs) with
 its defaults for the protocol: ``--val-split carve`` (10% of the training split, seeded, evaluated
@@ -16,6 +17,10 @@ the validation figure measures nothing but the timing of the evaluation; the tes
 clean. The wall time covers what a user waits for on a rerun: interpreter start, cache load,
 compilation, training, evaluation every epoch, the final test evaluation and checkpoints.
 Per-epoch times come from the run's ``metrics.jsonl``.
+
+``--caches cold,warm`` (the default) runs the command twice with one compile-cache folder
+(``TORCHINDUCTOR_CACHE_DIR``): the first from an empty folder (cold), the second finding what the
+first compiled (warm: a second run of the same model and shapes on the same machine).
 
 Writes ``<out>/bench_end_to_end_<device-kind>.{json,md}``.
 """
@@ -43,10 +48,13 @@ def parse_args(argv=None):
     p.add_argument("--model", default="segnet")
     p.add_argument("--model-cfg", default=None, help="CLI --model-cfg string (quick: widths=8,16,32,32)")
     p.add_argument("--repeat-to", type=int, default=None, help=f"training images (default {FULL_TRAINVAL}; quick 256)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds before the run is killed (default: none)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds for all the runs together; a run still going then is killed (default: none)")
     p.add_argument("--val-split", default="carve", help="fseg train --val-split (carve, a split name or none)")
     p.add_argument("--test-split", default="test", help="fseg train --test-split (a split name or none)")
     p.add_argument("--extra", default="", help="extra CLI arguments, passed through verbatim")
+    p.add_argument("--caches", default="cold,warm",
+                   help="runs, in order: cold (an empty compile cache) and/or warm (what the cold run left)")
     args = C.finish_args(p.parse_args(argv), quick_epochs=1, quick_batch=16, quick_train=None, quick_test=None)
     if args.repeat_to is None:
         args.repeat_to = 256 if args.quick else FULL_TRAINVAL
@@ -128,11 +136,10 @@ def epoch_records(run_dir: Path) -> list[dict]:
     return out
 
 
-def run(args) -> dict:
+def prepare_data(args, work: Path) -> tuple[Path, int, float]:
+    """The cycled dataset and its decoded caches, before any clock: (root, source images, seconds)."""
     from functional_seg.data import prepare
 
-    work = Path(tempfile.mkdtemp(prefix="fseg_e2e_"))
-    run_dir = work / "run"
     t0 = time.perf_counter()
     data_root, n_source = cycled_root(args.data, args.repeat_to, work / "data")
     for split in ("trainval", "test"):
@@ -140,16 +147,28 @@ def run(args) -> dict:
     prepare_s = time.perf_counter() - t0
     print(f"data: {n_source} trainval images cycled to {args.repeat_to} under {data_root}, "
           f"decoded and cached in {prepare_s:.1f} s (not timed)", flush=True)
-    cmd, mode = cli_command(args, run_dir, data_root, n_source), "fseg train (CLI)"
+    return data_root, n_source, prepare_s
+
+
+def run(args, work: Path, data: tuple[Path, int, float], cache: str, timeout: float | None) -> dict:
+    """One ``fseg train`` run with ``work/compile_cache`` as torch's compile cache folder: "cold" empties
+    it first, "warm" finds what the cold run left (a second run of the same model and shapes)."""
+    data_root, n_source, prepare_s = data
+    run_dir = work / f"run_{cache}"
+    cache_dir = work / "compile_cache"
+    if cache == "cold":
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    cmd, mode = cli_command(args, run_dir, data_root, n_source), f"fseg train (CLI), {cache} compile cache"
     shown = " ".join(cmd).replace(sys.executable, "python")
-    print(f"running: {shown}", flush=True)
+    print(f"running ({cache} compile cache): {shown}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=C.REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=C.REPO, env={**_env(), "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
     timed_out = threading.Event()
 
     def watchdog():
-        if args.timeout and not proc_done.wait(args.timeout):
+        if timeout and not proc_done.wait(timeout):
             timed_out.set()
             proc.kill()
 
@@ -165,13 +184,13 @@ def run(args) -> dict:
     records = epoch_records(run_dir)
     test = _read_json(run_dir / "test.json")
     n_train = (_read_json(run_dir / "config.json").get("data") or {}).get("n_train") or args.repeat_to
-    shutil.rmtree(work, ignore_errors=True)  # checkpoints of a 15 M-parameter model add up
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a 15 M-parameter model add up
     if rc != 0 and not (timed_out.is_set() and records):
-        why = f"timed out after {args.timeout:.0f} s" if timed_out.is_set() else f"exit {rc}"
+        why = f"timed out after {timeout:.0f} s" if timed_out.is_set() else f"exit {rc}"
         raise RuntimeError(f"{why} after {wall:.1f} s: {' / '.join(tail[-3:])}")
     per_epoch = [r["train_s"] for r in records if isinstance(r.get("train_s"), int | float)]  # per epoch
     evals = [r["eval_s"] for r in records if isinstance(r.get("eval_s"), int | float)]
-    done = f"{len(per_epoch)} of {args.epochs} epochs before the {args.timeout:.0f} s timeout" \
+    done = f"{len(per_epoch)} of {args.epochs} epochs before the {timeout:.0f} s timeout" \
         if timed_out.is_set() else "complete"
     epochs_done = len(per_epoch) if timed_out.is_set() else args.epochs
     summary = test.get("summary") or {}
@@ -205,7 +224,21 @@ def main(argv=None) -> int:
     prov = C.provenance(args.device)
     stem = f"{EXPERIMENT}_{C.device_kind(args.device, args.quick)}"
     print(f"{EXPERIMENT}: {prov['device_name']}, torch {prov['torch']}", flush=True)
-    result = C.guarded("end_to_end", lambda: run(args))
+    caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+    if not caches or set(caches) - {"cold", "warm"}:
+        raise SystemExit(f"--caches: expected cold and/or warm, got {args.caches!r}")
+    work = Path(tempfile.mkdtemp(prefix="fseg_e2e_"))
+    try:
+        deadline = time.perf_counter() + args.timeout if args.timeout else None
+        data = prepare_data(args, work)
+        results = []
+        for cache in caches:
+            left = max(deadline - time.perf_counter(), 1.0) if deadline else None
+            results.append(C.guarded(f"end_to_end_{cache}", lambda cache=cache, left=left: run(args, work, data,
+                                                                                               cache, left)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = results[0]
     md = C.md_header(
         f"End to end: `fseg train`, {args.model} at {args.size}x{args.size}, {args.epochs} epochs, "
         f"{args.repeat_to} training images", prov,
@@ -218,18 +251,20 @@ def main(argv=None) -> int:
                "wall time includes interpreter start, data preparation or cache load, compilation, training, "
                "validation every epoch, the test evaluation and checkpoints"],
     )
-    md += "\n" + C.md_table([{"what": result.get("mode", "fseg train"), **result}], [
+    md += "\n" + C.md_table([{"what": r.get("mode", "fseg train"), **r} for r in results], [
         ("what", "mode"), ("completed", "run"), ("wall_s", "wall s"), ("train_s", "train s (log)"),
         ("eval_s", "eval s (log)"),
         ("first_epoch_s", "epoch 1 s (compile)"), ("later_epoch_s", "later epochs s"),
         ("images_per_s", "images/s (wall)"), ("final_val_mean_iou", "final val mIoU"),
         ("test_checkpoint", "tested"), ("test_mean_iou", "test mIoU")]) + "\n"
-    if result.get("per_epoch_s"):
-        md += "\nper-epoch s (run log): " + ", ".join(f"{t:.2f}" for t in result["per_epoch_s"]) + "\n"
+    for cache, r in zip(caches, results):
+        if r.get("per_epoch_s"):
+            md += f"\nper-epoch s, {cache} (run log): " + ", ".join(f"{t:.2f}" for t in r["per_epoch_s"]) + "\n"
     payload = {"experiment": EXPERIMENT, "provenance": prov,
-               "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "result": result}
+               "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "result": result,
+               "results": dict(zip(caches, results))}
     C.write_results(args.out, stem, payload, md)
-    return 0 if result.get("status") == "ok" else 1
+    return 0 if all(r.get("status") == "ok" for r in results) else 1
 
 
 if __name__ == "__main__":

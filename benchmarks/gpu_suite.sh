@@ -2,6 +2,9 @@
 # The whole GPU run in one call: benchmarks, then experiments, each under its own time limit.
 #
 #   bash benchmarks/gpu_suite.sh DATA_ROOT            (from the repository root; ~9 min on an H200)
+#   PARTS=efficiency bash benchmarks/gpu_suite.sh DATA_ROOT
+#                                                     (issue 12's figures only: prepare, bench_train_step,
+#                                                      bench_memory, bench_compile_cache, bench_end_to_end)
 #   PARTS="loss_comparison augmentation" PARALLEL=1 SUITE_SECONDS=200 bash benchmarks/gpu_suite.sh DATA_ROOT
 #                                                     (a subset; PARALLEL runs the parts side by side,
 #                                                      for experiments whose timings are not the point)
@@ -15,9 +18,12 @@
 #   bench_train_step  b / b-input / b16 / a' (~20 s), a (compile 50-80 s), ~2.3 min -> 200 s
 #                     c (compile ~25 s), profile
 #   bench_memory      peak memory of a / a' / b / c, one process per row    (not yet run on a GPU) -> 120 s
+#   bench_compile_cache  train + eval step: eager, cold, warm (disk), warm (file), (not yet run on a GPU) -> 180 s
+#                     one process each
 #   bench_ensemble    K=8 small SegNets, vmapped vs sequential (eager)     ~20 s  -> 60 s
-#   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch ~1.8 min -> 170 s
-#                     (the first epoch, with both compiles, is ~50 s of it)
+#   bench_end_to_end  fseg train, 20 epochs, 3,680 images, eval each epoch, ~1.8 min cold -> 240 s
+#                     then again with the warm compile cache (the cold first epoch, with both
+#                     compiles, was ~50 s)
 #   series_models     5 models, 128 px, 20 epochs (SegFormer ~20 s)        ~70 s  -> 150 s
 #   loss_comparison   CE, CE+Dice, a K=4 vmapped CE+w*Dice sweep, 5 more   ~1.5 min -> 120 s
 #   augmentation      5 variants                                           ~50 s  -> 70 s
@@ -42,13 +48,15 @@ PY="${PYTHON:-python3}"
 # EXTRA_ARGS (e.g. "--quick") is appended to every script's arguments: for a dry run of the suite on a CPU.
 read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
 TOTAL="${SUITE_SECONDS:-540}"
-ALL_PARTS="prepare bench_train_step bench_memory bench_ensemble bench_end_to_end series_models loss_comparison augmentation best_recipe"
+ALL_PARTS="prepare bench_train_step bench_memory bench_compile_cache bench_ensemble bench_end_to_end series_models loss_comparison augmentation best_recipe"
 # best_recipe (the long recipe run) only when asked for: PARTS="prepare best_recipe" SUITE_SECONDS=540
 DEFAULT_PARTS="${ALL_PARTS% best_recipe}"
 PARTS="${PARTS:-$DEFAULT_PARTS}"
+[ "$PARTS" = efficiency ] && PARTS="prepare bench_train_step bench_memory bench_compile_cache bench_end_to_end"
 PARALLEL="${PARALLEL:-}"
 # the minimum share of a 540 s suite each part keeps while earlier parts run
-declare -A SHARE=([prepare]=10 [bench_train_step]=120 [bench_memory]=40 [bench_ensemble]=30 [bench_end_to_end]=110
+declare -A SHARE=([prepare]=10 [bench_train_step]=120 [bench_memory]=40 [bench_compile_cache]=60 [bench_ensemble]=30
+                  [bench_end_to_end]=150
                   [series_models]=80 [loss_comparison]=70 [augmentation]=40 [best_recipe]=300)
 START=$SECONDS
 LOG="$OUT/suite.log"
@@ -131,8 +139,9 @@ cat "$OUT/prepare.log" >>"$LOG" 2>/dev/null && rm -f "$OUT/prepare.log"
 
 run bench_train_step 200 "$PY" -m benchmarks.bench_train_step --data "$DATA_ROOT" --profile --budget BUDGET "${EXTRA[@]}"
 run bench_memory 120 "$PY" -m benchmarks.bench_memory --budget BUDGET "${EXTRA[@]}"
+run bench_compile_cache 180 "$PY" -m benchmarks.bench_compile_cache --budget BUDGET "${EXTRA[@]}"
 run bench_ensemble 60 "$PY" -m benchmarks.bench_ensemble --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
-run bench_end_to_end 170 "$PY" -m benchmarks.bench_end_to_end --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
+run bench_end_to_end 240 "$PY" -m benchmarks.bench_end_to_end --data "$DATA_ROOT" --timeout BUDGET "${EXTRA[@]}"
 run series_models 150 "$PY" -m experiments.series_models --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
 run loss_comparison 120 "$PY" -m experiments.loss_comparison --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
 run augmentation 70 "$PY" -m experiments.augmentation --data "$DATA_ROOT" --budget BUDGET "${EXTRA[@]}"
