@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .tree import pytree_impl
 
 __all__ = ["grad_and_value", "active_transforms", "eager_outside"]
 
@@ -62,15 +63,16 @@ def grad_and_value(fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> Callable[[A
     def call(params):
         if not eager_outside():
             return func_version(params)
-        leaves, spec = tree_flatten(params)
+        pytree = pytree_impl()  # plain eager here: the C++ pytree, its spec used in this call only
+        leaves, spec = pytree.tree_flatten(params)
         inputs = [t.detach().requires_grad_(True) for t in leaves]
         with torch.enable_grad():
-            value, aux = fn(tree_unflatten(inputs, spec))
+            value, aux = fn(pytree.tree_unflatten(inputs, spec))
         if value.dim() != 0:
             raise ValueError(f"grad_and_value needs a scalar value, got shape {tuple(value.shape)}")
         grads = torch.autograd.grad(value, inputs, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
         detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t
-        return tree_unflatten(grads, spec), (value.detach(), tree_map(detach, aux))
+        return pytree.tree_unflatten(grads, spec), (value.detach(), pytree.tree_map(detach, aux))
 
     return call

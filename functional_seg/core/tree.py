@@ -13,11 +13,18 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+try:  # optree's C++ flatten/unflatten behind torch's own API: the same leaf order, several times faster
+    import torch.utils._cxx_pytree as _cxx_pytree
+except ImportError:  # optree missing (torchopt requires it, but a bare torch may lack it)
+    _cxx_pytree = None
+
 Tree = Any
 
 __all__ = [
     "tree_map",
+    "tree_map_indexed",
     "tree_leaves",
+    "pytree_impl",
     "tree_structure",
     "flatten_with_names",
     "unflatten_names",
@@ -31,13 +38,38 @@ __all__ = [
 ]
 
 
+def pytree_impl():
+    """torch's C++ pytree in eager code, its Python pytree while dynamo traces (which it reads best).
+
+    Why: an eager train step maps over its trees a dozen and more times; the Python version
+    costs ~0.3 ms a map over a 62-leaf SegNet tree, a sixth of a small model's CPU step. Only
+    functions that flatten and unflatten within one call use this (a treespec of one version
+    must not reach the other).
+    """
+    return pytree if _cxx_pytree is None or torch.compiler.is_compiling() else _cxx_pytree
+
+
 def tree_map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:
     """Apply ``fn`` leaf-wise to one or more trees of the same structure."""
-    return pytree.tree_map(fn, tree, *rest)
+    return pytree_impl().tree_map(fn, tree, *rest)
+
+
+def tree_map_indexed(fn: Callable, tree: Tree, *rest: Tree) -> Tree:
+    """``tree_map`` that also passes each leaf's position in ``tree_leaves(tree)``: ``fn(i, leaf, *others)``.
+
+    For per-leaf values computed together as one vector (e.g. the optimizer's bias corrections
+    of all the leaves in a few ops): leaf i takes entry i.
+    """
+    impl = pytree_impl()
+    leaves, spec = impl.tree_flatten(tree)
+    others = [impl.tree_leaves(r) for r in rest]
+    if any(len(o) != len(leaves) for o in others):
+        raise ValueError(f"tree_map_indexed: trees of {len(leaves)} and {[len(o) for o in others]} leaves")
+    return impl.tree_unflatten([fn(i, x, *(o[i] for o in others)) for i, x in enumerate(leaves)], spec)
 
 
 def tree_leaves(tree: Tree) -> list:
-    return pytree.tree_leaves(tree)
+    return pytree_impl().tree_leaves(tree)
 
 
 def tree_structure(tree: Tree):
