@@ -7,7 +7,8 @@ Command (CPU, glibc's allocator instead of fseg's setting):  add --malloc system
 Rows (``benchmarks/_rows.py``, one fixed uint8 batch on the device, no augmentation, CE, Adam
 lr 1e-3): a' the library's ``make_train_step(..., compile=False)`` (what ``fseg train`` runs on
 CPU) and b the series' ``nn.Module`` + ``torch.optim.Adam``. Both are built and warmed up, then
-their steps alternate (a', b, a', b, ...) so that both see the same machine load; the table gives
+their steps alternate in ABBA order (a', b, b, a', a', b, ...) so that both see the same machine load and
+neither always follows the other (the heap and caches one step leaves favour the next); the table gives
 each row's median and the ratio a'/b of the medians (target on CPU: <= 1.0). Peak memory is
 ``bench_memory.py``'s job (it needs one process per row). Writes
 ``<out>/bench_eager_step_<device-kind>.{json,md}``.
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
             steps[row]()
         C.sync(device)
     times: dict[str, list[float]] = {row: [] for row in ROWS}
-    for _ in range(args.steps):
-        for row in ROWS:
+    for i in range(args.steps):
+        for row in ROWS if i % 2 == 0 else ROWS[::-1]:  # ABBA: neither row always runs right after the other
             t0 = time.perf_counter()
             steps[row]()
             C.sync(device)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
                      "ratio_to_b": medians[row] / medians["b"]} for row in ROWS}
     R.write_report(args, prov, stem, EXPERIMENT, "Eager step time", results,
                    [("median_s", "median step s"), ("ratio_to_b", "x b"), ("min_s", "min s"), ("max_s", "max s")],
-                   notes=[f"{args.warmup} warm-up steps each, then {args.steps} steps per row, interleaved", allocator])
+                   notes=[f"{args.warmup} warm-up steps each, then {args.steps} steps per row, interleaved ABBA", allocator])
     return 0
 
 

@@ -6,7 +6,11 @@ benchmarks) resolves these settings through this module, so "auto" means the sam
     device        "auto" -> cuda if available, else cpu
     precision     "auto" -> bf16 autocast on CUDA, fp32 elsewhere
     channels_last None   -> on for CUDA (cuDNN's fast conv layout), off elsewhere
-    compile       "auto" -> on for CUDA, off elsewhere
+    compile       "auto" -> on for CUDA, off elsewhere: on the CPU a cold inductor build of the train
+                  and eval steps takes 70-85 s and needs a C++ compiler, and at the series' SegNet
+                  widths the compiled step is no faster than eager (convolutions dominate); at small
+                  widths it is 2x faster but needs ~3,400 steps cold (~300 warm) to pay back
+                  (``benchmarks/bench_compile_cache.py``). ``--compile on`` is there for long runs.
     CPU memory    ``reuse_freed_cpu_memory()``: freed blocks stay in the process for the next step
 """
 

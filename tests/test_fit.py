@@ -234,3 +234,25 @@ def test_metrics_are_strict_json(one_go):
     _, out = one_go
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.jsonl"))
+
+
+def test_the_compiled_eval_step_compiles_once_for_a_short_last_batch_and_other_weights(model, data):
+    from torch._dynamo.utils import counters
+
+    from functional_seg.core import random as jr
+    from functional_seg.core.tree import tree_map
+    from functional_seg.train import evaluate, make_eval_step
+
+    _, val = data
+    loader = Loader(val, 3, shuffle=False, drop_last=False)  # 8 images: 3 + 3 + a short 2
+    eval_step = make_eval_step(model, compile=True, backend="aot_eager")
+    params, state = model.init(jr.key(0))
+    other = tree_map(lambda p: p * 0.5, params)  # e.g. the EMA weights of the same model
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    compiled = [evaluate(model, p, state, loader, eval_step=eval_step) for p in (params, other)]
+    assert counters["stats"]["unique_graphs"] - before == 1
+    eager = [evaluate(model, p, state, loader) for p in (params, other)]
+    for c, e in zip(compiled, eager):
+        assert c["confusion"] == e["confusion"] and sum(map(sum, c["confusion"])) == 8 * 32 * 32
+        assert c["series_custom_iou"] == pytest.approx(e["series_custom_iou"], abs=1e-6)
