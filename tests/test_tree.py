@@ -17,6 +17,7 @@ from functional_seg.core.tree import (
     tree_clone,
     tree_leaves,
     tree_map,
+    tree_map_indexed,
     tree_size,
     unflatten_like,
     unflatten_names,
@@ -148,3 +149,32 @@ def test_none_leaves_are_dropped_and_restored():
     tree = {"a": torch.zeros(2), "b": None}
     assert list(flatten_with_names(tree)) == ["a"]
     assert unflatten_like(tree, {"a": torch.ones(2)})["b"] is None
+
+
+@given(trees(), st.booleans())
+def test_the_fast_pytree_agrees_with_torch_s_python_pytree(tree, with_namedtuple):
+    # eager code maps over the C++ pytree, dynamo traces the Python one: the same leaves in the same
+    # order and the same rebuilt structure, or a spec of one would misplace leaves of the other
+    import torch.utils._pytree as python_pytree
+    from torchopt.transform.scale_by_adam import ScaleByAdamState
+
+    if with_namedtuple:  # torchopt's states are NamedTuples of trees
+        tree = ScaleByAdamState(mu=tree, nu=tree_clone(tree), count=tree)
+    assert [id(x) for x in tree_leaves(tree)] == [id(x) for x in python_pytree.tree_leaves(tree)]
+    doubled = tree_map(lambda x: x * 2, tree)
+    assert python_pytree.tree_structure(doubled) == python_pytree.tree_structure(tree)
+    for d, x in zip(python_pytree.tree_leaves(doubled), python_pytree.tree_leaves(tree)):
+        assert torch.equal(d, x * 2)
+
+
+@given(trees())
+def test_tree_map_indexed_passes_each_leaf_its_position(tree):
+    leaves, other = tree_leaves(tree), tree_clone(tree)
+    seen = []
+    out = tree_map_indexed(lambda i, x, y: seen.append((i, x, y)) or x + i, tree, other)
+    assert [i for i, _, _ in seen] == list(range(len(leaves)))
+    assert all(x is a and y is b for (_, x, y), a, b in zip(seen, leaves, tree_leaves(other)))
+    for i, (o, x) in enumerate(zip(tree_leaves(out), leaves)):
+        assert torch.equal(o, x + i)
+    with pytest.raises(ValueError, match="tree_map_indexed: trees of"):
+        tree_map_indexed(lambda i, x, y: x, tree, [*leaves, torch.zeros(1)])
