@@ -65,7 +65,8 @@ def main(argv=None) -> int:
                      "ratio_to_b": medians[row] / medians["b"]} for row in ROWS}
     R.write_report(args, prov, stem, EXPERIMENT, "Eager step time", results,
                    [("median_s", "median step s"), ("ratio_to_b", "x b"), ("min_s", "min s"), ("max_s", "max s")],
-                   notes=[f"{args.warmup} warm-up steps each, then {args.steps} steps per row, interleaved ABBA", allocator])
+                   notes=[f"{args.warmup} warm-up steps each, then {args.steps} steps per row, interleaved ABBA",
+                          allocator])
     return 0
 
 
