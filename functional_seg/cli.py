@@ -652,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # warnings (a skipped bad file, train/test overlap) print as one line, without source lines
     warnings.formatwarning = lambda message, *_a, **_k: f"fseg: warning: {' '.join(str(message).split())}\n"
+    # torch's deprecation notes to its own code (e.g. inductor calling torch._prims_common.check while it
+    # compiles): nothing a user of fseg can act on; those raised at our own calls still show
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"torch(\.|$)")
 
     try:
         return args.func(args)

@@ -175,6 +175,25 @@ def test_bad_model_cfg_is_one_line_before_anything_is_written(cfg, message, tmp_
     assert list(tmp_path.iterdir()) == []  # no dataset, cache or run directory
 
 
+def test_torch_s_own_deprecations_are_not_shown_but_ours_are(monkeypatch):
+    import warnings
+
+    from functional_seg import cli
+
+    def noisy(args):
+        # what inductor does while it compiles, then a warning of ours
+        warnings.warn_explicit("`torch._prims_common.check` is deprecated", FutureWarning, "lowering.py", 1,
+                               module="torch._inductor.lowering")
+        warnings.warn_explicit("12 images were skipped", UserWarning, "reader.py", 1, module="functional_seg.data")
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_summary", noisy)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")  # below main's own filters, which go first
+        assert main(["summary", "--model", "segnet"]) == 0
+    assert [str(w.message) for w in shown] == ["12 images were skipped"]
+
+
 def test_a_damaged_compile_cache_is_one_line_before_anything_is_written(tmp_path, capsys):
     bad = tmp_path / "compiled.bin"
     bad.write_bytes(b"\x00 not a cache")
