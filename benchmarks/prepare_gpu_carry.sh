@@ -5,6 +5,7 @@
 # Then, on the GPU machine (carry .whl and .devdata):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 #   SUITE_SECONDS=540 bash benchmarks/gpu_suite.sh .devdata/oxford-pets-sample-small
+#   (issue 12's figures only: PARTS=efficiency SUITE_SECONDS=540 bash benchmarks/gpu_suite.sh ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SAMPLE="${1:-../shared/data/oxford-pets-sample}"
