@@ -84,7 +84,8 @@ def test_the_user_cache_dir_follows_the_environment(tmp_path, monkeypatch):
 
 def test_compiled_code_goes_to_the_user_cache_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("FSEG_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # recorded first, so the test's own value is undone
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     assert cc.use_user_cache_dir() == tmp_path / "cache" / "compile"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "compile")
     assert (tmp_path / "cache" / "compile").is_dir()
@@ -97,7 +98,8 @@ def test_an_unwritable_user_cache_keeps_torch_s_default_with_a_warning(tmp_path,
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("FSEG_CACHE_DIR", str(blocker))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # recorded first, so the test's own value is undone
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     with pytest.warns(RuntimeWarning, match=f"cannot create {blocker / 'compile'}"):
         assert cc.use_user_cache_dir() is None
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -256,3 +257,20 @@ def test_the_compiled_eval_step_compiles_once_for_a_short_last_batch_and_other_w
     for c, e in zip(compiled, eager):
         assert c["confusion"] == e["confusion"] and sum(map(sum, c["confusion"])) == 8 * 32 * 32
         assert c["series_custom_iou"] == pytest.approx(e["series_custom_iou"], abs=1e-6)
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_planning_a_run_sets_the_cpu_allocator_and_the_compile_cache_only_when_it_compiles(model, data, tmp_path,
+                                                                                            monkeypatch, compile):
+    calls = []
+    monkeypatch.setattr(loop_mod, "reuse_freed_cpu_memory", lambda: calls.append("reuse") or True)
+    monkeypatch.setenv("FSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # recorded first, so the test's own value is undone
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    train, val = data
+    loop_mod.plan_run(model, train, val, _config(compile=compile))  # builds the steps; nothing compiles yet
+    assert calls == ["reuse"]  # the CPU: freed memory is kept for the next step
+    if compile:
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "compile")
+    else:
+        assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not (tmp_path / "cache").exists()
