@@ -16,8 +16,9 @@ module adds two things:
   machine that starts bare (a CI runner, a rented GPU) starts warm. ``fseg train
   --compile-cache FILE`` does both.
 
-The user cache directory is ``$FSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/functional_seg``, else
-``~/.cache/functional_seg``; compiled code goes to its ``compile/`` folder.
+The user cache directory is ``core.files.user_cache_dir()`` (``$XDG_CACHE_HOME/functional_seg``,
+else ``~/.cache/functional_seg``, where prepared datasets go too); compiled code goes to its
+``compile/`` folder.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .core.files import write_atomic
+from .core.files import user_cache_dir, write_atomic
 
-__all__ = ["user_cache_dir", "use_user_cache_dir", "save_artifacts", "load_artifacts", "SaveArtifacts",
+__all__ = ["use_user_cache_dir", "save_artifacts", "load_artifacts", "SaveArtifacts",
            "CompileCacheError"]
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,6 @@ _ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 class CompileCacheError(OSError):
     """A compile-cache file that cannot be read or written; the message names it."""
-
-
-def user_cache_dir() -> Path:
-    """``$FSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/functional_seg``, else ``~/.cache/functional_seg``."""
-    if os.environ.get("FSEG_CACHE_DIR"):
-        return Path(os.environ["FSEG_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "functional_seg"
 
 
 def _torch_default_dir() -> str | None:

@@ -74,21 +74,13 @@ def test_nothing_compiled_writes_nothing(tmp_path, monkeypatch):
     assert cc.save_artifacts(tmp_path / "c.bin") == 0 and not (tmp_path / "c.bin").exists()
 
 
-def test_the_user_cache_dir_follows_the_environment(tmp_path, monkeypatch):
-    monkeypatch.delenv("FSEG_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cc.user_cache_dir() == tmp_path / "xdg" / "functional_seg"
-    monkeypatch.setenv("FSEG_CACHE_DIR", str(tmp_path / "mine"))
-    assert cc.user_cache_dir() == tmp_path / "mine"
-
-
 def test_compiled_code_goes_to_the_user_cache_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("FSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # recorded first, so the test's own value is undone
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    assert cc.use_user_cache_dir() == tmp_path / "cache" / "compile"
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "compile")
-    assert (tmp_path / "cache" / "compile").is_dir()
+    assert cc.use_user_cache_dir() == tmp_path / "xdg" / "functional_seg" / "compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "functional_seg" / "compile")
+    assert (tmp_path / "xdg" / "functional_seg" / "compile").is_dir()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
     assert cc.use_user_cache_dir() == tmp_path / "chosen"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "chosen")
@@ -97,10 +89,10 @@ def test_compiled_code_goes_to_the_user_cache_unless_the_user_chose_a_folder(tmp
 def test_an_unwritable_user_cache_keeps_torch_s_default_with_a_warning(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
-    monkeypatch.setenv("FSEG_CACHE_DIR", str(blocker))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # recorded first, so the test's own value is undone
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    with pytest.warns(RuntimeWarning, match=f"cannot create {blocker / 'compile'}"):
+    with pytest.warns(RuntimeWarning, match=f"cannot create {blocker / 'functional_seg' / 'compile'}"):
         assert cc.use_user_cache_dir() is None
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 

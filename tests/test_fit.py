@@ -264,13 +264,13 @@ def test_planning_a_run_sets_the_cpu_allocator_and_the_compile_cache_only_when_i
                                                                                             monkeypatch, compile):
     calls = []
     monkeypatch.setattr(loop_mod, "reuse_freed_cpu_memory", lambda: calls.append("reuse") or True)
-    monkeypatch.setenv("FSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # recorded first, so the test's own value is undone
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     train, val = data
     loop_mod.plan_run(model, train, val, _config(compile=compile))  # builds the steps; nothing compiles yet
     assert calls == ["reuse"]  # the CPU: freed memory is kept for the next step
     if compile:
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "compile")
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "functional_seg" / "compile")
     else:
         assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not (tmp_path / "cache").exists()

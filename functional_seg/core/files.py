@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "write_json", "append_jsonl", "jsonable", "dumps"]
+__all__ = ["write_atomic", "write_json", "append_jsonl", "jsonable", "dumps", "user_cache_dir"]
 
 
 def jsonable(x: Any) -> Any:
@@ -56,6 +56,19 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/functional_seg``, else ``~/.cache/functional_seg``: every cache of the library.
+
+    Prepared datasets and compiled code go here, never into a dataset folder: data folders are
+    often read-only, shared, or synced, and preparing a split must leave them exactly as they
+    were; torch's own ``/tmp`` default is emptied by reboots and fresh containers. A relative
+    ``XDG_CACHE_HOME`` is ignored, as the XDG base-directory spec asks.
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "functional_seg"
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:

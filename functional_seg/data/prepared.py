@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from ..core.files import user_cache_dir as default_cache_dir  # the library's one cache directory
 from ..core.files import write_atomic
 from .errors import DataError, DataWarning
 from .layouts import open_source
@@ -194,18 +195,6 @@ def overlap(a: PreparedData, b: PreparedData) -> list[str]:
     two are disjoint), e.g. to warn when training and evaluation images overlap."""
     shared = set(b.names)
     return [x for x in dict.fromkeys(a.names) if x in shared]
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/functional_seg``, else ``~/.cache/functional_seg``.
-
-    Never a folder inside the dataset: data folders are often read-only, shared, or synced, and
-    preparing a split must leave them exactly as they were. A relative ``XDG_CACHE_HOME`` is
-    ignored, as the XDG base-directory spec asks.
-    """
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "functional_seg"
 
 
 def _stat(p: Path) -> list[int] | None:
