@@ -15,6 +15,12 @@ augmentation and no data loader: these rows isolate the step itself.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +56,23 @@ def malloc_note(args) -> str:
     if args.malloc == "reuse":
         return "CPU allocator: freed memory kept in the heap for reuse, as fseg does (--malloc reuse)"
     return "CPU allocator: glibc's default, large blocks mapped and unmapped every step (--malloc system)"
+
+
+def run_row_process(module: str, argv: list[str], mark: str, env: dict | None = None) -> tuple[dict, float]:
+    """Run ``python -m module *argv`` (one row in a fresh process); ``(its result, wall seconds)``.
+
+    The child prints its result as one line ``mark + json``; a child that fails, or prints none,
+    gives ``{"status": "failed (exit N after S s): <its last three lines>"}``.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    wall = time.perf_counter() - t0
+    for line in proc.stdout.splitlines():
+        if line.startswith(mark):
+            return json.loads(line[len(mark):]), wall
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"status": f"failed (exit {proc.returncode} after {wall:.0f} s): {' / '.join(tail)}"}, wall
 
 
 def model_cfg(widths: str | None) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -105,19 +104,6 @@ def child(args) -> dict:
             "artifacts_mb": saved / 2**20 if saved is not None else None, "loaded": loaded}
 
 
-def run_child(argv: list[str], row: str, cache: str, artifacts: str) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "benchmarks.bench_compile_cache", *argv, "--child", row, "--artifacts", artifacts]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return {**json.loads(line[len(MARK):]), "process_s": wall}
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"status": f"failed (exit {proc.returncode} after {wall:.0f} s): {' / '.join(tail)}"}
-
-
 def _break_even(r: dict, eager: dict) -> str:
     gain = eager["step_s"] - r["step_s"]
     overhead = r["first_train_s"] + r["first_eval_s"] - 2 * r["step_s"]
@@ -146,8 +132,10 @@ def main(argv=None) -> int:
             if budget.over(reserve=30):
                 results[row] = {"status": "skipped: time budget"}
                 continue
-            results[row] = run_child(argv, row, os.path.join(tmp, folders[row]), artifacts)
-            r = results[row]
+            r, wall = R.run_row_process("benchmarks.bench_compile_cache",
+                                        [*argv, "--child", row, "--artifacts", artifacts], MARK,
+                                        env={"TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, folders[row])})
+            results[row] = r if "status" in r else {**r, "process_s": wall}
             shown = (f"first train call {r['first_train_s']:.1f} s, step {r['step_s']:.3f} s" if "step_s" in r
                      else r["status"])
             print(f"  {LABELS[row]}: {shown}", flush=True)

@@ -25,8 +25,6 @@ The ratio column is each row's peak over b's. Writes
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 
@@ -103,17 +101,6 @@ def child(args) -> dict:
             "loss": float(loss)}
 
 
-def run_child(args, row: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_memory", *argv, "--child", row]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"status": f"failed (exit {proc.returncode} after {time.perf_counter() - t0:.0f} s): {' / '.join(tail)}"}
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -132,7 +119,7 @@ def main(argv=None) -> int:
         if budget.over(reserve=30):
             results[row] = {"status": "skipped: time budget"}
             continue
-        results[row] = run_child(args, row, argv)
+        results[row], _ = R.run_row_process("benchmarks.bench_memory", [*argv, "--child", row], MARK)
         r = results[row]
         shown = f"{r['peak_above_baseline_mb']:.0f} MB" if "peak_mb" in r else r["status"]
         print(f"  {R.LABELS[row]}: {shown}", flush=True)
