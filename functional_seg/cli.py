@@ -316,8 +316,8 @@ def _compile_cache_hooks(args, config) -> list:
     from .runtime import resolve_compile
 
     if not resolve_compile(config.compile, config.device):
-        print(f"fseg: warning: --compile-cache {args.compile_cache} is unused: this run does not compile "
-              "(--compile off, or auto on the CPU)", file=sys.stderr)
+        warnings.warn(f"--compile-cache {args.compile_cache} is unused: this run does not compile "
+                      "(--compile off, or auto on the CPU)", RuntimeWarning, stacklevel=2)
         return []
     try:
         if load_artifacts(args.compile_cache):

@@ -206,14 +206,13 @@ def test_a_damaged_compile_cache_is_one_line_before_anything_is_written(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compiled.bin"] and bad.read_bytes() == b"\x00 not a cache"
 
 
-def test_a_compile_cache_without_compilation_is_a_warning_and_writes_nothing(tmp_path, capsys):
+def test_a_compile_cache_without_compilation_is_a_warning_and_writes_nothing(tmp_path):
     file = tmp_path / "compiled.bin"
     argv = ["train", *TINY, "--synthetic", str(tmp_path / "syn"), "--out", str(tmp_path / "run"), "--cache-dir",
             str(tmp_path / "cache"), "--device", "cpu", "--epochs", "1", "--max-steps", "1", "--batch-size", "4",
             "--size", "32", "--no-progress", "--compile-cache", str(file)]
-    assert main(argv) == 0
-    err = capsys.readouterr().err
-    assert f"fseg: warning: --compile-cache {file} is unused: this run does not compile" in err
+    with pytest.warns(RuntimeWarning, match=f"--compile-cache {file} is unused: this run does not compile"):
+        assert main(argv) == 0
     assert not file.exists() and (tmp_path / "run" / "last.safetensors").exists()
 
 
