@@ -230,15 +230,7 @@ class Optimizer:
         """
         directions, opt_state = self.tx.update(grads, opt_state, params=params, inplace=False)
         scale = -self.learning_rate(step, lr)
-        by_dtype: dict = {}  # one cast per dtype, not one per leaf
-
-        def new_leaf(p, d):
-            s = by_dtype.get(d.dtype)
-            if s is None:
-                s = by_dtype[d.dtype] = scale.to(d.dtype)
-            return torch.addcmul(p, d, s)
-
-        return tree_map(new_leaf, params, directions), opt_state
+        return tree_map(lambda p, d: torch.addcmul(p, d, scale.to(d.dtype)), params, directions), opt_state
 
 
 def make_optimizer(cfg: OptimizerConfig | None = None, **overrides) -> Optimizer:
