@@ -249,7 +249,6 @@ def _fit_config(args, model):
 
 def cmd_train(args) -> int:
     from .core.files import jsonable, write_json
-    from .data import CLASS_NAMES
     from .metrics import format_table
     from .train import ConsoleLog, evaluate, evaluate_ensemble, fit
 
@@ -300,7 +299,7 @@ def cmd_train(args) -> int:
                 member = " member " + str(i) + " (" + ", ".join(
                     f"{k}={v[i]:g}" for k, v in (final.get("hparams") or {}).items()) + ")"
             print(f"\n{title}{member}")
-            print(format_table(summary, names or CLASS_NAMES))
+            print(format_table(summary, names))
             print(f"series custom IoU: {summary['series_custom_iou']:.4f}")
     print(f"\ncheckpoints: {result['checkpoint']}"
           + (f", {result['best_checkpoint']} (best validation mean IoU {result['best_mean_iou']:.4f}, epoch "

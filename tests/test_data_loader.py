@@ -14,7 +14,8 @@ def _data(n: int = 10, size: int = 4) -> PreparedData:
     idx = torch.arange(n, dtype=torch.uint8)
     images = idx.reshape(n, 1, 1, 1).expand(n, 3, size, size).contiguous()
     masks = (idx % 3).reshape(n, 1, 1).expand(n, size, size).contiguous()
-    return PreparedData(images=images, masks=masks, names=tuple(f"s{i}" for i in range(n)))
+    return PreparedData(images=images, masks=masks, names=tuple(f"s{i}" for i in range(n)),
+                        class_names=("a", "b", "c"))
 
 
 def _ids(images: torch.Tensor) -> list[int]:

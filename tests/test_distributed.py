@@ -34,7 +34,7 @@ ROOT = TESTS.parent
 WORKER = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
-from test_ema_accumulate import bn_free_model
+from tiny_models import bn_free_model
 from functional_seg.data import augment_preset, prepare
 from functional_seg.train import FitConfig, OptimizerConfig, fit
 from functional_seg.train import loop as loop_mod
@@ -111,7 +111,7 @@ def two_ranks(data, tmp_path_factory):
 
 
 def _local_fit(data, out, **kw):
-    from test_ema_accumulate import bn_free_model
+    from tiny_models import bn_free_model
 
     config = FitConfig(batch_size=8, epochs=2, optimizer=OptimizerConfig(lr=1e-2),
                        augment=augment_preset("flip_jitter_crop"), log_every=1, **kw)

@@ -11,11 +11,9 @@ Tiny models (a 2-layer BN-free conv net, a 4/8-channel SegNet), 32 px, a few ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-import torch.nn.functional as F
+from tiny_models import bn_free_model
 
 from functional_seg import checkpoint as ckpt
 from functional_seg.core import random as jr
@@ -23,31 +21,8 @@ from functional_seg.core.tree import flatten_with_names, tree_map
 from functional_seg.data import augment_preset, make_synthetic_dataset, prepare
 from functional_seg.losses import get_loss
 from functional_seg.models import create_model, load_model
-from functional_seg.models.base import Model
 from functional_seg.train import FitConfig, OptimizerConfig, fit, make_optimizer, make_train_step
 from functional_seg.train.state import init_ensemble, init_train_state, with_ema
-
-
-@dataclass(frozen=True)
-class _ConvCfg:
-    num_classes: int = 3
-    width: int = 4
-
-
-def _conv_init(cfg, key):
-    k1, k2 = jr.split(key)
-    return ({"c1": {"weight": 0.3 * jr.normal(k1, (cfg.width, 3, 3, 3)), "bias": torch.zeros(cfg.width)},
-             "c2": {"weight": 0.3 * jr.normal(k2, (cfg.num_classes, cfg.width, 3, 3)),
-                    "bias": torch.zeros(cfg.num_classes)}}, {})
-
-
-def _conv_apply(cfg, params, state, x, train, key):
-    h = F.relu(F.conv2d(x, params["c1"]["weight"], params["c1"]["bias"], padding=1))
-    return F.conv2d(h, params["c2"]["weight"], params["c2"]["bias"], padding=1), state
-
-
-def bn_free_model() -> Model:
-    return Model("tiny_conv", _ConvCfg(), _conv_init, _conv_apply)
 
 
 def _batch(n=8, size=32, seed=0):

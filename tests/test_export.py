@@ -2,57 +2,21 @@
 ``apply`` in eval mode to 1e-4, at two batch sizes and, where H and W are dynamic, two sizes; the
 models that cannot take dynamic H, W say so; a wrong channel count is refused with a clear message.
 
-``make_checkpoint`` (the one helper that writes a checkpoint for these tests and test_predict.py) goes
-through the narrowest API: ``init_train_state`` + ``checkpoint.save`` with the model's metadata.
+Checkpoints come from ``tiny_models.make_checkpoint`` (shared with test_predict.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import SIZE, TINY, make_checkpoint
 
-from functional_seg import checkpoint
 from functional_seg.cli import main
 from functional_seg.core import random as jr
-from functional_seg.core.tree import tree_map
 from functional_seg.data.preprocess import Preprocess
 from functional_seg.models import create_model
-from functional_seg.models.saved import model_metadata
-from functional_seg.train import init_train_state, make_optimizer
 
-# Tiny cfgs: each exports in a few seconds on a CPU.
-TINY = {
-    # no ReLU on the logits: at init most of them would be 0, and the parity tests vacuous
-    "segnet": dict(widths=(4, 8), convs_per_stage=(1, 1), final_relu=False),
-    "segnet_dsc": dict(widths=(4, 8), convs_per_stage=(1, 1), final_relu=False),
-    "unet": dict(base_width=4, depth=2),
-    "segformer": dict(dims=(8, 16), depths=(1, 1), num_heads=(1, 2), sr_ratios=(2, 1), patch_sizes=(3, 3),
-                      patch_strides=(4, 2), decoder_dim=8),
-    "vit": dict(image_size=32, patch_size=8, dim=16, depth=1, num_heads=2, mlp_dim=32),
-}
 DYNAMIC_HW = {"segnet", "segnet_dsc", "unet", "segformer"}  # vit: static (see functional_seg/export.py)
-SIZE = 32
-
-
-def make_checkpoint(path, name: str, *, size: int = SIZE, policy: str = "resize", seed: int = 0,
-                    preprocess: bool = True, **cfg):
-    """Write a checkpoint of a freshly initialised ``name`` (tiny cfg unless given) to ``path``.
-
-    Batch-norm statistics are moved off their init values (mean 0, var 1), so eval-mode
-    normalisation is exercised. Returns ``(model, params, state, preprocess)``.
-    """
-    model = create_model(name, **(cfg or TINY[name]))
-    ts = init_train_state(model, make_optimizer(), jr.key(seed))
-    gen = torch.Generator().manual_seed(seed)
-    stats = tree_map(lambda t: t + 0.5 * torch.rand(t.shape, generator=gen) if t.is_floating_point() else t,
-                     ts.state)
-    ts = ts._replace(state=stats)
-    pre = Preprocess(size=size, policy=policy)
-    meta = {**model_metadata(model), "args": {"size": size}, "ensemble": 0}
-    if preprocess:
-        meta["preprocess"] = pre.to_dict()
-    checkpoint.save(path, ts, meta)
-    return model, ts.params, ts.state, pre
 
 
 def _reference(model, params, state, pre, x):

@@ -76,3 +76,30 @@ def test_fit_is_short():
     tree = ast.parse((PACKAGE / "train" / "loop.py").read_text())
     (fit,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "fit"]
     assert fit.end_lineno - fit.lineno + 1 <= 80
+
+
+def test_the_train_step_imports_neither_pil_nor_a_dataset_reader():
+    import subprocess
+    import sys
+
+    code = ("import sys, functional_seg.train.step\n"
+            "loaded = sorted(m for m in sys.modules if m == 'PIL' or m.startswith('PIL.') or m in "
+            "('functional_seg.data.oxford_pets', 'functional_seg.data.generic', 'functional_seg.data.voc', "
+            "'functional_seg.data.sample', 'functional_seg.data.prepared'))\n"
+            "print(','.join(loaded))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "", f"the train step pulls in {out.stdout.strip()}"
+
+
+def test_no_default_class_names_outside_the_layouts():
+    """Oxford's names live in its reader; no generic layer imports them to fall back on."""
+    readers = {"oxford_pets.py", "voc.py", "synthetic.py", "__init__.py"}
+    offenders = []
+    for path in _modules():
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] == "data" and rel.name in readers:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and any(a.name == "CLASS_NAMES" for a in node.names):
+                offenders.append(str(rel))
+    assert not offenders, offenders

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from sample_data import SAMPLE
-from test_export import make_checkpoint
+from tiny_models import make_checkpoint
 
 from functional_seg.cli import main
 from functional_seg.data.preprocess import Preprocess

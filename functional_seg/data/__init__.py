@@ -10,64 +10,43 @@ Data flows one way::
 generic ``images/`` + ``masks/`` folder (``generic``) or Pascal VOC (``voc``); all of them decode
 through ``read_rgb`` / ``read_mask`` (``decode``) and one sample loader (``sample``).
 
-Oxford labels: 0 = pet, 1 = background, 2 = border (``CLASS_NAMES``); in every layout
-``IGNORE_INDEX`` (255) marks ignored and padded pixels.
+``labels`` sits below them all (``IGNORE_INDEX`` = 255 marks ignored and padded pixels in every
+layout); each layout names its own classes (Oxford: 0 = pet, 1 = background, 2 = border).
+
+The names below are imported on first use (PEP 562), so the pure train step, which needs only
+``augment``, ``labels`` and ``preprocess``, never imports PIL or a dataset reader.
 """
 
-from .augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PRESETS,
-    AugmentConfig,
-    augment,
-    augment_preset,
-    normalize,
-    to_float,
-)
-from .decode import read_mask, read_rgb
-from .layouts import LAYOUTS, detect
-from .loader import Loader
-from .oxford_pets import (
-    CLASS_NAMES,
-    IGNORE_INDEX,
-    NUM_CLASSES,
-    POLICIES,
-    SPLITS,
-    DataError,
-    DataWarning,
-    find_root,
-    read_split,
-)
-from .prepared import PreparedData, overlap, prepare
-from .synthetic import make_generic_dataset, make_synthetic_dataset, make_voc_dataset
+from __future__ import annotations
 
-__all__ = [
-    "CLASS_NAMES",
-    "NUM_CLASSES",
-    "IGNORE_INDEX",
-    "SPLITS",
-    "POLICIES",
-    "DataError",
-    "DataWarning",
-    "find_root",
-    "read_split",
-    "PreparedData",
-    "prepare",
-    "overlap",
-    "Loader",
-    "AugmentConfig",
-    "PRESETS",
-    "augment",
-    "augment_preset",
-    "normalize",
-    "to_float",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "make_synthetic_dataset",
-    "make_generic_dataset",
-    "make_voc_dataset",
-    "LAYOUTS",
-    "detect",
-    "read_rgb",
-    "read_mask",
-]
+import importlib
+
+# a function named like its module is bound now: importing the module would otherwise shadow it
+from .augment import augment  # noqa: F401
+
+_EXPORTS = {
+    "augment": ("IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "AugmentConfig", "augment_preset",
+                "normalize", "to_float"),
+    "decode": ("read_mask", "read_rgb"),
+    "labels": ("IGNORE_INDEX", "POLICIES", "LabelMap", "unnamed"),
+    "errors": ("DataError", "DataWarning"),
+    "layouts": ("LAYOUTS", "detect"),
+    "loader": ("Loader",),
+    "oxford_pets": ("CLASS_NAMES", "NUM_CLASSES", "SPLITS", "find_root", "read_split"),
+    "prepared": ("PreparedData", "overlap", "prepare"),
+    "synthetic": ("make_generic_dataset", "make_synthetic_dataset", "make_voc_dataset"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted([*_HOME, "augment"])
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from .errors import DataError
-from .sample import IGNORE_INDEX, LabelMap
+from .labels import IGNORE_INDEX, LabelMap
 from .source import Source, image_index, read_names, seeded_partition
 
 __all__ = ["SPLITS", "find", "read_class_names", "source"]

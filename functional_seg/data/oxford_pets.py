@@ -28,7 +28,8 @@ import numpy as np
 
 from . import sample
 from .errors import DataError, DataWarning
-from .sample import IGNORE_INDEX, POLICIES, LabelMap, SampleResult, SampleTask
+from .labels import IGNORE_INDEX, POLICIES, LabelMap
+from .sample import SampleResult, SampleTask
 from .source import IMAGE_EXTENSIONS, Source, read_names, seeded_partition
 
 CLASS_NAMES: tuple[str, ...] = ("pet", "background", "border")

@@ -37,11 +37,11 @@ from safetensors.torch import save
 from ..core.files import user_cache_dir as default_cache_dir  # the library's one cache directory
 from ..core.files import write_atomic
 from .errors import DataError, DataWarning
+from .labels import IGNORE_INDEX, POLICIES, LabelMap, unnamed
 from .layouts import open_source
-from .oxford_pets import CLASS_NAMES
 from .pool import cpu_count, parallel_map
 from .progress import Progress
-from .sample import IGNORE_INDEX, POLICIES, LabelMap, SampleTask, load_sample, mask_max_label
+from .sample import SampleTask, load_sample, mask_max_label
 from .source import Source, seeded_order
 
 __all__ = ["PreparedData", "prepare", "overlap", "default_cache_dir", "cache_path"]
@@ -59,8 +59,8 @@ class PreparedData:
         names: N sample names, in data order.
         cache_path: the safetensors file it was read from or written to (None if uncached).
         skipped: messages for samples skipped with ``strict=False``.
-        class_names: C names, label i is ``class_names[i]`` (Oxford-IIIT Pet's ``CLASS_NAMES``
-            unless the layout says otherwise).
+        class_names: C names, label i is ``class_names[i]``, as the layout named them (required:
+            no layout's names are assumed).
     """
 
     images: torch.Tensor
@@ -68,7 +68,7 @@ class PreparedData:
     names: tuple[str, ...]
     cache_path: Path | None = field(default=None, repr=False)
     skipped: tuple[str, ...] = field(default=(), repr=False)
-    class_names: tuple[str, ...] = CLASS_NAMES
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         im, mk = self.images, self.masks
@@ -266,7 +266,7 @@ def _infer_labels(src: Source, workers: int) -> LabelMap:
     """C = the largest label in any of the dataset's masks + 1, named class_0, class_1, ..."""
     paths = [str(p) for p in src.infer_from]
     top = max(parallel_map(mask_max_label, paths, max(1, min(workers, len(paths)))), default=-1)
-    return LabelMap.indices(tuple(f"class_{i}" for i in range(max(top + 1, 1))))
+    return LabelMap.indices(unnamed(max(top + 1, 1)))
 
 
 def _cache_key(src: Source, size: int, policy: str, seed: int, strict: bool) -> dict:

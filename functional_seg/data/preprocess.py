@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
-from .oxford_pets import CLASS_NAMES, IGNORE_INDEX, POLICIES
+from .labels import IGNORE_INDEX, POLICIES
 
 __all__ = ["Preprocess"]
 
@@ -35,7 +35,7 @@ class Preprocess:
     std: tuple[float, ...] = IMAGENET_STD
     channels_last: bool = False
     precision: str = "fp32"
-    class_names: tuple[str, ...] = CLASS_NAMES
+    class_names: tuple[str, ...] | None = None
     ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self):
@@ -47,12 +47,13 @@ class Preprocess:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean!r}, {self.std!r}")
-        if not self.class_names:
-            raise ValueError("class_names must name at least one class")
+        if self.class_names is not None and not self.class_names:
+            raise ValueError("class_names must name at least one class (or be None: not known)")
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
+    def num_classes(self) -> int | None:
+        """C, or None when the contract names no classes (a step that only normalises)."""
+        return None if self.class_names is None else len(self.class_names)
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] (or float in [0, 1]) -> normalised float32 [N, 3, H, W] for the model."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
-from .sample import LabelMap
+from .labels import LabelMap
 
 __all__ = ["Source", "read_names", "seeded_order", "seeded_partition", "image_index", "IMAGE_EXTENSIONS"]
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import DataError
-from .sample import LabelMap
+from .labels import LabelMap
 from .source import Source, read_names
 
 __all__ = ["CLASS_NAMES", "SPLITS", "find", "source"]

@@ -7,21 +7,38 @@ Layers, each over the ones before it:
     config.py  FitConfig and the settings that change the maths
     rundir.py  the run directory: files, lock, resume checks, finite checkpoints
     evaluate.py, log.py, loop.py (fit)
+
+The names below are imported on first use (PEP 562): ``import functional_seg.train.step`` loads
+the step and what it needs, not the loop, the data readers or PIL.
 """
 
-from .config import SWEEPABLE, FitConfig
-from .evaluate import evaluate, evaluate_ensemble
-from .log import ConsoleLog
-from .loop import fit, plan_run
-from .optim import OPTIMIZERS, SCHEDULES, Optimizer, OptimizerConfig, make_optimizer, make_schedule
-from .rundir import RunDir, RunDirError, TrainingDiverged
-from .state import TrainState, ensemble_size, init_ensemble, init_train_state
-from .step import compile_report, compile_step, ensemble_step, make_eval_step, make_train_step
+from __future__ import annotations
 
-__all__ = [
-    "fit", "plan_run", "FitConfig", "SWEEPABLE", "evaluate", "evaluate_ensemble", "ConsoleLog",
-    "RunDir", "RunDirError", "TrainingDiverged",
-    "OPTIMIZERS", "SCHEDULES", "Optimizer", "OptimizerConfig", "make_optimizer", "make_schedule",
-    "TrainState", "init_train_state", "init_ensemble", "ensemble_size",
-    "make_train_step", "make_eval_step", "ensemble_step", "compile_step", "compile_report",
-]
+import importlib
+
+# a function named like its module is bound now: importing the module would otherwise shadow it
+from .evaluate import evaluate, evaluate_ensemble  # noqa: F401
+
+_EXPORTS = {
+    "config": ("SWEEPABLE", "FitConfig"),
+    "log": ("ConsoleLog",),
+    "loop": ("fit", "plan_run"),
+    "optim": ("OPTIMIZERS", "SCHEDULES", "Optimizer", "OptimizerConfig", "make_optimizer", "make_schedule"),
+    "rundir": ("RunDir", "RunDirError", "TrainingDiverged"),
+    "state": ("TrainState", "ensemble_size", "init_ensemble", "init_train_state"),
+    "step": ("compile_report", "compile_step", "ensemble_step", "make_eval_step", "make_train_step"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted([*_HOME, "evaluate", "evaluate_ensemble"])
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -34,7 +34,6 @@ from ..compile_cache import use_user_cache_dir
 from ..core import random as jr
 from ..core.tree import unstack
 from ..data.loader import Loader
-from ..data.oxford_pets import CLASS_NAMES
 from ..data.preprocess import Preprocess
 from ..losses import get_loss
 from ..models.saved import model_metadata
@@ -118,7 +117,7 @@ def plan_run(model, train_data, val_data, config: FitConfig) -> Plan:
         reuse_freed_cpu_memory()  # an eager CPU step would page-fault its activations in again every step
     pre = Preprocess(size=int(train_data.size), policy=getattr(train_data, "policy", "resize"),
                      channels_last=resolve_channels_last(config.channels_last, device), precision=precision,
-                     class_names=tuple(getattr(train_data, "class_names", CLASS_NAMES)))
+                     class_names=tuple(train_data.class_names))
     if model.num_classes != pre.num_classes:
         raise ValueError(f"the model predicts {model.num_classes} classes but the data has {pre.num_classes} "
                          f"({', '.join(pre.class_names)}); pass num_classes={pre.num_classes} in the model cfg")
