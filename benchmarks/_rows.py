@@ -146,7 +146,7 @@ def build(row: str, *, model: str, cfg: dict, device: torch.device, data, seed: 
 def write_report(args, prov: dict, stem: str, experiment: str, title: str, results: dict, columns, notes=()):
     """The row benchmarks' output: ``results`` ({row: figures}) as one table under ``LABELS``,
     headed by the rows' common setting, written as ``<stem>.{json,md}`` and printed."""
-    from experiments import _common as C
+    from experiments import harness as C
 
     table = [{"row": LABELS[row], **r} for row, r in results.items()]
     setting = (f"model cfg: {model_cfg(args.widths) or 'series widths'}; CE; Adam lr 1e-3; one fixed batch, "

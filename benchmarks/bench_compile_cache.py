@@ -41,7 +41,7 @@ def parse_args(argv=None):
     import argparse
 
     from benchmarks import _rows as R
-    from experiments import _common as C
+    from experiments import harness as C
 
     p = C.base_parser(__doc__.split("\n")[0], epochs=1, size=128, batch_size=32)
     p.add_argument("--model", default="segnet")
@@ -68,7 +68,7 @@ def child(args) -> dict:
     import torch
 
     from benchmarks import _rows as R
-    from experiments import _common as C
+    from experiments import harness as C
     from functional_seg import compile_cache
     from functional_seg.core import random as jr
     from functional_seg.data.preprocess import Preprocess
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         print(MARK + json.dumps(child(args)), flush=True)
         return 0
     from benchmarks import _rows as R
-    from experiments import _common as C
+    from experiments import harness as C
 
     budget, prov, stem = C.start(args, EXPERIMENT, f", batch {args.batch_size}, {args.size} px, model {args.model} "
                                  f"{R.model_cfg(args.widths) or '(series widths)'}")

@@ -21,7 +21,7 @@ import sys
 import time
 
 from benchmarks import _rows as R
-from experiments import _common as C
+from experiments import harness as C
 
 EXPERIMENT = "bench_eager_step"
 ROWS = ("a_eager", "b")

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from experiments import _common as C
+from experiments import harness as C
 
 EXPERIMENT = "bench_end_to_end"
 FULL_TRAINVAL = 3680

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from experiments import _common as C
+from experiments import harness as C
 
 EXPERIMENT = "bench_ensemble"
 WIDTHS = (16, 32, 64, 64)

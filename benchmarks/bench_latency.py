@@ -27,7 +27,7 @@ import sys
 import torch
 
 from benchmarks.reference_modules import build_reference
-from experiments import _common as C
+from experiments import harness as C
 from functional_seg.core import random as jr
 from functional_seg.core.tree import tree_map
 from functional_seg.models import create_model, list_models

@@ -34,7 +34,7 @@ MARK = "BENCH_MEMORY_RESULT "
 
 def parse_args(argv=None):
     from benchmarks import _rows as R
-    from experiments import _common as C
+    from experiments import harness as C
 
     p = C.base_parser(__doc__.split("\n")[0], epochs=1, size=128, batch_size=32)
     p.add_argument("--model", default="segnet")
@@ -70,7 +70,7 @@ def child(args) -> dict:
     import functional_seg.train  # noqa: F401 - everything the rows import, before the baseline
     from benchmarks import _rows as R
     from benchmarks import reference_modules  # noqa: F401
-    from experiments import _common as C
+    from experiments import harness as C
 
     C.set_threads(args)
     R.apply_malloc(args)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         print(MARK + json.dumps(child(args)), flush=True)
         return 0
     from benchmarks import _rows as R
-    from experiments import _common as C
+    from experiments import harness as C
 
     budget, prov, stem = C.start(args, EXPERIMENT, f", batch {args.batch_size}, {args.size} px, model {args.model} "
                                  f"{R.model_cfg(args.widths) or '(series widths)'}")

@@ -40,7 +40,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from experiments import _common as C
+from experiments import harness as C
+from functional_seg.runtime import autocast
 
 EXPERIMENT = "bench_train_step"
 QUICK_WIDTHS = (8, 16, 32, 32)
@@ -175,13 +176,16 @@ def _time_steps(step, batches, device, warmup: int, steps: int, batch_size: int)
 
 
 def reference_module(args) -> torch.nn.Module:
-    return C.reference_module(args.model, **model_cfg(args))
+    from benchmarks.reference_modules import build_reference
+    from functional_seg.models import create_model
+
+    return build_reference(args.model, create_model(args.model, **model_cfg(args)).cfg)
 
 
 def module_update(module, opt, images, masks, device: torch.device, bf16: bool) -> torch.Tensor:
     """One stateful step as the articles write it (b, b16 and c share it): forward, CE in fp32,
     backward, optimizer step; ``bf16`` adds autocast on CUDA."""
-    with C.autocast(device, bf16):
+    with autocast("bf16" if bf16 and device.type == "cuda" else "fp32", device.type):
         logits = module(images)
         loss = F.cross_entropy(logits.float(), masks)
     opt.zero_grad(set_to_none=True)

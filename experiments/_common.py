@@ -1,79 +1,29 @@
-"""What the experiments share on top of the library: arguments, provenance, splits, one config
-run through ``fit``, results tables and figures.
+"""The experiments' protocol over ``fit``: one ``FitConfig`` per variant, trained in its own run
+directory, the checkpoint selected on validation and the official test split scored once, then
+tables and figures (the shared harness, arguments and results files, is ``harness.py``).
 
 An experiment is a list of ``FitConfig`` s (see ``fit_config``); :func:`run_config` trains each
-with ``functional_seg.train.fit`` in its own run directory (``--runs``), selects the checkpoint on
-the validation split carved from trainval (``PreparedData.carve``, as ``fseg train`` does), then
-evaluates that checkpoint once on the official test split with ``train.evaluate``, exactly as
-``fseg eval`` would (same loader, preprocessing contract and ``metrics.summarize``). Device,
-precision, layout and compilation are resolved by ``functional_seg.runtime`` inside ``fit``;
-files are written by ``functional_seg.core.files``.
-
-Every script takes the same core flags (``--data``, ``--device``, ``--quick``, ``--out``, ...),
-records the device name, torch version and the exact command line in each table, and writes
-``<experiment>_<device-kind>.{json,md}`` where the device kind is ``cuda``, ``cpu`` or either with
-``_quick``. One failing variant is recorded as ``failed: <message>`` and the run goes on
-(``guarded``). The figures are drawn by ``figures.py``.
-
-The benchmarks in ``benchmarks/`` import this file too (as ``_common``, with ``experiments/`` on
-their path): ``load_splits``, ``sync``, ``median_ms``, ``autocast`` and ``reference_module`` are
-kept for them.
+with ``functional_seg.train.fit`` on ``Splits`` from ``data.splits.split_data`` (validation
+carved from trainval, as ``fseg train`` does). ``fit`` itself scores the test split once with the
+selected checkpoint through ``train.evaluate_checkpoint``, the same call ``fseg eval`` makes, with
+the one weight policy of ``models.load_checkpoint`` (each member's raw or EMA weights, whichever
+validated higher). Device, precision, layout and compilation are resolved by
+``functional_seg.runtime`` inside ``fit``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
-import os
-import platform
-import shlex
 import shutil
-import statistics
-import sys
 import time
-import traceback
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from functional_seg.core.files import write_atomic, write_json
-from functional_seg.runtime import autocast as _runtime_autocast
-from functional_seg.runtime import resolve_device, resolve_precision
+from .harness import REPO, base_parser, command_line, median_ms
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared/data/oxford-pets-sample"
-DEFAULT_OUT = REPO / "experiments" / "results"
 DEFAULT_RUNS = REPO / "runs" / "experiments"
-
-
-# ----------------------------------------------------------------------------------------------
-# Arguments, device, provenance
-
-
-def base_parser(description: str, *, epochs: int, size: int, batch_size: int) -> argparse.ArgumentParser:
-    """The flags every script shares; ``--quick`` shrinks sizes for a CPU run (see ``finish_args``)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("FSEG_DATA") or DEFAULT_DATA),
-                   help="Oxford-IIIT Pet root (official layout); env FSEG_DATA overrides the default")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--quick", action="store_true", help="CPU sizes: 64 px, 2-3 epochs, small widths, few models")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results JSON / Markdown / PNG")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {epochs}; quick: 2)")
-    p.add_argument("--size", type=int, default=None, help=f"image side in pixels (default {size}; quick: 64)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"training batch (default {batch_size}; quick: 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; env FSEG_THREADS)")
-    p.add_argument("--train-limit", type=int, default=None, help="use the first N training images (quick: 128)")
-    p.add_argument("--test-limit", type=int, default=None, help="use the first N test images (quick: 96)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds; variants not started by then are recorded as skipped (results stay valid)")
-    p.set_defaults(_defaults={"epochs": epochs, "size": size, "batch_size": batch_size})
-    return p
 
 
 def experiment_parser(description: str, *, epochs: int, size: int, batch_size: int) -> argparse.ArgumentParser:
@@ -90,264 +40,19 @@ def experiment_parser(description: str, *, epochs: int, size: int, batch_size: i
     return p
 
 
-def finish_args(args: argparse.Namespace, *, quick_epochs: int = 2, quick_size: int = 64,
-                quick_batch: int = 16, quick_train: int | None = 128, quick_test: int | None = 96
-                ) -> argparse.Namespace:
-    """Fill epochs / size / batch_size / limits from the full or the quick defaults unless given,
-    and resolve ``--device`` through ``functional_seg.runtime``."""
-    d = args._defaults
-    if args.quick:
-        args.train_limit = quick_train if args.train_limit is None else args.train_limit
-        args.test_limit = quick_test if args.test_limit is None else args.test_limit
-    if args.epochs is None:
-        args.epochs = quick_epochs if args.quick else d["epochs"]
-    if args.size is None:
-        args.size = quick_size if args.quick else d["size"]
-    if args.batch_size is None:
-        args.batch_size = quick_batch if args.quick else d["batch_size"]
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as err:
-        raise SystemExit(f"--device: {err}") from None
-    return args
-
-
-def device_kind(device: torch.device, quick: bool) -> str:
-    return f"{device.type}{'_quick' if quick else ''}"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def command_line() -> str:
-    """The command as typed: ``python -m experiments.<name> ...`` for a module run."""
-    argv = list(sys.argv)
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name:
-        argv[0:1] = ["-m", spec.name]
-    else:
-        with contextlib.suppress(ValueError):
-            argv[0] = str(Path(argv[0]).resolve().relative_to(REPO))
-    return "python " + " ".join(shlex.quote(a) for a in argv)
-
-
-def provenance(device: torch.device) -> dict[str, Any]:
-    return {
-        "device": str(device),
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "command": command_line(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-
-
-def set_threads(args: argparse.Namespace | None = None) -> None:
-    """Leave the thread count alone unless ``--threads`` or FSEG_THREADS says otherwise (shared CPU boxes)."""
-    n = getattr(args, "threads", None) or os.environ.get("FSEG_THREADS")
-    if n:
-        torch.set_num_threads(int(n))
-
-
-def names(text: str, known: Iterable[str]) -> list[str]:
-    """A comma-separated ``--models``/``--variants`` list; unknown names raise SystemExit."""
-    chosen = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in known]
-    if unknown:
-        raise SystemExit(f"unknown name(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
-    return chosen
-
-
-# ----------------------------------------------------------------------------------------------
-# Failures and budgets
-
-
-def short_error(err: BaseException, limit: int = 160) -> str:
-    msg = f"{type(err).__name__}: {err}".replace("\n", " ").replace("|", "/")
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-def guarded(label: str, fn: Callable[[], dict], failures: list[str] | None = None) -> dict:
-    """Run ``fn``; on any exception print the traceback and return ``{"status": "failed: ..."}``."""
-    t0 = time.perf_counter()
-    try:
-        out = fn()
-        out.setdefault("status", "ok")
-        return out
-    except Exception as err:  # noqa: BLE001 - one variant failing must not stop the others
-        traceback.print_exc()
-        msg = f"failed: {short_error(err)}"
-        print(f"[{label}] {msg} (after {time.perf_counter() - t0:.1f} s)", flush=True)
-        if failures is not None:
-            failures.append(f"{label}: {msg}")
-        return {"status": msg}
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-class Budget:
-    """Wall-clock allowance from process start: ``left()`` seconds, ``over(reserve)`` when exhausted."""
-
-    def __init__(self, seconds: float | None):
-        self.seconds = seconds
-        self.t0 = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def left(self) -> float:
-        return math.inf if self.seconds is None else self.seconds - self.elapsed()
-
-    def over(self, reserve: float = 0.0) -> bool:
-        return self.left() < reserve
-
-
-def run_budgeted(label: str, fn: Callable[[], dict], budget: Budget, reserve: float = 5.0) -> dict:
-    """One variant of an experiment: skipped once the budget is spent, else ``guarded``, timed and reported."""
-    if budget.over(reserve=reserve):
-        return {"status": "skipped: time budget"}
-    t0 = time.perf_counter()
-    result = guarded(label, fn)
-    print(f"[{label}] done in {time.perf_counter() - t0:.1f} s: {result.get('status')}", flush=True)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Results files
-
-
-def fmt(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return "nan"
-        if abs(x) >= 1e4:
-            return f"{x:,.0f}"
-        if abs(x) < 1:
-            return f"{x:.{digits}f}"
-        return f"{x:.2f}" if abs(x) < 100 else f"{x:.1f}"
-    return str(x)
-
-
-def md_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
-    """A Markdown table; ``columns`` are (key, header); a failed row shows its status once."""
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        status = row.get("status", "ok")
-        if status != "ok":
-            cells = [fmt(row.get(columns[0][0]))] + [status] + ["-"] * (len(columns) - 2)
-        else:
-            cells = [fmt(row.get(k)) for k, _ in columns]
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def md_header(title: str, prov: dict, notes: Iterable[str] = ()) -> str:
-    lines = [
-        f"# {title}",
-        "",
-        f"- device: **{prov['device_name']}** (`{prov['device']}`), torch {prov['torch']}"
-        + (f", CUDA {prov['cuda']}" if prov.get("cuda") and prov["device"].startswith("cuda") else ""),
-        f"- python {prov['python']}, {prov['cpu_count']} CPUs, {prov['date']}",
-        f"- command: `{prov['command']}`",
-    ]
-    lines += [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(out_dir: Path, stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
-    jp, mp = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    write_json(jp, payload)
-    write_atomic(mp, markdown)
-    print(f"wrote {jp.relative_to(REPO) if jp.is_relative_to(REPO) else jp} and {mp.name}", flush=True)
-    return jp, mp
-
-
-def strip_private(d: Any) -> Any:
-    """Drop keys starting with ``_`` (tensors kept for figures) before writing JSON."""
-    if isinstance(d, dict):
-        return {k: strip_private(v) for k, v in d.items() if not str(k).startswith("_")}
-    if isinstance(d, list):
-        return [strip_private(v) for v in d]
-    return d
-
-
-def start(args: argparse.Namespace, experiment: str, headline: str = "", device: torch.device | None = None
-          ) -> tuple[Budget, dict[str, Any], str]:
-    """What every script does first: threads, time budget, provenance, the results' file stem."""
-    device = device if device is not None else args.device
-    set_threads(args)
-    budget = Budget(args.budget)
-    prov = provenance(device)
-    print(f"{experiment}: {prov['device_name']}, torch {prov['torch']}{headline}", flush=True)
-    return budget, prov, f"{experiment}_{device_kind(device, args.quick)}"
-
-
-def payload(experiment: str, prov: dict[str, Any], args: argparse.Namespace, results: Any, **extra: Any
-            ) -> dict[str, Any]:
-    """The results JSON: experiment, provenance, the public arguments, results, then any extras."""
-    return {"experiment": experiment, "provenance": prov,
-            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-            "results": strip_private(results), **extra}
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: train / validation (carved) / test
-
-
-def _head(data, n: int | None):
-    return data if n is None or n >= len(data) else data.subset(range(n))
-
-
-def load_splits(root: Path, size: int, *, train_split: str = "trainval", test_split: str | None = "test",
-                repeat_to: int | None = None, train_limit: int | None = None, test_limit: int | None = None):
-    """Prepared (train, test) at ``size`` for the benchmarks (test None if ``test_split`` is None);
-    ``*_limit`` keep the first N samples; ``repeat_to`` then cycles train to that length."""
-    from functional_seg.data import prepare
-
-    train = _head(prepare(root, train_split, size), train_limit)
-    test = _head(prepare(root, test_split, size), test_limit) if test_split else None
-    if repeat_to is not None and repeat_to != len(train):
-        train = train.repeat(repeat_to)
-    return train, test
-
-
-@dataclass(frozen=True)
-class Splits:
-    """The series' protocol: train on ``train``, select the checkpoint on ``val`` (carved from
-    trainval), report ``test`` (the official test split) once with the selected checkpoint."""
-
-    train: Any
-    val: Any
-    test: Any
-    note: str
-
-
-def experiment_splits(args: argparse.Namespace) -> Splits:
-    """trainval (first ``--train-limit``) carved into train / val by ``--val-fraction`` and
-    ``--seed``, as ``fseg train --val-split carve`` does; the official test split (first ``--test-limit``)."""
-    from functional_seg.data import prepare
+def experiment_splits(args: argparse.Namespace):
+    """trainval (first ``--train-limit``) carved into train / val by ``--val-fraction`` and ``--seed``,
+    and the official test split (first ``--test-limit``): ``data.splits.split_data``, as ``fseg train``."""
+    from functional_seg.data.splits import DataConfig, split_data
 
     t0 = time.perf_counter()
-    train, val = _head(prepare(args.data, "trainval", args.size), args.train_limit).carve(args.val_fraction,
-                                                                                          args.seed)
-    test = _head(prepare(args.data, "test", args.size), args.test_limit)
-    note = (f"data `{args.data}`: train {len(train)} + val {len(val)} (carved from trainval, fraction "
-            f"{args.val_fraction}, seed {args.seed}) / test {len(test)} (official test split)")
+    cfg = DataConfig(size=args.size, val_fraction=args.val_fraction, limit=args.train_limit,
+                     test_limit=args.test_limit)
+    splits = split_data(args.data, cfg, seed=args.seed)
+    note = (f"data `{args.data}`: train {len(splits.train)} + val {len(splits.val)} (carved from trainval, fraction "
+            f"{args.val_fraction}, seed {args.seed}) / test {len(splits.test)} (official test split)")
     print(f"{note} at {args.size} px ({time.perf_counter() - t0:.1f} s)", flush=True)
-    return Splits(train, val, test, note)
+    return splits, note
 
 
 PROTOCOL_NOTE = ("protocol: the checkpoint is selected on the validation split (best val mean IoU over the "
@@ -358,7 +63,7 @@ METRICS_NOTE = ("mean IoU = macro over the 3 classes; series IoU = micro Jaccard
 
 
 # ----------------------------------------------------------------------------------------------
-# One config through fit, then the test split once
+# One config through fit
 
 
 def fit_config(args: argparse.Namespace, **fields):
@@ -425,99 +130,70 @@ def _curve(history: list[dict], member: int | None) -> list[dict]:
     return out
 
 
-def inference_latency(model, params, state, preprocess, device: torch.device, *, batch: int = 64,
-                      iters: int = 10) -> float:
-    """Median ms of one eval forward of ``batch`` images as the checkpoint's ``Preprocess`` feeds
-    them (normalisation, layout) under its precision (``runtime.autocast``)."""
-    images = torch.randint(0, 256, (batch, 3, preprocess.size, preprocess.size), dtype=torch.uint8, device=device)
-    x = preprocess.model_input(images)
+def inference_latency(loaded, device: torch.device, *, batch: int = 64, iters: int = 10) -> float:
+    """Median ms of one eval forward of ``batch`` images as the checkpoint's ``Preprocess`` feeds them
+    under the device's runtime (``runtime.resolve_runtime``: precision and layout)."""
+    from functional_seg.runtime import resolve_runtime
+
+    runtime = resolve_runtime(device)
+    pre = loaded.preprocess
+    images = torch.randint(0, 256, (batch, 3, pre.size, pre.size), dtype=torch.uint8, device=device)
+    x = pre.model_input(images)
 
     def forward():
-        with torch.no_grad(), _runtime_autocast(preprocess.precision, device.type):
-            return model.apply(params, state, x, train=False)[0]
+        with torch.no_grad(), runtime.autocast():
+            return loaded.model.apply(loaded.params, loaded.state, x, train=False)[0]
 
     return median_ms(forward, device, warmup=2, iters=iters)
 
 
-def predict_labels(model, params, state, preprocess, device: torch.device, images_u8: torch.Tensor) -> torch.Tensor:
+def predict_labels(loaded, device: torch.device, images_u8: torch.Tensor) -> torch.Tensor:
     """Label maps int64 [N, S, S] for uint8 [N, 3, S, S] through the library's ``Predictor``."""
     from functional_seg.predict import Predictor
+    from functional_seg.runtime import resolve_runtime
 
-    predictor = Predictor(model, params, state, preprocess, device=device, batch_size=len(images_u8))
+    predictor = Predictor.from_checkpoint(loaded, resolve_runtime(device), batch_size=len(images_u8))
     logits = predictor.logits([im.permute(1, 2, 0).numpy() for im in images_u8])
     return torch.stack([one.argmax(dim=0) for one in logits])
 
 
-def _val_choices(best: dict, k: int | None) -> list[dict]:
-    """Per member, the weights ("params" or, with EMA, "ema") with the higher validation mean IoU
-    at the selected epoch: ``[{"weights", "val_mean_iou", "val_mean_iou_params", ...}, ...]``."""
-    def of(key: str, i: int):
-        v = best.get(key)
-        v = v[i] if isinstance(v, list) else v
-        return v.get("mean_iou") if v else None
-
-    out = []
-    for i in range(k or 1):
-        scores = {w: of(key, i) for w, key in (("params", "val"), ("ema", "val_ema")) if of(key, i) is not None}
-        weights = max(scores, key=scores.get) if scores else "params"
-        out.append({"member": i if k else None, "weights": weights, "val_mean_iou": scores.get(weights),
-                    **{f"val_mean_iou_{w}": v for w, v in scores.items()},
-                    "hparams": {n: v[i] for n, v in (best.get("hparams") or {}).items()}})
-    return out
-
-
-def run_config(label: str, model, config, splits: Splits, args: argparse.Namespace, stem: str, *,
+def run_config(label: str, model, config, splits, args: argparse.Namespace, stem: str, *,
                latency: bool = False, best_member: bool = False, n_show: int = 4) -> dict:
-    """Train ``model`` with ``fit(config)``, then score the selected checkpoint once on the test split.
-
-    Selection uses the validation split only: the checkpoint is ``best.safetensors`` (best
-    validation mean IoU of the raw params; an ensemble's members are selected together on their
-    mean), or ``last.safetensors`` without validation; with ``config.ema`` the raw or the EMA
-    weights, whichever scored higher on validation at that epoch; with ``best_member`` only the
-    ensemble member with the best validation score. The choice is read back with
-    ``predict.load_for_inference`` and evaluated with ``train.evaluate``: the figures are what
-    ``fseg eval --checkpoint <it> --split test [--member i] [--weights ema]`` prints.
+    """Train ``model`` with ``fit(config)`` on ``splits``; ``fit`` scores the test split once with the
+    selected checkpoint (``best.safetensors``, selected on validation only) and its validated weights.
 
     Returns:
-        For one model (or ``best_member``), its row: test metrics (``metrics_row``),
-        ``val_mean_iou`` (at the selected epoch), ``best_epoch``, ``weights``, ``train_s`` (sum of
-        the epochs' training time from ``metrics.jsonl``, evaluation excluded), ``first_epoch_s``,
-        ``checkpoint``, ``history`` (per-epoch curve) and ``_preds`` (labels of the first test
-        images, for the figure); ``validation`` lists every member's validation choice.
-        For an ensemble otherwise, ``{"members": [row, ...], "train_s": ..., ...}``.
+        For one model (or ``best_member``: the member that validated best), its row: test metrics
+        (``metrics_row``), ``best_epoch``, ``weights``, ``train_s`` (sum of the epochs' training time
+        from ``metrics.jsonl``, evaluation excluded), ``first_epoch_s``, ``checkpoint``, ``history``
+        (per-epoch curve) and ``_preds`` (labels of the first test images, for the figure). For an
+        ensemble otherwise, ``{"members": [row, ...], "train_s": ..., ...}``.
     """
-    from functional_seg.data import Loader
-    from functional_seg.predict import load_for_inference
-    from functional_seg.train import evaluate, fit
+    from functional_seg.models import load_checkpoint
+    from functional_seg.train import fit
 
     run_dir = _fresh_run_dir(args.runs / stem / label)
     record = {"experiment": stem, "variant": label, "command": command_line()}
-    result = fit(model, splits.train, splits.val, config, out_dir=run_dir, hooks=[_EpochLines(label)], args=record)
-    history = result["history"]
-    chosen = result["best_checkpoint"] or result["checkpoint"]
-    best = next((r for r in history if r["epoch"] == result.get("best_epoch")), history[-1] if history else {})
-    choices = _val_choices(best, config.members)
-    if best_member:
-        choices = [max(choices, key=lambda c: -math.inf if c["val_mean_iou"] is None else c["val_mean_iou"])]
-    device = torch.device(config.device)
-    loader = Loader(splits.test, config.batch_size, device=device, shuffle=False, drop_last=False)
-    train_times = [r.get("train_time_s") or 0.0 for r in history]
+    result = fit(model, splits, config, out_dir=run_dir, hooks=[_EpochLines(label)], args=record)
+    chosen, test = result.selected_checkpoint, result.test
+    train_times = [r.get("train_time_s") or 0.0 for r in result.history]
     shared = {"train_s": sum(train_times), "first_epoch_s": train_times[0] if train_times else None,
-              "best_epoch": result.get("best_epoch"), "checkpoint": _shown(chosen), "steps": result["step"]}
+              "best_epoch": result.best_epoch, "val_mean_iou": result.best_mean_iou, "checkpoint": _shown(chosen),
+              "steps": result.step}
+    device = torch.device(config.device) if config.device != "auto" else result.train_state.step.device
+    members = [None] if not config.members else (
+        [load_checkpoint(chosen, member="auto").member] if best_member else list(range(config.members)))
     rows = []
-    for choice in choices:
-        m_model, params, state, pre, _ = load_for_inference(chosen, device=device, weights=choice["weights"],
-                                                            member=choice["member"])
-        row = metrics_row(evaluate(m_model, params, state, loader, preprocess=pre), pre.class_names)
-        row.update(choice, **shared, history=_curve(history, choice["member"]))
-        row["_preds"] = predict_labels(m_model, params, state, pre, device, splits.test.images[:n_show])
+    for i in members:
+        loaded = load_checkpoint(chosen, device=device, member=0 if i is None else i)
+        summary = test["summary"] if i is None else test["summary"][i]
+        row = metrics_row(summary, loaded.preprocess.class_names)
+        row.update(shared, member=i, weights=loaded.weights[0], history=_curve(result.history, i))
+        row["_preds"] = predict_labels(loaded, device, splits.test.gather(range(n_show))[0])
         if latency and not rows:
-            row["latency_ms"] = inference_latency(m_model, params, state, pre, device,
-                                                  iters=10 if device.type == "cuda" else 3)
+            row["latency_ms"] = inference_latency(loaded, device, iters=10 if device.type == "cuda" else 3)
         rows.append(row)
-    if best_member:
-        return {**rows[0], "validation": _val_choices(best, config.members)}
-    return rows[0] if not config.members else {"members": rows, **shared}
+    return rows[0] if not config.members or best_member else {"members": rows, **shared}
 
 
 def model_cost(model, size: int) -> dict:
@@ -527,39 +203,3 @@ def model_cost(model, size: int) -> dict:
     totals = summarize(model, input_size=(size, size), batch_size=1).totals()
     return {"params": int(totals["total_params"]), "mult_adds": int(totals["total_mult_adds"]),
             "gmacs": int(totals["total_mult_adds"]) / 1e9}
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing (also used by benchmarks/)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, iters: int = 10) -> float:
-    """Median wall time of ``fn()`` in milliseconds, synchronising CUDA around each call."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """For ``benchmarks/bench_train_step.py``: ``runtime.autocast`` at the device's "auto" precision
-    (bf16 on CUDA, fp32 elsewhere), or fp32 when not ``enabled``."""
-    return _runtime_autocast(resolve_precision("auto", device) if enabled else "fp32", device.type)
-
-
-def reference_module(name: str, **cfg) -> torch.nn.Module:
-    """For ``benchmarks/bench_train_step.py``: the plain ``nn.Module`` twin of registry model ``name``."""
-    from benchmarks.reference_modules import build_reference
-    from functional_seg.models import create_model
-    return build_reference(name, create_model(name, **cfg).cfg)

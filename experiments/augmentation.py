@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 
 from . import _common as C
+from . import harness as H
 from .figures import write_figures
 
 EXPERIMENT = "augmentation"
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     p = C.experiment_parser(__doc__.split("\n")[0], epochs=20, size=128, batch_size=64)
     p.add_argument("--model", default="segnet", help="registry name (quick: tiny widths)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    return C.finish_args(p.parse_args(argv), quick_epochs=2, quick_batch=16)
+    return H.finish_args(p.parse_args(argv), quick_epochs=2, quick_batch=16)
 
 
 def augment_cfg(name: str):
@@ -73,35 +74,35 @@ def run_variant(name: str, args, splits, stem: str) -> dict:
     return res
 
 
-def render(args, prov, results: dict, splits) -> tuple[dict, str]:
+def render(args, prov, results: dict, data_note) -> tuple[dict, str]:
     rows = [{"variant": VARIANTS.get(n, n), **r} for n, r in results.items()]
-    md = C.md_header(
+    md = H.md_header(
         f"Augmentation ablation: {args.model} at {args.size}x{args.size}, {args.epochs} epochs", prov,
         notes=[
-            splits.note, C.PROTOCOL_NOTE,
+            data_note, C.PROTOCOL_NOTE,
             f"model cfg: {QUICK_CFG if args.quick else 'series defaults'}; batch {args.batch_size}; CE; Adam 1e-3 "
             f"+ StepLR(7, 0.7); same seed for every variant; run by `fit` (--compile {args.compile})",
             C.METRICS_NOTE,
             "final train loss is measured on augmented batches (harder augmentation, higher loss)",
         ],
     )
-    md += "\n" + C.md_table(rows, COLUMNS) + "\n"
-    return C.payload(EXPERIMENT, prov, args, results), md
+    md += "\n" + H.md_table(rows, COLUMNS) + "\n"
+    return H.payload(EXPERIMENT, prov, args, results), md
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    budget, prov, stem = C.start(args, EXPERIMENT, f", model {args.model}")
-    splits = C.experiment_splits(args)
+    budget, prov, stem = H.start(args, EXPERIMENT, f", model {args.model}")
+    splits, data_note = C.experiment_splits(args)
     results: dict[str, dict] = {}
-    for name in C.names(args.variants, VARIANTS):
-        results[name] = C.run_budgeted(name, lambda name=name: run_variant(name, args, splits, stem), budget)
-        C.write_results(args.out, stem, *render(args, prov, results, splits))
+    for name in H.names(args.variants, VARIANTS):
+        results[name] = H.run_budgeted(name, lambda name=name: run_variant(name, args, splits, stem), budget)
+        H.write_results(args.out, stem, *render(args, prov, results, data_note))
     if not args.no_figures:
         ok = {VARIANTS[n]: r for n, r in results.items() if r.get("status") == "ok"}
         write_figures(ok, ok, splits.test, args.out, stem, loss_label="train loss (augmented)",
                         title=f"augmentation, {args.model} {args.size}px, {prov['device_name']}")
-    print(C.md_table([{"variant": n, **r} for n, r in results.items()], COLUMNS), flush=True)
+    print(H.md_table([{"variant": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 
 from . import _common as C
+from . import harness as H
 from .figures import write_figures
 
 EXPERIMENT = "best_recipe"
@@ -49,7 +50,7 @@ COLUMNS = [
 def parse_args(argv=None):
     p = C.experiment_parser(__doc__.split("\n")[0], epochs=150, size=128, batch_size=32)
     p.add_argument("--recipes", default="series,best", help="comma-separated subset of series, best")
-    return C.finish_args(p.parse_args(argv), quick_epochs=15, quick_batch=16, quick_train=None, quick_test=None)
+    return H.finish_args(p.parse_args(argv), quick_epochs=15, quick_batch=16, quick_train=None, quick_test=None)
 
 
 def series_config(args, plan: dict):
@@ -87,7 +88,7 @@ def run_recipe(name: str, args, splits, stem: str, plan: dict) -> dict:
     return {**res, "model": registry, "cfg": cfg, "config": config, "epochs": config.epochs}
 
 
-def render(args, prov, results: dict, splits, plan: dict) -> tuple[dict, str]:
+def render(args, prov, results: dict, data_note, plan: dict) -> tuple[dict, str]:
     labels = {"series": "series (Part 2)", "best": "best (this toolkit)"}
     rows = [{"recipe": labels.get(n, n), **r} for n, r in results.items()]
     best = results.get("best", {})
@@ -95,10 +96,10 @@ def render(args, prov, results: dict, splits, plan: dict) -> tuple[dict, str]:
     verdict = (f"target test mean IoU >= {TARGET}: **{'reached' if reached else 'not reached'}**"
                + ("" if reached or not args.quick else
                   " (a `--quick` CPU run: small U-Net, 64 px, few epochs; the target is for the full mode on a GPU)"))
-    md = C.md_header(
+    md = H.md_header(
         f"Best recipe vs the series' recipe at {args.size}x{args.size}", prov,
         notes=[
-            splits.note, C.PROTOCOL_NOTE,
+            data_note, C.PROTOCOL_NOTE,
             f"series: {plan['series_model'][0]} {plan['series_model'][1] or '(series size)'}, "
             f"{plan['series_epochs']} epochs, batch {plan['series_batch']}, CE, flip + contrast 0.3, Adam 1e-3 + "
             "StepLR(7, 0.7)",
@@ -109,29 +110,29 @@ def render(args, prov, results: dict, splits, plan: dict) -> tuple[dict, str]:
             C.METRICS_NOTE, verdict,
         ],
     )
-    md += "\n" + C.md_table(rows, COLUMNS) + "\n"
+    md += "\n" + H.md_table(rows, COLUMNS) + "\n"
     if best.get("validation"):
         md += "\n## best: every sweep member on the validation split (selection only; not tested)\n\n"
         vrows = [{"lr": v["hparams"].get("lr"), **v} for v in best["validation"]]
-        md += C.md_table(vrows, [("lr", "lr"), ("val_mean_iou_params", "val mIoU (raw)"),
+        md += H.md_table(vrows, [("lr", "lr"), ("val_mean_iou_params", "val mIoU (raw)"),
                                  ("val_mean_iou_ema", "val mIoU (EMA)"), ("weights", "better")]) + "\n"
-    return C.payload(EXPERIMENT, prov, args, results, target=TARGET, reached=reached), md
+    return H.payload(EXPERIMENT, prov, args, results, target=TARGET, reached=reached), md
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
-    budget, prov, stem = C.start(args, EXPERIMENT)
-    splits = C.experiment_splits(args)
+    budget, prov, stem = H.start(args, EXPERIMENT)
+    splits, data_note = C.experiment_splits(args)
     results: dict[str, dict] = {}
-    for name in C.names(args.recipes, ("series", "best")):
-        results[name] = C.run_budgeted(name, lambda name=name: run_recipe(name, args, splits, stem, plan), budget)
-        C.write_results(args.out, stem, *render(args, prov, results, splits, plan))
+    for name in H.names(args.recipes, ("series", "best")):
+        results[name] = H.run_budgeted(name, lambda name=name: run_recipe(name, args, splits, stem, plan), budget)
+        H.write_results(args.out, stem, *render(args, prov, results, data_note, plan))
     if not args.no_figures:
         ok = {n: r for n, r in results.items() if r.get("status") == "ok"}
         write_figures(ok, ok, splits.test, args.out, stem, loss_label="train loss (own scale)",
                         title=f"best recipe vs series, {args.size}px, {prov['device_name']}")
-    print(C.md_table([{"recipe": n, **r} for n, r in results.items()], COLUMNS), flush=True)
+    print(H.md_table([{"recipe": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from functional_seg.core.files import write_atomic
+from functional_seg.render import colour_labels
 
-from ._common import guarded
+from .harness import guarded
 
 
 def _pyplot():
@@ -50,11 +51,9 @@ def plot_curves(histories: dict[str, list[dict]], keys: Sequence[tuple[str, str]
     return _save_fig(fig, plt, path)
 
 
-_PALETTE = torch.tensor([[230, 80, 60], [40, 40, 40], [250, 220, 80], [255, 255, 255]], dtype=torch.uint8)
-
-
 def _colour(mask: torch.Tensor) -> torch.Tensor:
-    return _PALETTE[mask.to(torch.int64).clamp(0, 3)]  # [H, W, 3]
+    """Labels [H, W] -> uint8 [H, W, 3] in the library's one palette (``render.colour_labels``)."""
+    return torch.from_numpy(colour_labels(mask.numpy()))
 
 
 def plot_predictions(images: torch.Tensor, masks: torch.Tensor, preds: dict[str, torch.Tensor], path: Path,
@@ -78,7 +77,7 @@ def plot_predictions(images: torch.Tensor, masks: torch.Tensor, preds: dict[str,
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(cols[j], fontsize=7)
-    fig.suptitle(title + "  (red pet, dark background, yellow border)", fontsize=8)
+    fig.suptitle(title + "  (orange pet, dark background, white border, cream ignored)", fontsize=8)
     fig.tight_layout()
     return _save_fig(fig, plt, path)
 
@@ -102,5 +101,5 @@ def write_figures(curves: dict[str, dict], predictions: dict[str, dict], test, o
         [("train_loss", loss_label), ("val_pixel_accuracy", "val pixel accuracy"), ("val_mean_iou", "val mean IoU")],
         out / f"{stem}_curves.png", title)})
     guarded("predictions", lambda: {"path": plot_predictions(
-        test.images[:4], test.masks[:4], {n: r["_preds"] for n, r in predictions.items()},
+        *test.gather(range(4)), {n: r["_preds"] for n, r in predictions.items()},
         out / f"{stem}_predictions.png", "test images (clean)")})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 
 from . import _common as C
+from . import harness as H
 from .figures import write_figures
 
 EXPERIMENT = "loss_comparison"
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of " + ", ".join(LOSSES))
     p.add_argument("--sweep", default=",".join(map(str, SWEEP_WEIGHTS)),
                    help="dice weights of the vmapped CE + w * Dice sweep ('' to skip)")
-    return C.finish_args(p.parse_args(argv), quick_epochs=2, quick_batch=16)
+    return H.finish_args(p.parse_args(argv), quick_epochs=2, quick_batch=16)
 
 
 def make_model(args):
@@ -75,19 +76,19 @@ def run_sweep(weights: list[float], args, splits, stem: str) -> dict:
     return C.run_config("sweep", make_model(args), cfg, splits, args, stem)
 
 
-def render(args, prov, results: dict, sweep: dict | None, weights, splits) -> tuple[dict, str]:
+def render(args, prov, results: dict, sweep: dict | None, weights, data_note) -> tuple[dict, str]:
     ranked = sorted(results, key=lambda n: list(LOSSES).index(n) if n in LOSSES else len(LOSSES))
     rows = [{"loss": LOSSES.get(n, n), **results[n]} for n in ranked]
-    md = C.md_header(
+    md = H.md_header(
         f"Loss comparison: {args.model} at {args.size}x{args.size}, {args.epochs} epochs", prov,
         notes=[
-            splits.note, C.PROTOCOL_NOTE,
+            data_note, C.PROTOCOL_NOTE,
             f"model cfg: {QUICK_CFG if args.quick else 'series defaults'}; batch {args.batch_size}; flip + contrast "
             f"jitter; Adam 1e-3 + StepLR(7, 0.7); same seed for every run; run by `fit` (--compile {args.compile})",
             C.METRICS_NOTE,
         ],
     )
-    md += "\n" + C.md_table(rows, COLUMNS) + "\n"
+    md += "\n" + H.md_table(rows, COLUMNS) + "\n"
     if sweep is not None:
         md += (f"\n## vmapped sweep: CE + w * Dice, K = {len(weights)} members in one step "
                "(`sweep={\"loss_weight\": ...}`)\n\n")
@@ -100,37 +101,37 @@ def render(args, prov, results: dict, sweep: dict | None, weights, splits) -> tu
                 ref = results.get(twin, {}) if twin else {}
                 delta = (m["mean_iou"] - ref["mean_iou"]) if ref.get("mean_iou") is not None else None
                 srows.append({"loss": f"w = {w}", **m, "delta": delta})
-            md += C.md_table(srows, COLUMNS[:-1] + [("delta", "test mIoU - single run")]) + "\n"
+            md += H.md_table(srows, COLUMNS[:-1] + [("delta", "test mIoU - single run")]) + "\n"
             singles = sum(r.get("train_s", 0) for n, r in results.items() if n in ("ce", "ce_dice"))
             md += (f"\nsweep train time {sweep['train_s']:.1f} s for {len(weights)} members "
                    f"({sweep['train_s'] / len(weights):.1f} s per member; the single CE and CE + Dice runs "
                    f"took {singles:.1f} s together). The members' inits differ from the single runs' (fit "
                    "splits the init key K ways), so the delta column is init spread, not an error.\n")
-    return C.payload(EXPERIMENT, prov, args, results, sweep=C.strip_private(sweep), sweep_weights=weights), md
+    return H.payload(EXPERIMENT, prov, args, results, sweep=H.strip_private(sweep), sweep_weights=weights), md
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    budget, prov, stem = C.start(args, EXPERIMENT, f", model {args.model}")
-    splits = C.experiment_splits(args)
+    budget, prov, stem = H.start(args, EXPERIMENT, f", model {args.model}")
+    splits, data_note = C.experiment_splits(args)
     weights = [float(w) for w in args.sweep.split(",") if w.strip()]
     results: dict[str, dict] = {}
     sweep = None
 
     def save():
-        C.write_results(args.out, stem, *render(args, prov, results, sweep, weights, splits))
+        H.write_results(args.out, stem, *render(args, prov, results, sweep, weights, data_note))
 
-    chosen = C.names(args.losses, LOSSES)
+    chosen = H.names(args.losses, LOSSES)
     # CE and CE + Dice first, then the sweep (its members w = 0 and 1 repeat them), then the rest:
     # under a time budget the sweep is not the part that gets skipped.
     first = [n for n in chosen if n in ("ce", "ce_dice")]
     for name in first + ["<sweep>"] + [n for n in chosen if n not in first]:
         if name == "<sweep>":
             if weights:
-                sweep = C.run_budgeted("sweep", lambda: run_sweep(weights, args, splits, stem), budget)
+                sweep = H.run_budgeted("sweep", lambda: run_sweep(weights, args, splits, stem), budget)
                 save()
             continue
-        results[name] = C.run_budgeted(name, lambda name=name: run_loss(name, args, splits, stem), budget)
+        results[name] = H.run_budgeted(name, lambda name=name: run_loss(name, args, splits, stem), budget)
         save()
     if not args.no_figures:
         ok = {LOSSES.get(n, n): r for n, r in results.items() if r.get("status") == "ok"}
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         single_runs = {n: r for n, r in ok.items() if not n.startswith("sweep")}
         write_figures(ok, single_runs, splits.test, args.out, stem, loss_label="train loss (own scale)",
                         title=f"losses, {args.model} {args.size}px, {prov['device_name']}")
-    print(C.md_table([{"loss": n, **r} for n, r in results.items()], COLUMNS), flush=True)
+    print(H.md_table([{"loss": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 
 from . import _common as C
+from . import harness as H
 from .figures import write_figures
 
 EXPERIMENT = "series_models"
@@ -59,7 +60,7 @@ COLUMNS = [
 def parse_args(argv=None):
     p = C.experiment_parser(__doc__.split("\n")[0], epochs=20, size=128, batch_size=64)
     p.add_argument("--models", default=",".join(FULL), help="comma-separated subset of " + ", ".join(FULL))
-    return C.finish_args(p.parse_args(argv), quick_epochs=2, quick_batch=16)
+    return H.finish_args(p.parse_args(argv), quick_epochs=2, quick_batch=16)
 
 
 def config(name: str, args):
@@ -84,12 +85,12 @@ def run_one(name: str, args, splits, stem: str) -> dict:
     return {**res, **cost, "cfg": cfg, "optimizer": fit_cfg.optimizer}
 
 
-def render(args, prov, results: dict, splits) -> tuple[dict, str]:
+def render(args, prov, results: dict, data_note) -> tuple[dict, str]:
     rows = [{"model": name, **r} for name, r in results.items()]
-    md = C.md_header(
+    md = H.md_header(
         f"Series models at {args.size}x{args.size}, {args.epochs} epochs", prov,
         notes=[
-            splits.note, C.PROTOCOL_NOTE,
+            data_note, C.PROTOCOL_NOTE,
             f"recipe: batch {args.batch_size}, CE, flip + contrast jitter 0.3 in the step, Adam + StepLR "
             "(CNNs 1e-3 / 7 / 0.7; ViT, SegFormer 4e-4 / 12 / 0.8); `fit` resolves device, precision, layout "
             f"and compile (--compile {args.compile}); train s = the epochs' training time from metrics.jsonl",
@@ -98,23 +99,23 @@ def render(args, prov, results: dict, splits) -> tuple[dict, str]:
             else "models at the library's defaults (the series' sizes; SegFormer MiT-B0, U-Net base 64)",
         ],
     )
-    md += "\n" + C.md_table(rows, COLUMNS) + "\n"
-    return C.payload(EXPERIMENT, prov, args, results), md
+    md += "\n" + H.md_table(rows, COLUMNS) + "\n"
+    return H.payload(EXPERIMENT, prov, args, results), md
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    budget, prov, stem = C.start(args, EXPERIMENT)
-    splits = C.experiment_splits(args)
+    budget, prov, stem = H.start(args, EXPERIMENT)
+    splits, data_note = C.experiment_splits(args)
     results: dict[str, dict] = {}
-    for name in C.names(args.models, FULL):
-        results[name] = C.run_budgeted(name, lambda name=name: run_one(name, args, splits, stem), budget)
-        C.write_results(args.out, stem, *render(args, prov, results, splits))
+    for name in H.names(args.models, FULL):
+        results[name] = H.run_budgeted(name, lambda name=name: run_one(name, args, splits, stem), budget)
+        H.write_results(args.out, stem, *render(args, prov, results, data_note))
     if not args.no_figures:
         ok = {n: r for n, r in results.items() if r.get("status") == "ok"}
         write_figures(ok, ok, splits.test, args.out, stem, loss_label="train loss (CE)",
                         title=f"series models, {args.size}px, {prov['device_name']}")
-    print(C.md_table([{"model": n, **r} for n, r in results.items()], COLUMNS), flush=True)
+    print(H.md_table([{"model": n, **r} for n, r in results.items()], COLUMNS), flush=True)
     return 0
 
 

@@ -32,7 +32,7 @@ import torch
 
 from .core.files import user_cache_dir, write_atomic
 
-__all__ = ["use_user_cache_dir", "save_artifacts", "load_artifacts", "SaveArtifacts",
+__all__ = ["use_user_cache_dir", "save_artifacts", "load_artifacts", "SaveArtifacts", "compile_cache_hooks",
            "CompileCacheError"]
 
 log = logging.getLogger(__name__)
@@ -138,3 +138,22 @@ class SaveArtifacts:
             return
         if n:
             log.info("compile cache: %.1f MB of compiled code written to %s", n / 2**20, self.path)
+
+
+def compile_cache_hooks(path: str | os.PathLike | None, compiles: bool) -> list:
+    """``fseg train --compile-cache FILE``: preload FILE now (before anything compiles) and return the
+    hook that writes this run's compiled code to it after the first epoch; a warning and no hook
+    when the run does not compile.
+
+    Raises:
+        CompileCacheError: FILE exists but cannot be read as this torch's compile artifacts.
+    """
+    if not path:
+        return []
+    if not compiles:
+        warnings.warn(f"--compile-cache {path} is unused: this run does not compile (--compile off, or auto on "
+                      "the CPU)", RuntimeWarning, stacklevel=2)
+        return []
+    if load_artifacts(path):
+        log.warning("compile cache: preloaded %s", path)
+    return [SaveArtifacts(path)]

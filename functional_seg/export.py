@@ -236,10 +236,10 @@ def export_model(model, params: dict, state: dict, preprocess: Preprocess, out: 
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, format: str,
-                      weights: str = "params", member: int | None = None) -> ExportResult:
-    """Load a checkpoint (one member of an ensemble) and export it; see :func:`export_model`."""
-    from .predict import load_for_inference
+                      weights: str = "auto", member: int | str = "auto") -> ExportResult:
+    """Load one model of a checkpoint (``models.load_checkpoint``: by default the weights and the
+    ensemble member that validated best) and export it; see :func:`export_model`."""
+    from .models.saved import load_checkpoint
 
-    model, params, state, preprocess, _ = load_for_inference(checkpoint, device="cpu", weights=weights,
-                                                             member=member)
-    return export_model(model, params, state, preprocess, out, format=format)
+    loaded = load_checkpoint(checkpoint, device="cpu", weights=weights, member=member)
+    return export_model(loaded.model, loaded.params, loaded.state, loaded.preprocess, out, format=format)

@@ -484,13 +484,15 @@ def _floats(x: Tensor) -> float | list[float]:
     return x.detach().to("cpu", torch.float64).tolist()
 
 
-def summarize(cm: Tensor, class_names: Sequence[str] | None = None) -> dict[str, float | list[float]]:
+def summarize(cm: Tensor, class_names: Sequence[str] | None = None, *, series: bool = False
+              ) -> dict[str, float | list[float]]:
     """Every metric of a confusion matrix as plain Python floats (for logs and JSON).
 
     Keys: ``pixel_accuracy``, ``mean_iou`` (macro over present classes), ``weighted_iou``,
     ``micro_iou``, ``iou`` (per class), ``dice`` (per class), ``mean_dice``, ``precision`` and
     ``recall`` (per class), ``mean_precision``, ``mean_recall``, ``series_iou`` (class 1
-    ignored; only when C >= 2), and ``imagewise_mean_iou`` when ``cm`` is per image
+    ignored; only with ``series=True``: the article series' figure, which means something for the
+    Oxford trimaps only, where class 1 is the background), and ``imagewise_mean_iou`` when ``cm`` is per image
     [N, C, C] (the other figures then use the summed matrix). With ``class_names``, each
     per-class value is also given flat as ``"iou/<name>"``, ``"dice/<name>"``, ... for loggers
     that want scalars. Undefined values are ``nan`` (see the module docstring).
@@ -522,7 +524,7 @@ def summarize(cm: Tensor, class_names: Sequence[str] | None = None) -> dict[str,
         "mean_precision": _floats(precision(total, average="macro")),
         "mean_recall": _floats(recall(total, average="macro")),
     }
-    if c >= 2:
+    if series and c >= 2:
         out["series_iou"] = _floats(series_iou(total))
     if cm.ndim == 3:
         out["imagewise_mean_iou"] = _floats(imagewise_mean_iou(cm))
@@ -543,6 +545,7 @@ _SCALARS = {
     "micro_iou": "micro IoU",
     "series_iou": "series IoU (class 1 ignored)",
     "imagewise_mean_iou": "imagewise mean IoU",
+    "series_custom_iou": "series custom IoU",
 }
 
 

@@ -23,10 +23,9 @@ each, and reports failures per file instead of stopping at the first.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,85 +37,23 @@ import torch.nn.functional as F
 from .core.files import write_atomic
 from .core.tree import tree_map
 from .data.preprocess import Preprocess
-from .runtime import autocast, resolve_channels_last, resolve_device, resolve_precision
+from .data.sample import fit_image
+from .render import mask_image, overlay_image, png_bytes
+from .runtime import Runtime, resolve_runtime
 
-__all__ = ["IMAGE_SUFFIXES", "preprocess_of", "load_for_inference", "Predictor", "PredictResult",
-           "palette", "mask_image", "overlay_image", "output_names", "expand_inputs", "predict_files"]
+__all__ = ["IMAGE_SUFFIXES", "Predictor", "PredictResult", "output_names", "expand_inputs", "predict_files"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TTA_MODES = ("none", "flip")
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoint -> model, weights and preprocessing
-
-
-def preprocess_of(meta: Mapping[str, Any]) -> Preprocess:
-    """The checkpoint's :class:`Preprocess` (``meta["preprocess"]``), or, for files that predate
-    it, one at the training size ``meta["args"]["size"]`` with the default normalisation."""
-    if meta.get("preprocess"):
-        return Preprocess.from_dict(meta["preprocess"])
-    size = (meta.get("args") or {}).get("size")
-    return Preprocess(size=int(size) if size else None)
-
-
-def _load_model(path, *, device, weights: str):
-    try:
-        from .models.saved import load_model
-    except ImportError:  # before the loader moved next to the models
-        from .checkpoint import load_model
-    kwargs = {"weights": weights} if weights == "ema" else {}  # older loaders know only params
-    return load_model(path, device=device, **kwargs)
-
-
-def load_for_inference(checkpoint: str | os.PathLike, *, device: torch.device | str = "cpu",
-                       weights: str = "params", member: int | None = None):
-    """Load one model from a checkpoint: ``(model, params, state, preprocess, meta)``.
-
-    Args:
-        weights: "params" or "ema".
-        member: which member of an ensemble checkpoint (default 0); must be None or 0 otherwise.
-    Raises:
-        ValueError: ``member`` out of range (the message says how many members there are).
-    """
-    model, params, state, meta = _load_model(checkpoint, device=device, weights=weights)
-    k = int(meta.get("ensemble") or 0)
-    if k:
-        i = member or 0
-        if not 0 <= i < k:
-            raise ValueError(f"--member {member} out of range: {checkpoint} holds {k} members (0..{k - 1})")
-        params, state = tree_map(lambda t: t[i], params), tree_map(lambda t: t[i], state)
-    elif member not in (None, 0):
-        raise ValueError(f"--member {member}: {checkpoint} holds a single model, not an ensemble")
-    preprocess = preprocess_of(meta)
-    if preprocess.num_classes != model.num_classes:  # class names the run did not record: number them
-        names = tuple(f"class {i}" for i in range(model.num_classes))
-        preprocess = dataclasses.replace(preprocess, class_names=names)
-    return model, params, state, preprocess, meta
-
-
-# ----------------------------------------------------------------------------------------------
-# Fitting an image to the training square, as data preparation did
-
-
 def _fit(image: np.ndarray, size: int, policy: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """uint8 [H, W, 3] -> (uint8 [S, S, 3], (x0, y0, w, h) of the image inside it).
-
-    The same arithmetic as ``data.oxford_pets._resize_pair`` (PIL bilinear, which antialiases on
-    downscale; "pad" fits the long side and centres the image on black).
-    """
+    """uint8 [H, W, 3] -> (uint8 [S, S, 3], (x0, y0, w, h) of the image inside it), as training data
+    was fitted (``data.sample.fit_image``)."""
     from PIL import Image
 
-    img = Image.fromarray(image)
-    if policy == "resize":
-        return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR)), (0, 0, size, size)
-    w, h = img.size
-    scale = size / max(w, h)
-    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
-    x0, y0 = (size - nw) // 2, (size - nh) // 2
-    canvas.paste(img.resize((nw, nh), Image.Resampling.BILINEAR), (x0, y0))
-    return np.asarray(canvas), (x0, y0, nw, nh)
+    fitted, box = fit_image(Image.fromarray(image), size, policy)
+    return np.asarray(fitted), box
 
 
 def _window_1d(n: int) -> torch.Tensor:
@@ -144,24 +81,29 @@ class Predictor:
         tile_overlap: fraction of T that neighbouring windows share, in [0, 1).
         tta: "none" or "flip".
         batch_size: images (whole mode) or windows (tiled mode) per forward pass.
-        precision: "auto", "fp32" or "bf16" (resolved against the device).
+        runtime: device, precision and layout (``runtime.resolve_runtime()``'s "auto" if None).
     """
 
     model: Any
     params: dict
     state: dict
     preprocess: Preprocess
-    device: torch.device | str = "cpu"
+    runtime: Runtime | None = None
     tile: int | None = None
     tile_overlap: float = 0.25
     tta: str = "none"
     batch_size: int = 8
-    precision: str = "auto"
+
+    @classmethod
+    def from_checkpoint(cls, loaded, runtime: Runtime | None = None, **kwargs) -> Predictor:
+        """From ``models.load_checkpoint(...)``'s result (one member)."""
+        return cls(loaded.model, loaded.params, loaded.state, loaded.preprocess, runtime, **kwargs)
 
     def __post_init__(self):
-        self.device = resolve_device(self.device)
-        self.precision = resolve_precision(self.precision, self.device)
-        self.channels_last = resolve_channels_last(None, self.device)
+        self.runtime = self.runtime or resolve_runtime()
+        self.device = self.runtime.device
+        self.precision = self.runtime.precision
+        self.channels_last = self.runtime.channels_last
         if self.tta not in TTA_MODES:
             raise ValueError(f"unknown tta {self.tta!r}; expected one of {', '.join(TTA_MODES)}")
         if not 0.0 <= self.tile_overlap < 1.0:
@@ -185,7 +127,7 @@ class Predictor:
         """Normalised float [N, 3, h, w] -> float32 logits [N, C, h, w] (flip TTA included)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), autocast(self.precision, self.device.type):
+        with torch.no_grad(), self.runtime.autocast():
             logits, _ = self.model.apply(self.params, self.state, x, train=False)
             if self.tta == "flip":
                 flipped, _ = self.model.apply(self.params, self.state, x.flip(-1), train=False)
@@ -247,74 +189,6 @@ def _resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Pictures: palette mask and overlay with a legend
-
-# pet, background, border first (the Oxford pets labels), then well-separated colours.
-_BASE_COLOURS = ((255, 140, 0), (40, 40, 40), (255, 255, 255), (31, 119, 180), (44, 160, 44), (214, 39, 40),
-                 (148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207),
-                 (127, 127, 127))
-IGNORE_COLOUR = (224, 224, 192)  # as VOC draws its 255 "void" label
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """uint8 [256, 3]: class i's colour at row i (VOC's bit pattern beyond the base colours), 255 ignored."""
-    table = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        if i < len(_BASE_COLOURS):
-            table[i] = _BASE_COLOURS[i]
-            continue
-        r = g = b = 0
-        c = i
-        for j in range(8):  # the PASCAL VOC colour map
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        table[i] = (r, g, b)
-    table[255] = IGNORE_COLOUR
-    return table
-
-
-def mask_image(mask: np.ndarray, num_classes: int):
-    """uint8 [H, W] class indices -> PIL "P" image whose pixel values are the indices."""
-    from PIL import Image
-
-    img = Image.fromarray(mask.astype(np.uint8), mode="P")
-    img.putpalette(palette(num_classes).reshape(-1).tolist())
-    return img
-
-
-def overlay_image(image: np.ndarray, mask: np.ndarray, class_names: Sequence[str], fractions: Sequence[float],
-                  *, alpha: float = 0.45):
-    """The image with the mask's colours blended in, above a legend of colour, class name and share."""
-    from PIL import Image, ImageDraw
-
-    colours = palette(len(class_names))
-    blended = ((1 - alpha) * image + alpha * colours[mask]).astype(np.uint8)
-    h, w = blended.shape[:2]
-    row, pad = 14, 4
-    labels = [f"{name} {frac:.1%}" for name, frac in zip(class_names, fractions)]
-    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max(int(draw_probe.textlength(t)) for t in labels)
-    width = max(w, pad * 3 + row + text_w)
-    canvas = Image.new("RGB", (width, h + pad * 2 + row * len(labels)), (255, 255, 255))
-    canvas.paste(Image.fromarray(blended), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, text in enumerate(labels):
-        top = h + pad + i * row
-        draw.rectangle([pad, top + 1, pad + row - 3, top + row - 2], fill=tuple(int(c) for c in colours[i]),
-                       outline=(0, 0, 0))
-        draw.text((pad * 2 + row, top), text, fill=(0, 0, 0))
-    return canvas
-
-
-def _png_bytes(img) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,12 +284,12 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
             counts = np.bincount(mask.reshape(-1), minlength=predictor.model.num_classes)
             fractions = tuple(float(c) / mask.size for c in counts)
             mask_path = out_dir / f"{name}_mask.png"
-            write_atomic(mask_path, _png_bytes(mask_image(mask, predictor.model.num_classes)))
+            write_atomic(mask_path, png_bytes(mask_image(mask, predictor.model.num_classes)))
             overlay_path = None
             if overlay:
                 overlay_path = out_dir / f"{name}_overlay.png"
                 img = overlay_image(image, mask, predictor.class_names, fractions)
-                write_atomic(overlay_path, _png_bytes(img))
+                write_atomic(overlay_path, png_bytes(img))
             report(PredictResult(path=path, mask_path=mask_path, overlay_path=overlay_path, size=mask.shape,
                                  fractions=fractions))
     return results

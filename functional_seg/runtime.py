@@ -22,13 +22,15 @@ import ctypes.util
 import os
 import platform
 import sys
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "resolve_channels_last", "resolve_compile",
-           "autocast", "reuse_freed_cpu_memory"]
+from .options import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16")
+__all__ = ["PRECISIONS", "Runtime", "resolve_runtime", "resolve_device", "resolve_precision", "resolve_channels_last",
+           "resolve_compile",
+           "autocast", "reuse_freed_cpu_memory"]
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -61,6 +63,35 @@ def resolve_compile(compile: bool | str, device: torch.device | str) -> bool:
     if compile == "auto":
         return torch.device(device).type == "cuda"
     return bool(compile)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a computation runs, every "auto" resolved: what ``fit``, ``fseg eval``,
+    ``predict`` and the benchmarks run under."""
+
+    device: torch.device
+    precision: str
+    channels_last: bool
+    compile: bool
+
+    def autocast(self):
+        return autocast(self.precision, self.device.type)
+
+
+def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto", compile: bool | str = "auto",
+                    channels_last: bool | None = None) -> Runtime:
+    """Resolve every setting as the module docstring says; on the CPU, also keep freed memory in the
+    process for the next step (:func:`reuse_freed_cpu_memory`).
+
+    Raises:
+        ValueError: an unknown device or precision, or CUDA asked for where there is none.
+    """
+    resolved = resolve_device(device)
+    if resolved.type == "cpu":
+        reuse_freed_cpu_memory()
+    return Runtime(resolved, resolve_precision(precision, resolved), resolve_channels_last(channels_last, resolved),
+                   resolve_compile(compile, resolved))
 
 
 def autocast(precision: str, device_type: str):

@@ -23,7 +23,7 @@ from functional_seg.data import (
     normalize,
     to_float,
 )
-from functional_seg.data.augment import _adjust_hue, _blend, _gray, _gray_mean, hsv_to_rgb, rgb_to_hsv
+from functional_seg.data.augmentation import _adjust_hue, _blend, _gray, _gray_mean, hsv_to_rgb, rgb_to_hsv
 
 PROPERTY = settings(max_examples=25, deadline=None)
 

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from functional_seg import checkpoint as ckpt
 from functional_seg.checkpoint import CheckpointError
 from functional_seg.core import random as jr
-from functional_seg.core.tree import flatten_with_names, tree_leaves, tree_structure
-from functional_seg.models import check_model, create_model, load_model, model_metadata
+from functional_seg.core.tree import flatten_with_names, tree_leaves, tree_map, tree_structure
+from functional_seg.models import check_model, create_model, load_checkpoint, model_metadata
 from functional_seg.train import OptimizerConfig, TrainState, init_ensemble, init_train_state, make_optimizer
+from functional_seg.train.state import with_ema
 
 
 def _save(path, ts, model, **meta):
@@ -99,22 +100,52 @@ def test_round_trip_is_exact(tmp_path, model, optimizer):
     assert any(n.startswith("state.") and n.endswith("running_mean") for n in names)
 
 
-def test_ensemble_round_trip_and_load_model(tmp_path, model, optimizer):
+def test_ensemble_round_trip_and_load_checkpoint(tmp_path, model, optimizer):
     stacked = init_ensemble(model, optimizer, jr.key(0), 3, sweep={"lr": [1e-3, 2e-3, 3e-3]})
     path = _save(tmp_path / "ens.safetensors", stacked, model, optimizer=optimizer.cfg)
     loaded, meta = _load(path, model=model, template=stacked)
     _assert_equal(loaded, stacked)
     assert meta["ensemble"] == 3
-    rebuilt, params, state, meta = load_model(path)
-    assert rebuilt.name == "segnet" and rebuilt.cfg == model.cfg
-    _assert_equal(params, stacked.params)
-    _assert_equal(state, stacked.state)
+    every = load_checkpoint(path)
+    assert every.model.name == "segnet" and every.model.cfg == model.cfg and every.members == 3
+    _assert_equal(every.params, stacked.params)
+    _assert_equal(every.state, stacked.state)
+    one = load_checkpoint(path, member=2)
+    assert one.members is None and one.member == 2
+    _assert_equal(one.params, tree_map(lambda t: t[2], stacked.params))
+    assert load_checkpoint(path, member="auto").member == 0  # nothing validated: member 0
+    with pytest.raises(CheckpointError, match=r"member 3 is out of range.*3 members \(0..2\)"):
+        load_checkpoint(path, member=3)
 
 
-def test_load_model_rebuilds_from_metadata(tmp_path, model, optimizer):
+def test_auto_weights_and_member_follow_the_recorded_validation(tmp_path, model, optimizer):
+    """The one policy: what fit recorded as validating best is what eval, predict and export load."""
+    stacked = with_ema(init_ensemble(model, optimizer, jr.key(0), 2))
+    ema = tree_map(lambda t: t + 1.0 if t.is_floating_point() else t, stacked.ema)
+    stacked = stacked._replace(ema=ema)
+    selection = {"weights": ["params", "ema"], "member": 1}
+    path = _save(tmp_path / "sel.safetensors", stacked, model, selection=selection)
+    both = load_checkpoint(path)
+    assert both.weights == ("params", "ema")
+    _assert_equal(tree_map(lambda t: t[0], both.params), tree_map(lambda t: t[0], stacked.params))
+    _assert_equal(tree_map(lambda t: t[1], both.params), tree_map(lambda t: t[1], ema["params"]))
+    best = load_checkpoint(path, member="auto")
+    assert best.member == 1 and best.weights == ("ema",)
+    _assert_equal(best.params, tree_map(lambda t: t[1], ema["params"]))
+    forced = load_checkpoint(path, member="auto", weights="params")
+    _assert_equal(forced.params, tree_map(lambda t: t[1], stacked.params))
+    single = _save(tmp_path / "one.safetensors", init_train_state(model, optimizer, jr.key(1)), model)
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        load_checkpoint(single, weights="ema")
+    with pytest.raises(CheckpointError, match="holds one model, not an ensemble"):
+        load_checkpoint(single, member=1)
+
+
+def test_load_checkpoint_rebuilds_from_metadata(tmp_path, model, optimizer):
     ts = _trained_state(model, optimizer)
     path = _save(tmp_path / "m.safetensors", ts, model, optimizer=optimizer.cfg)
-    rebuilt, params, state, meta = load_model(path)
+    loaded = load_checkpoint(path)
+    rebuilt, params, state = loaded.model, loaded.params, loaded.state
     assert rebuilt.cfg == model.cfg  # JSON lists became the cfg's tuples again
     _assert_equal(params, ts.params)
     _assert_equal(state, ts.state)
@@ -242,7 +273,7 @@ def test_structure_mismatch_lists_names_and_shapes(saved, optimizer):
         ckpt.load(path, template=template)
 
 
-def test_load_model_of_an_unregistered_model(tmp_path):
+def test_load_checkpoint_of_an_unregistered_model(tmp_path):
     from functional_seg.models import from_module
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
@@ -254,7 +285,7 @@ def test_load_model_of_an_unregistered_model(tmp_path):
     loaded, _ = _load(path, model=model, template=ts)  # fine with the model in hand
     _assert_equal(loaded, ts)
     with pytest.raises(CheckpointError, match="cannot rebuild its model.*tiny_module"):
-        load_model(path)
+        load_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------------------------

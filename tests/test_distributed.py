@@ -24,7 +24,7 @@ import torch
 
 from functional_seg import checkpoint as ckpt
 from functional_seg.core.tree import flatten_with_names
-from functional_seg.data import augment_preset, make_synthetic_dataset, prepare
+from functional_seg.data import Splits, augment_preset, make_synthetic_dataset, prepare
 from functional_seg.train import FitConfig, OptimizerConfig, fit
 from functional_seg.train.distributed import SINGLE, World, all_reduce_sum
 
@@ -35,14 +35,14 @@ WORKER = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
 from tiny_models import bn_free_model
-from functional_seg.data import augment_preset, prepare
+from functional_seg.data import Splits, augment_preset, prepare
 from functional_seg.train import FitConfig, OptimizerConfig, fit
-from functional_seg.train import loop as loop_mod
+from functional_seg.train import build
 
 spec = json.loads(sys.argv[1])
 fail_at = spec.get("fail_at")
 if fail_at and os.environ.get("RANK") == "1":
-    real = loop_mod.make_train_step
+    real = build.make_train_step
 
     def failing(*args, **kwargs):
         step, calls = real(*args, **kwargs), []
@@ -53,11 +53,11 @@ if fail_at and os.environ.get("RANK") == "1":
                 raise RuntimeError("injected failure")
             return step(ts, batch)
         return wrapped
-    loop_mod.make_train_step = failing
+    build.make_train_step = failing
 train = prepare(spec["root"], "trainval", 32, cache_dir=spec["cache"], workers=1)
 config = FitConfig(batch_size=8, epochs=spec["epochs"], optimizer=OptimizerConfig(lr=1e-2),
                    augment=augment_preset("flip_jitter_crop"), log_every=1)
-fit(bn_free_model(), train, None, config, out_dir=spec["out"], resume=spec.get("resume", False), hooks=[])
+fit(bn_free_model(), Splits(train), config, out_dir=spec["out"], resume=spec.get("resume", False), hooks=[])
 """
 
 
@@ -115,13 +115,13 @@ def _local_fit(data, out, **kw):
 
     config = FitConfig(batch_size=8, epochs=2, optimizer=OptimizerConfig(lr=1e-2),
                        augment=augment_preset("flip_jitter_crop"), log_every=1, **kw)
-    return fit(bn_free_model(), data[3], None, config, out_dir=out, hooks=[])
+    return fit(bn_free_model(), Splits(data[3]), config, out_dir=out, hooks=[])
 
 
 def test_two_ranks_equal_one_process_and_accumulate_2(two_ranks, data, tmp_path):
     dist_params = _params(two_ranks / "last.safetensors")
-    one = _local_fit(data, tmp_path / "one")["train_state"].params
-    acc = _local_fit(data, tmp_path / "acc", accumulate=2)["train_state"].params
+    one = _local_fit(data, tmp_path / "one").train_state.params
+    acc = _local_fit(data, tmp_path / "acc", accumulate=2).train_state.params
     assert _max_diff(dist_params, one) <= 1e-4
     assert _max_diff(dist_params, acc) <= 1e-4
     records = [json.loads(line) for line in (two_ranks / "metrics.jsonl").read_text().splitlines()]
@@ -147,11 +147,11 @@ def test_a_failed_rank_ends_the_job_without_a_checkpoint(data, tmp_path):
     assert not [p for p in run.iterdir() if p.name not in ("config.json", ".lock")]
 
 
-def _cli(tmp_path, data, out, *extra, nproc=None):
+def _cli_run(tmp_path, data, out, *extra, nproc=None, splits=("--val-split", "none", "--test-split", "none")):
     _, root, _, _ = data
     args = ["-m", "functional_seg.cli", "train", "--data", str(root), "--model", "segnet", "--model-cfg",
             "widths=4,8", "convs_per_stage=1,1", "--size", "32", "--batch-size", "8", "--epochs", "2",
-            "--lr", "1e-2", "--augment", "flip_jitter", "--val-split", "none", "--test-split", "none",
+            "--lr", "1e-2", "--augment", "flip_jitter", *splits,
             "--workers", "1", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
     if nproc:
         proc = _torchrun(tmp_path, *args, nproc=nproc)
@@ -159,7 +159,24 @@ def _cli(tmp_path, data, out, *extra, nproc=None):
         proc = subprocess.run([sys.executable, *args], env=_env(tmp_path), cwd=tmp_path, capture_output=True,
                               text=True, timeout=240)
     assert proc.returncode == 0, _first_error(proc.stderr)
+    return proc
+
+
+def _cli(tmp_path, data, out, *extra, nproc=None):
+    _cli_run(tmp_path, data, out, *extra, nproc=nproc)
     return ckpt.load(out / "last.safetensors")[0]
+
+
+def test_a_two_rank_cli_run_with_validation_and_a_test_split_ends_well(data, tmp_path):
+    """Fault report item 1: every 2-rank run of 2 epochs ended as a failed job (rank 1 formatted a
+    summary it did not have). Rank 0 alone validates, scores the test split, writes and prints."""
+    out = tmp_path / "run"
+    proc = _cli_run(tmp_path, data, out, nproc=2, splits=("--val-split", "carve", "--test-split", "trainval"))
+    assert proc.stdout.count("checkpoints: ") == 1 and proc.stdout.count("\nvalidation\n") == 1
+    assert "Traceback" not in proc.stderr
+    test = json.loads((out / "test.json").read_text())
+    assert test["split"] == "trainval" and test["checkpoint"].endswith("best.safetensors")
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def _first_error(stderr: str) -> str:

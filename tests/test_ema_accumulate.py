@@ -4,7 +4,8 @@
   the same parameters up to float reduction order, the same loss and confusion counts;
 - the EMA after n steps is the hand-computed recursion ``e <- d e + (1 - d) p_t`` over the
   params sequence, it round-trips through a checkpoint (``ema.params.*``, ``ema.state.*``) and
-  ``load_model(path, weights="ema")`` returns it; ensembles carry one EMA per member.
+  ``load_checkpoint(path, weights="ema")`` returns it, and ``weights="auto"`` the weights that
+  validated higher; ensembles carry one EMA per member.
 
 Tiny models (a 2-layer BN-free conv net, a 4/8-channel SegNet), 32 px, a few steps.
 """
@@ -18,9 +19,9 @@ from tiny_models import bn_free_model
 from functional_seg import checkpoint as ckpt
 from functional_seg.core import random as jr
 from functional_seg.core.tree import flatten_with_names, tree_map
-from functional_seg.data import augment_preset, make_synthetic_dataset, prepare
+from functional_seg.data import Splits, augment_preset, make_synthetic_dataset, prepare
 from functional_seg.losses import get_loss
-from functional_seg.models import create_model, load_model
+from functional_seg.models import create_model, load_checkpoint
 from functional_seg.train import FitConfig, OptimizerConfig, fit, make_optimizer, make_train_step
 from functional_seg.train.state import init_ensemble, init_train_state, with_ema
 
@@ -94,7 +95,7 @@ def test_ema_needs_a_state_that_carries_one():
     step = make_train_step(model, get_loss("ce"), opt, ema=0.9)
     with pytest.raises(ValueError, match="with_ema"):
         step(init_train_state(model, opt, jr.key(0)), _batch())
-    with pytest.raises(ValueError, match="ema is a decay in"):
+    with pytest.raises(ValueError, match="ema: is a decay in"):
         FitConfig(ema=1.0)
 
 
@@ -110,21 +111,25 @@ def test_an_ensemble_keeps_one_ema_per_member():
         assert torch.allclose(e, 0.5 * before + 0.5 * after, atol=1e-7)
 
 
-def test_fit_with_ema_saves_it_scores_it_and_load_model_returns_it(tmp_path):
+def test_fit_with_ema_saves_it_scores_it_and_load_checkpoint_returns_it(tmp_path):
     root = make_synthetic_dataset(tmp_path / "pets", n_trainval=16, n_test=8, size=48)
     train = prepare(root, "trainval", 32, cache_dir=tmp_path / "cache", workers=1)
     val = prepare(root, "test", 32, cache_dir=tmp_path / "cache", workers=1)
     model = create_model("segnet", widths=(4, 8), convs_per_stage=(1, 1))
     config = FitConfig(epochs=1, batch_size=8, optimizer=OptimizerConfig(lr=1e-2), ema=0.9, accumulate=2,
                        augment=augment_preset("flip"), log_every=1)
-    result = fit(model, train, val, config, out_dir=tmp_path / "run", hooks=[])
-    record = result["final"]
+    result = fit(model, Splits(train, val), config, out_dir=tmp_path / "run", hooks=[])
+    record = result.final
     assert "val_ema" in record and record["val_ema"]["mean_iou"] != record["val"]["mean_iou"]
-    ts = result["train_state"]
-    tree, meta = ckpt.load(tmp_path / "run" / "last.safetensors")
+    ts = result.train_state
+    last = tmp_path / "run" / "last.safetensors"
+    tree, meta = ckpt.load(last)
     assert meta["maths"]["ema"] == 0.9 and meta["maths"]["accumulate"] == 2
     assert _max_diff(tree["ema"], ts.ema) == 0.0
-    _, params, state, _ = load_model(tmp_path / "run" / "last.safetensors", weights="ema")
-    assert _max_diff(params, ts.ema["params"]) == 0.0 and _max_diff(state, ts.ema["state"]) == 0.0
-    _, raw, _, _ = load_model(tmp_path / "run" / "last.safetensors")
-    assert _max_diff(raw, ts.params) == 0.0
+    ema = load_checkpoint(last, weights="ema")
+    assert _max_diff(ema.params, ts.ema["params"]) == 0.0 and _max_diff(ema.state, ts.ema["state"]) == 0.0
+    assert _max_diff(load_checkpoint(last, weights="params").params, ts.params) == 0.0
+    better = "ema" if record["val_ema"]["mean_iou"] > record["val"]["mean_iou"] else "params"
+    auto = load_checkpoint(last)  # the policy: whichever validated higher at that epoch
+    assert auto.weights == (better,) and meta["selection"]["weights"] == [better]
+    assert _max_diff(auto.params, ts.ema["params"] if better == "ema" else ts.params) == 0.0

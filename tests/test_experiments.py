@@ -41,7 +41,7 @@ def test_experiment_test_figures_equal_fseg_eval(augmentation, tmp_path, monkeyp
 
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--data", str(root), "--split", "test",
                      "--batch-size", "8", "--device", "cpu", "--json"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = json.loads(capsys.readouterr().out)["summary"]
     for key in ("mean_iou", "pixel_accuracy", "series_iou", "iou"):
         assert row[key] == printed[key], key
     assert row["custom_iou"] == printed["series_custom_iou"]

@@ -127,7 +127,7 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(ck), "--format", "pt2", "--out", str(tmp_path / "m.pt2"),
                  "--member", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds a single model, not an ensemble" in err
+    assert err.count("\n") == 1 and "holds one model, not an ensemble" in err
     assert main(["export", "--checkpoint", str(ck), "--format", "pt2", "--out", str(tmp_path / "m.pt2"),
                  "--weights", "ema"]) == 2
     assert "EMA" in capsys.readouterr().err

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -164,15 +163,12 @@ def test_help_shows_defaults_and_imports_no_torch():
             "buf = io.StringIO()\n"
             "with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit): cli.main(['train', '--help'])\n"
             "print('torch' in sys.modules); print(buf.getvalue())")
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    elapsed = time.perf_counter() - t0
     first, text = proc.stdout.split("\n", 1)
     text = " ".join(text.split())
-    assert first == "False", "fseg --help imported torch"
+    assert first == "False", "fseg train --help imported torch"
     assert "learning rate (default: 0.001)" in text and "(default: carve)" in text
-    assert elapsed < 30  # generous: the point is that torch's import is not in it
 
 
 def test_metrics_file_is_strict_json_even_when_a_value_is_nan(tmp_path):

@@ -16,7 +16,8 @@ import torch
 
 from functional_seg import checkpoint as ckpt
 from functional_seg.core.tree import flatten_with_names
-from functional_seg.data import CLASS_NAMES, Loader, augment_preset, make_synthetic_dataset, prepare
+from functional_seg.data import CLASS_NAMES, Loader, Splits, augment_preset, make_synthetic_dataset, prepare
+from functional_seg.data.preprocess import Preprocess
 from functional_seg.models import create_model
 from functional_seg.train import FitConfig, OptimizerConfig, RunDirError, TrainingDiverged, evaluate_ensemble, fit
 from functional_seg.train import loop as loop_mod
@@ -45,7 +46,7 @@ def _config(**kw) -> FitConfig:
 
 def _fit(model, data, out_dir, *, resume=False, **kw):
     train, val = data
-    return fit(model, train, val, _config(**kw), out_dir=out_dir, resume=resume, hooks=[])
+    return fit(model, Splits(train, val), _config(**kw), out_dir=out_dir, resume=resume, hooks=[])
 
 
 def _params_equal(a, b) -> bool:
@@ -62,9 +63,9 @@ def one_go(model, data, tmp_path_factory):
 
 def test_fit_writes_the_run_directory(one_go, model):
     result, out = one_go
-    assert result["step"] == 4 and len(result["history"]) == 2
+    assert result.step == 4 and len(result.history) == 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records == result["history"]
+    assert records == result.history
     assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [2, 4]
     for r in records:
         assert math.isfinite(r["train_loss"]) and 0 <= r["train_pixel_accuracy"] <= 1
@@ -80,33 +81,33 @@ def test_fit_writes_the_run_directory(one_go, model):
     tree, meta = ckpt.load(out / "last.safetensors")
     assert int(tree["step"]) == 4 and meta["config"]["seed"] == 0 and meta["model"] == "segnet"
     assert meta["preprocess"]["class_names"] == list(CLASS_NAMES)
-    assert _params_equal(tree["params"], result["train_state"].params)
+    assert _params_equal(tree["params"], result.train_state.params)
     best_score = max(r["val"]["mean_iou"] for r in records)
-    assert result["best_mean_iou"] == pytest.approx(best_score)
+    assert result.best_mean_iou == pytest.approx(best_score)
     _, best_meta = ckpt.load(out / "best.safetensors")
     assert best_meta["extra"]["best_mean_iou"] == pytest.approx(best_score)
 
 
 def test_resume_from_an_epoch_end_is_bit_identical(one_go, model, data, tmp_path):
     first = _fit(model, data, tmp_path, epochs=1)
-    assert first["step"] == 2
+    assert first.step == 2
     resumed = _fit(model, data, tmp_path, epochs=2, resume=True)
-    assert resumed["step"] == 4
-    assert _params_equal(resumed["train_state"], one_go[0]["train_state"])
+    assert resumed.step == 4
+    assert _params_equal(resumed.train_state, one_go[0].train_state)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-    assert json.loads(lines[1])["train_loss"] == one_go[0]["history"][1]["train_loss"]
+    assert json.loads(lines[1])["train_loss"] == one_go[0].history[1]["train_loss"]
 
 
 def test_resume_mid_epoch_is_bit_identical(one_go, model, data, tmp_path):
     stopped = _fit(model, data, tmp_path, max_steps=3, checkpoint_every=1)
-    assert stopped["step"] == 3
+    assert stopped.step == 3
     resumed = _fit(model, data, tmp_path, resume=True)
-    assert resumed["step"] == 4
-    assert _params_equal(resumed["train_state"], one_go[0]["train_state"])
+    assert resumed.step == 4
+    assert _params_equal(resumed.train_state, one_go[0].train_state)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]  # the partial epoch's record was replaced
-    assert records[1]["train_loss"] == one_go[0]["history"][1]["train_loss"]  # the epoch's sums carried over
+    assert records[1]["train_loss"] == one_go[0].history[1]["train_loss"]  # the epoch's sums carried over
 
 
 @pytest.mark.parametrize("change, named", [
@@ -126,7 +127,7 @@ def test_resume_refuses_a_changed_setting_naming_it(model, data, tmp_path, chang
 
 def test_resume_may_extend_the_epochs_of_a_constant_schedule(model, data, tmp_path):
     _fit(model, data, tmp_path, epochs=1)
-    assert _fit(model, data, tmp_path, epochs=2, resume=True)["step"] == 4
+    assert _fit(model, data, tmp_path, epochs=2, resume=True).step == 4
     cosine = tmp_path / "cosine"
     _fit(model, data, cosine, epochs=1, optimizer=OptimizerConfig(lr=1e-2, schedule="cosine"))
     with pytest.raises(RunDirError, match="optimizer.total_steps was 2 .* this run has 4"):
@@ -135,13 +136,15 @@ def test_resume_may_extend_the_epochs_of_a_constant_schedule(model, data, tmp_pa
 
 def _poison(monkeypatch, edit):
     """Make fit's train step pass its output through ``edit(old_state, new_state, metrics)``."""
-    real = loop_mod.make_train_step
+    from functional_seg.train import build
+
+    real = build.make_train_step
 
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
         return lambda train_state, batch: edit(train_state, *step(train_state, batch))
 
-    monkeypatch.setattr(loop_mod, "make_train_step", poisoned)
+    monkeypatch.setattr(build, "make_train_step", poisoned)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model, data, tmp_path, monkeypatch):
@@ -176,8 +179,8 @@ def test_a_non_finite_state_with_a_finite_loss_is_never_checkpointed(model, data
 
 def test_ensemble_with_an_lr_sweep_reports_each_member(model, data, tmp_path):
     result = _fit(model, data, tmp_path, epochs=1, sweep={"lr": [1e-2, 1e-3]})
-    assert result["members"] == 2
-    record = result["history"][-1]
+    assert result.members == 2
+    record = result.history[-1]
     assert record["members"] == 2 and len(record["train_loss"]) == 2 and len(record["val"]) == 2
     assert record["hparams"]["lr"] == pytest.approx([1e-2, 1e-3])
     assert record["lr"] == pytest.approx([1e-2, 1e-3])
@@ -190,11 +193,11 @@ def test_ensemble_with_an_lr_sweep_reports_each_member(model, data, tmp_path):
 
 
 def test_fit_rejects_bad_sweeps(model, data, tmp_path):
-    with pytest.raises(ValueError, match="cannot sweep 'momentum'"):
+    with pytest.raises(ValueError, match="sweep: cannot sweep 'momentum'"):
         _fit(model, data, tmp_path, sweep={"momentum": [0.9, 0.8]})
     with pytest.raises(ValueError, match="ce_dice"):
         _fit(model, data, tmp_path, sweep={"loss_weight": [0.5, 1.0]})
-    with pytest.raises(ValueError, match="ensemble 3 disagrees"):
+    with pytest.raises(ValueError, match="ensemble: 3 disagrees"):
         _fit(model, data, tmp_path, sweep={"lr": [1e-2, 1e-3]}, ensemble=3)
 
 
@@ -228,7 +231,7 @@ def test_a_second_live_run_in_the_same_directory_is_refused(model, data, tmp_pat
 
     with RunDir(tmp_path), pytest.raises(RunDirError, match=r"another run \(pid \d+\) is writing"):
         _fit(model, data, tmp_path)
-    assert _fit(model, data, tmp_path, epochs=1)["step"] == 2  # the lock went with its holder
+    assert _fit(model, data, tmp_path, epochs=1).step == 2  # the lock went with its holder
 
 
 def test_metrics_are_strict_json(one_go):
@@ -246,14 +249,15 @@ def test_the_compiled_eval_step_compiles_once_for_a_short_last_batch_and_other_w
 
     _, val = data
     loader = Loader(val, 3, shuffle=False, drop_last=False)  # 8 images: 3 + 3 + a short 2
-    eval_step = make_eval_step(model, compile=True, backend="aot_eager")
+    pre = Preprocess(class_names=CLASS_NAMES, layout="oxford_pets")  # with the series' per-image figure
+    eval_step = make_eval_step(model, preprocess=pre, compile=True, backend="aot_eager")
     params, state = model.init(jr.key(0))
     other = tree_map(lambda p: p * 0.5, params)  # e.g. the EMA weights of the same model
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
-    compiled = [evaluate(model, p, state, loader, eval_step=eval_step) for p in (params, other)]
+    compiled = [evaluate(model, p, state, loader, eval_step=eval_step, preprocess=pre) for p in (params, other)]
     assert counters["stats"]["unique_graphs"] - before == 1
-    eager = [evaluate(model, p, state, loader) for p in (params, other)]
+    eager = [evaluate(model, p, state, loader, preprocess=pre) for p in (params, other)]
     for c, e in zip(compiled, eager):
         assert c["confusion"] == e["confusion"] and sum(map(sum, c["confusion"])) == 8 * 32 * 32
         assert c["series_custom_iou"] == pytest.approx(e["series_custom_iou"], abs=1e-6)
@@ -262,15 +266,42 @@ def test_the_compiled_eval_step_compiles_once_for_a_short_last_batch_and_other_w
 @pytest.mark.parametrize("compile", [True, False])
 def test_planning_a_run_sets_the_cpu_allocator_and_the_compile_cache_only_when_it_compiles(model, data, tmp_path,
                                                                                             monkeypatch, compile):
+    from functional_seg import runtime
+
     calls = []
-    monkeypatch.setattr(loop_mod, "reuse_freed_cpu_memory", lambda: calls.append("reuse") or True)
+    monkeypatch.setattr(runtime, "reuse_freed_cpu_memory", lambda: calls.append("reuse") or True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # recorded first, so the test's own value is undone
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     train, val = data
-    loop_mod.plan_run(model, train, val, _config(compile=compile))  # builds the steps; nothing compiles yet
+    loop_mod.plan_run(model, Splits(train, val), _config(compile=compile))  # builds the steps; nothing compiles
     assert calls == ["reuse"]  # the CPU: freed memory is kept for the next step
     if compile:
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "functional_seg" / "compile")
     else:
         assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not (tmp_path / "cache").exists()
+
+
+def test_fit_with_the_default_config_does_what_fseg_train_does(model, data, tmp_path):
+    """One source of settings: the CLI's defaults are FitConfig's; fit(model, data, FitConfig()) carves
+    validation, augments as the series did, resolves the device, and scores a test split once."""
+    import dataclasses
+
+    from functional_seg.cli import build_parser
+    from functional_seg.core.settings import from_arguments
+    from functional_seg.train import evaluate
+
+    assert from_arguments(FitConfig, build_parser().parse_args(["train"])) == FitConfig()
+    assert FitConfig().augment == augment_preset("flip_jitter") and FitConfig().device == "auto"
+    train, test = data
+    config = dataclasses.replace(FitConfig(), epochs=1, batch_size=8)
+    carved = fit(model, train, config, out_dir=tmp_path / "carve", hooks=[])
+    assert carved.val_note.startswith("2 images carved") and carved.test is None
+    assert carved.history[0]["val"]["mean_iou"] == carved.history[0]["val"]["mean_iou"]  # validated
+    result = fit(model, Splits(train, None, test, test_split="test"), config, out_dir=tmp_path / "test", hooks=[])
+    saved = json.loads((tmp_path / "test" / "test.json").read_text())
+    assert saved["split"] == "test" and saved["checkpoint"].endswith("last.safetensors") and saved == result.test
+    tree, meta = ckpt.load(tmp_path / "test" / "last.safetensors")
+    direct = evaluate(model, tree["params"], tree["state"], Loader(test, 8, shuffle=False, drop_last=False),
+                      preprocess=Preprocess.from_dict(meta["preprocess"]))
+    assert saved["summary"]["confusion"] == direct["confusion"]

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "functional_seg"
 _RANK = {"core": 0, "options": 0, "runtime": 0, "compile_cache": 0, "nn": 1, "data": 2, "losses": 2, "metrics": 2,
-         "checkpoint": 2, "summary": 3, "models": 3, "train": 4, "export": 5, "predict": 5, "cli": 6}
+         "checkpoint": 2, "render": 2, "summary": 3, "models": 3, "train": 4, "export": 5, "predict": 5, "cli": 6}
 
 
 def _modules():
@@ -103,3 +103,15 @@ def test_no_default_class_names_outside_the_layouts():
             if isinstance(node, ast.ImportFrom) and any(a.name == "CLASS_NAMES" for a in node.names):
                 offenders.append(str(rel))
     assert not offenders, offenders
+
+
+def test_the_torch_free_names_of_choices_are_the_registries():
+    """``options`` names the choices for ``--help`` without torch; they must be the real registries'."""
+    from functional_seg import options
+    from functional_seg.data.augmentation import PRESETS
+    from functional_seg.losses import LOSSES
+    from functional_seg.runtime import PRECISIONS
+
+    assert options.LOSSES == tuple(LOSSES)
+    assert options.AUGMENT_PRESETS == tuple(PRESETS)
+    assert options.PRECISIONS == PRECISIONS

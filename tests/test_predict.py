@@ -17,8 +17,12 @@ from sample_data import SAMPLE
 from tiny_models import make_checkpoint
 
 from functional_seg.cli import main
+from functional_seg.data.labels import unnamed
 from functional_seg.data.preprocess import Preprocess
-from functional_seg.predict import Predictor, load_for_inference, output_names, preprocess_of
+from functional_seg.models import load_checkpoint
+from functional_seg.models.saved import preprocess_of
+from functional_seg.predict import Predictor, output_names
+from functional_seg.runtime import resolve_runtime
 
 S = 32
 NAMES = ("pet", "background", "border")
@@ -34,8 +38,7 @@ def ck(tmp_path_factory):
 
 
 def _predictor(ck, **kwargs) -> Predictor:
-    model, params, state, pre, _ = load_for_inference(ck)
-    return Predictor(model, params, state, pre, device="cpu", precision="fp32", **kwargs)
+    return Predictor.from_checkpoint(load_checkpoint(ck), resolve_runtime("cpu", "fp32"), **kwargs)
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -181,7 +184,7 @@ def test_a_16_bit_png_is_predicted_from_correctly_scaled_pixels(ck, tmp_path):
 def test_pad_policy_letterboxes_and_crops_the_logits_back(tmp_path):
     path = tmp_path / "pad.safetensors"
     model, params, state, pre = make_checkpoint(path, "segnet", size=S, policy="pad")
-    assert preprocess_of(load_for_inference(path)[4]).policy == "pad"
+    assert load_checkpoint(path).preprocess.policy == "pad"
     predictor = _predictor(path)
     image = _image(S // 2, S, seed=6)  # fits the width exactly: no resampling, rows 8..24 of the canvas
     logits = predictor.logits([image])[0]
@@ -197,9 +200,9 @@ def test_pad_policy_letterboxes_and_crops_the_logits_back(tmp_path):
 def test_checkpoints_without_preprocess_fall_back_to_their_size(tmp_path):
     path = tmp_path / "old.safetensors"
     make_checkpoint(path, "segnet", size=S, preprocess=False)
-    assert preprocess_of(load_for_inference(path)[4]) == Preprocess(size=S)
-    assert preprocess_of({"args": {"size": 48}}) == Preprocess(size=48)
-    assert preprocess_of({"preprocess": Preprocess(size=64, policy="pad").to_dict()}).policy == "pad"
+    assert load_checkpoint(path).preprocess == Preprocess(size=S, class_names=unnamed(3))
+    assert preprocess_of({"args": {"size": 48}}, 2) == Preprocess(size=48, class_names=unnamed(2))
+    assert preprocess_of({"preprocess": Preprocess(size=64, policy="pad").to_dict()}, 3).policy == "pad"
 
 
 def test_cli_options_reach_the_predictor(ck, tmp_path, capsys):

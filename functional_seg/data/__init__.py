@@ -14,21 +14,20 @@ through ``read_rgb`` / ``read_mask`` (``decode``) and one sample loader (``sampl
 layout); each layout names its own classes (Oxford: 0 = pet, 1 = background, 2 = border).
 
 The names below are imported on first use (PEP 562), so the pure train step, which needs only
-``augment``, ``labels`` and ``preprocess``, never imports PIL or a dataset reader.
+``augmentation``, ``labels`` and ``preprocess``, never imports PIL or a dataset reader, and
+``fseg --help`` (``DataConfig``'s flags) imports no torch.
 """
 
 from __future__ import annotations
 
 import importlib
 
-# a function named like its module is bound now: importing the module would otherwise shadow it
-from .augment import augment  # noqa: F401
-
 _EXPORTS = {
-    "augment": ("IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "AugmentConfig", "augment_preset",
+    "augmentation": ("IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "AugmentConfig", "augment", "augment_preset",
                 "normalize", "to_float"),
     "decode": ("read_mask", "read_rgb"),
     "labels": ("IGNORE_INDEX", "POLICIES", "LabelMap", "unnamed"),
+    "splits": ("DataConfig", "Splits", "split_data"),
     "errors": ("DataError", "DataWarning"),
     "layouts": ("LAYOUTS", "detect"),
     "loader": ("Loader",),
@@ -37,7 +36,7 @@ _EXPORTS = {
     "synthetic": ("make_generic_dataset", "make_synthetic_dataset", "make_voc_dataset"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted([*_HOME, "augment"])
+__all__ = sorted(_HOME)
 
 
 def __getattr__(name: str):

@@ -34,6 +34,8 @@ class Loader:
         shard: ``(rank, world_size)`` for data parallelism: each batch is still chosen from the
             GLOBAL batch of ``batch_size`` (the same permutation on every rank), and this rank
             gathers only its contiguous slice of ``batch_size // world_size`` samples.
+        extra: optional int64 [N], one value per sample (e.g. its fold for K-fold training),
+            yielded as a third batch element int64 [B] gathered with the same indices.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class Loader:
         drop_last: bool = True,
         resident: bool = False,
         shard: tuple[int, int] = (0, 1),
+        extra: torch.Tensor | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"Loader: batch_size must be >= 1, got {batch_size}")
@@ -67,6 +70,9 @@ class Loader:
         elif self._pin:
             images, masks = images.pin_memory(), masks.pin_memory()
         self._images, self._masks = images, masks
+        if extra is not None and extra.shape != (len(data),):
+            raise ValueError(f"Loader: extra must hold one value per sample [{len(data)}], got {tuple(extra.shape)}")
+        self._extra = extra
         if drop_last and len(data) < batch_size:
             raise ValueError(
                 f"Loader: {len(data)} samples give no full batch of {batch_size} with drop_last=True"
@@ -115,7 +121,10 @@ class Loader:
             masks = self._gather(self._masks, idx)
             images = images.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True).to(torch.int64)
-            yield images, masks
+            if self._extra is None:
+                yield images, masks
+            else:
+                yield images, masks, self._extra[idx.cpu()].to(self.device)
 
     def __iter__(self):
         if self.shuffle:

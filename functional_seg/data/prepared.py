@@ -61,6 +61,9 @@ class PreparedData:
         skipped: messages for samples skipped with ``strict=False``.
         class_names: C names, label i is ``class_names[i]``, as the layout named them (required:
             no layout's names are assumed).
+        layout: the dataset layout it came from ("oxford_pets", "generic", "voc"), if known.
+        policy: how the images were fitted to the square ("resize" or "pad"); the training
+            contract (``Preprocess.policy``) records it, so predict fits images the same way.
     """
 
     images: torch.Tensor
@@ -69,6 +72,8 @@ class PreparedData:
     cache_path: Path | None = field(default=None, repr=False)
     skipped: tuple[str, ...] = field(default=(), repr=False)
     class_names: tuple[str, ...] = ()
+    layout: str | None = None
+    policy: str = "resize"
 
     def __post_init__(self):
         im, mk = self.images, self.masks
@@ -102,6 +107,11 @@ class PreparedData:
     def size(self) -> int:
         """Side S of the square images."""
         return self.images.shape[-1]
+
+    def gather(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at ``indices``: (images uint8 [n, 3, S, S], masks uint8 [n, S, S]), copies."""
+        idx = torch.as_tensor(list(indices) if isinstance(indices, range) else indices, dtype=torch.int64)
+        return self.images.index_select(0, idx), self.masks.index_select(0, idx)
 
     def class_counts(self) -> torch.Tensor:
         """Pixels per class, int64 [C] (ignored and padded pixels not counted)."""
@@ -155,6 +165,8 @@ class PreparedData:
             names=tuple(self.names[i] for i in idx.tolist()),
             skipped=self.skipped,
             class_names=self.class_names,
+            layout=self.layout,
+            policy=self.policy,
         )
 
     def carve(self, fraction: float, seed: int) -> tuple[PreparedData, PreparedData]:
@@ -226,6 +238,8 @@ def _load_cache(path: Path) -> PreparedData | None:
             cache_path=path,
             skipped=tuple(json.loads(meta.get("skipped", "[]"))),
             class_names=tuple(json.loads(meta["class_names"])),
+            layout=json.loads(meta.get("params", "{}")).get("layout"),
+            policy=json.loads(meta.get("params", "{}")).get("policy", "resize"),
         )
     except Exception as e:  # a damaged cache file is rebuilt, never fatal
         warnings.warn(
@@ -393,6 +407,8 @@ def prepare(
         names=tuple(kept_names),
         skipped=tuple(bad),
         class_names=labels.class_names,
+        layout=src.layout,
+        policy=policy,
     )
     if _save_cache(path, data, key):
         data = dataclasses.replace(data, cache_path=path)

@@ -9,7 +9,9 @@ experiments, so a model is always fed the way it was trained::
 ``size`` (None: any size, for steps and tests that do not care) and ``policy`` say how the
 prepared data was made (stretch to S x S, or keep the aspect ratio and pad with ignored pixels);
 ``precision`` and ``channels_last`` how the model ran; ``class_names`` what label i means
-(C = its length) and ``ignore_index`` the label that no loss or metric counts.
+(C = its length), ``ignore_index`` the label that no loss or metric counts, and ``layout`` the
+dataset layout the labels came from ("oxford_pets", "generic", "voc"; the series' own figures,
+which ignore Oxford's class 1, are reported for "oxford_pets" only).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
+from .augmentation import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
 from .labels import IGNORE_INDEX, POLICIES
 
 __all__ = ["Preprocess"]
@@ -37,6 +39,7 @@ class Preprocess:
     precision: str = "fp32"
     class_names: tuple[str, ...] | None = None
     ignore_index: int = IGNORE_INDEX
+    layout: str | None = None
 
     def __post_init__(self):
         if self.size is not None and (not isinstance(self.size, int) or self.size < 1):

@@ -19,7 +19,8 @@ from .decode import open_mask, open_rgb
 from .errors import DataError
 from .labels import IGNORE_INDEX, POLICIES, LabelMap
 
-__all__ = ["IGNORE_INDEX", "POLICIES", "LabelMap", "SampleTask", "SampleResult", "load_sample", "mask_max_label"]
+__all__ = ["IGNORE_INDEX", "POLICIES", "LabelMap", "SampleTask", "SampleResult", "load_sample", "mask_max_label",
+           "fit_box", "fit_image", "resize_pair"]
 
 
 class SampleTask(NamedTuple):
@@ -47,26 +48,44 @@ class SampleResult:
     error: str | None = None
 
 
+def fit_box(width: int, height: int, size: int, policy: str) -> tuple[int, int, int, int]:
+    """Where a ``width`` x ``height`` image lands in the S x S square: ``(x0, y0, w, h)``.
+
+    "resize" stretches it over the whole square; "pad" scales its long side to S (aspect kept) and
+    centres it. The one geometry of training data (:func:`resize_pair`) and of prediction.
+    """
+    if policy == "resize":
+        return 0, 0, size, size
+    scale = size / max(width, height)
+    nw, nh = max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+    return (size - nw) // 2, (size - nh) // 2, nw, nh
+
+
+def fit_image(img: Image.Image, size: int, policy: str) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """An RGB image fitted to the S x S square as training data was (bilinear, antialiased when
+    shrinking; "pad" on black): ``(image, fit_box)``."""
+    box = fit_box(*img.size, size, policy)
+    resized = img.resize(box[2:], Image.Resampling.BILINEAR)
+    if policy == "resize":
+        return resized, box
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas.paste(resized, box[:2])
+    return canvas, box
+
+
 def resize_pair(img: Image.Image, lab: Image.Image, size: int, policy: str) -> tuple[Image.Image, Image.Image]:
     """Square ``size``: stretch ("resize") or fit the long side and centre-pad ("pad").
 
     The image is resized bilinearly (PIL antialiases when shrinking), the labels nearest; "pad"
     puts both on a canvas that is black in the image and ``IGNORE_INDEX`` in the labels.
     """
+    image, (x0, y0, nw, nh) = fit_image(img, size, policy)
+    labels = lab.resize((nw, nh), Image.Resampling.NEAREST)
     if policy == "resize":
-        return (
-            img.resize((size, size), Image.Resampling.BILINEAR),
-            lab.resize((size, size), Image.Resampling.NEAREST),
-        )
-    w, h = img.size
-    scale = size / max(w, h)
-    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
-    img_c = Image.new("RGB", (size, size), (0, 0, 0))
+        return image, labels
     lab_c = Image.new("L", (size, size), IGNORE_INDEX)
-    x0, y0 = (size - nw) // 2, (size - nh) // 2
-    img_c.paste(img.resize((nw, nh), Image.Resampling.BILINEAR), (x0, y0))
-    lab_c.paste(lab.resize((nw, nh), Image.Resampling.NEAREST), (x0, y0))
-    return img_c, lab_c
+    lab_c.paste(labels, (x0, y0))
+    return image, lab_c
 
 
 def load_sample(task: SampleTask) -> SampleResult:

@@ -273,18 +273,10 @@ def make_generic_dataset(
 
 
 def _voc_palette() -> list[int]:
-    """The VOC colour map: bit-interleaved RGB per index (index 255 is the cream border colour)."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
+    """The VOC colour map as PIL's flat palette list (``voc.voc_colormap``)."""
+    from .voc import voc_colormap
+
+    return [v for rgb in voc_colormap() for v in rgb]
 
 
 def make_voc_dataset(

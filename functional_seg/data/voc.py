@@ -19,7 +19,7 @@ from .errors import DataError
 from .labels import LabelMap
 from .source import Source, read_names
 
-__all__ = ["CLASS_NAMES", "SPLITS", "find", "source"]
+__all__ = ["CLASS_NAMES", "SPLITS", "find", "source", "voc_colormap"]
 
 CLASS_NAMES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -69,3 +69,18 @@ def source(root: str | os.PathLike, split: str = "train", *, seed: int = 0) -> S
         mask_expected=_MASK_EXPECTED,
         example=_EXAMPLE,
     )
+
+
+def voc_colormap() -> list[tuple[int, int, int]]:
+    """VOC's palette: index i's RGB interleaves i's bits (the devkit's ``labelcolormap``), 256 entries."""
+    colours = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours.append((r, g, b))
+    return colours

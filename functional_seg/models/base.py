@@ -35,7 +35,7 @@ from ..core import random as jr
 from ..core.tree import flatten_with_names, unflatten_names
 
 __all__ = [
-    "Model", "register_model", "create_model", "list_models", "from_module", "build_cfg",
+    "Model", "register_model", "create_model", "check_cfg", "list_models", "from_module", "build_cfg",
     "Rule", "validate_cfg", "cfg_error", "POSITIVE_INT", "POSITIVE_ODD_INT", "POSITIVE_INTS", "POSITIVE_ODD_INTS",
     "PROBABILITY", "FLAG", "one_of",
 ]
@@ -81,14 +81,21 @@ class Model:
 
 
 _REGISTRY: dict[str, Callable[..., Model]] = {}
+_CHECKS: dict[str, Callable[[dict], Any]] = {}
 
 
-def register_model(name: str):
-    """Decorator: ``@register_model("segnet") def segnet(**cfg) -> Model``."""
+def register_model(name: str, *, check: Callable[[dict], Any] | None = None):
+    """Decorator: ``@register_model("segnet") def segnet(**cfg) -> Model``.
+
+    ``check(cfg)`` validates a cfg without building the model (e.g. ``build_cfg(SegNetCfg, cfg)``);
+    :func:`check_cfg` falls back to building the model where none is given.
+    """
     def wrap(factory):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = factory
+        if check is not None:
+            _CHECKS[name] = check
         return factory
     return wrap
 
@@ -103,6 +110,23 @@ def create_model(name: str, **cfg) -> Model:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     try:
         return _REGISTRY[name](**cfg)
+    except TypeError as err:
+        raise ValueError(f"bad cfg for model {name!r}: {err}") from None
+
+
+def check_cfg(name: str, **cfg) -> None:
+    """Validate ``create_model(name, **cfg)``'s arguments without building it (before data is read).
+
+    Raises:
+        ValueError: an unknown model or cfg field, or a bad value, named in one line.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    if name not in _CHECKS:
+        create_model(name, **cfg)
+        return
+    try:
+        _CHECKS[name](cfg)
     except TypeError as err:
         raise ValueError(f"bad cfg for model {name!r}: {err}") from None
 

@@ -57,21 +57,21 @@ def _lift(name: str, build: Callable[[int], torch.nn.Module], stride: int, overr
     return dataclasses.replace(model, apply_fn=apply_fn)
 
 
-@register_model("fcn_resnet50")
+@register_model("fcn_resnet50", check=lambda cfg: build_cfg(LiftedCfg, cfg, name="fcn_resnet50"))
 def fcn_resnet50(**cfg) -> Model:
     """torchvision FCN with a dilated ResNet-50 backbone (output stride 8), random init."""
     return _lift("fcn_resnet50", lambda n: tv_seg.fcn_resnet50(
         weights=None, weights_backbone=None, num_classes=n, aux_loss=False), 8, cfg)
 
 
-@register_model("deeplabv3_mobilenet")
+@register_model("deeplabv3_mobilenet", check=lambda cfg: build_cfg(LiftedCfg, cfg, name="deeplabv3_mobilenet"))
 def deeplabv3_mobilenet(**cfg) -> Model:
     """torchvision DeepLabV3 with a dilated MobileNetV3-Large backbone (output stride 16), random init."""
     return _lift("deeplabv3_mobilenet", lambda n: tv_seg.deeplabv3_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=n, aux_loss=False), 16, cfg)
 
 
-@register_model("lraspp_mobilenet")
+@register_model("lraspp_mobilenet", check=lambda cfg: build_cfg(LiftedCfg, cfg, name="lraspp_mobilenet"))
 def lraspp_mobilenet(**cfg) -> Model:
     """torchvision LR-ASPP with a dilated MobileNetV3-Large backbone (output stride 16), random init."""
     return _lift("lraspp_mobilenet", lambda n: tv_seg.lraspp_mobilenet_v3_large(

@@ -1,15 +1,35 @@
-"""A model and its weights rebuilt from a checkpoint's metadata (``model`` name and ``cfg``).
+"""From a checkpoint file to a model ready to run: the one way, for eval, predict, export, the end of
+training and the experiments.
 
-``load_model(path)`` -> ``(model, params, state, meta)`` for ``fseg eval``, ``predict`` and
-``export``: the model comes from ``create_model(meta["model"], **meta["cfg"])`` and its trees are
-checked by name and shape against an init on the meta device (no random draws, no memory). For
-an ensemble checkpoint (``meta["ensemble"] = K``) every leaf keeps its leading member axis.
+    loaded = load_checkpoint(path, device="cpu", weights="auto", member="all")
+    loaded.model, loaded.params, loaded.state, loaded.preprocess, loaded.meta
+
+The model is rebuilt with ``create_model(meta["model"], **meta["cfg"])`` and its trees are checked
+by name and shape against an init on the META device (no random draws, no memory, and no
+pretrained-weights file or package is ever read: the checkpoint holds every weight). The
+``Preprocess`` contract comes from ``meta["preprocess"]``.
+
+Which weights (one policy, decided at training time and recorded in the checkpoint as
+``meta["selection"]`` by ``fit``):
+
+    weights="auto"    each member's raw or EMA weights, whichever scored the higher validation mean
+                      IoU at that checkpoint's epoch ("params" when the run had no EMA or no
+                      validation); "params" / "ema" force one
+    member="all"      every member of an ensemble (leaves keep their leading [K] axis)
+    member="auto"     the member that validated best (0 without validation); a single model is
+                      member 0 of 1
+    member=i          member i
+
+so ``fseg eval`` scores all members, ``fseg predict``/``export`` run the best one, and the test
+split at the end of ``fit`` is scored exactly as ``fseg eval --weights auto`` would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,12 +37,13 @@ import torch
 from ..checkpoint import CheckpointError, compare, group, read
 from ..core import random as jr
 from ..core.files import jsonable
-from ..core.tree import flatten_with_names, unflatten_like
+from ..core.tree import flatten_with_names, tree_map, unflatten_like
+from ..data.labels import unnamed
+from ..data.preprocess import Preprocess
+from ..options import WEIGHTS
 from .base import create_model
 
-__all__ = ["model_metadata", "check_model", "load_model", "WEIGHTS"]
-
-WEIGHTS = ("params", "ema")
+__all__ = ["model_metadata", "check_model", "load_checkpoint", "Loaded", "preprocess_of", "WEIGHTS"]
 
 
 def model_metadata(model) -> dict[str, Any]:
@@ -49,26 +70,42 @@ def _tuplify(x):
     return x
 
 
-def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None, weights: str = "params"):
-    """Rebuild the model recorded in a checkpoint: ``(model, params, state, meta)``.
+def preprocess_of(meta: Mapping[str, Any], num_classes: int) -> Preprocess:
+    """The checkpoint's ``Preprocess``; classes the run did not name are ``class_0``, ``class_1``, ..."""
+    pre = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else Preprocess(
+        size=(meta.get("args") or {}).get("size"))
+    if pre.num_classes != num_classes:
+        pre = dataclasses.replace(pre, class_names=unnamed(num_classes))
+    return pre
 
-    Args:
-        weights: "params" (the trained weights) or "ema" (their exponential moving average,
-            present when the run trained with ``--ema``).
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model rebuilt from a checkpoint with the trees and contract it was saved with.
+
+    ``members`` is K when the trees are stacked over K ensemble members, else None; ``member`` the
+    member chosen (None: all); ``weights`` the weights resolved per member ("params" or "ema").
     """
-    if weights not in WEIGHTS:
-        raise CheckpointError(f"unknown weights {weights!r}; expected one of {', '.join(WEIGHTS)}")
-    tensors, meta = read(path)
-    try:
-        model = create_model(meta["model"], **_tuplify(meta.get("cfg") or {}))
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: cannot rebuild its model: {err}") from None
-    prefix = "" if weights == "params" else "ema."
-    if weights == "ema" and not any(k.startswith("ema.") for k in tensors):
-        raise CheckpointError(f"{path} holds no EMA weights (the run was trained without --ema); "
-                              "use --weights params")
+
+    model: Any
+    params: dict
+    state: dict
+    preprocess: Preprocess
+    meta: dict
+    path: str
+    members: int | None
+    member: int | None
+    weights: tuple[str, ...]
+
+
+def _selection(meta: Mapping, k: int) -> dict:
+    sel = meta.get("selection") or {}
+    weights = list(sel.get("weights") or ["params"] * max(k, 1))
+    return {"weights": weights, "member": int(sel.get("member") or 0)}
+
+
+def _read_trees(path, tensors: Mapping, model, prefix: str, k: int, device) -> tuple[dict, dict]:
     params, state = model.init(jr.key(0, device="meta"))
-    k = int(meta.get("ensemble") or 0)
     expected = {f"{prefix}params.{n}": v for n, v in flatten_with_names(params).items()}
     expected.update({f"{prefix}state.{n}": v for n, v in flatten_with_names(state).items()})
     if k:
@@ -77,6 +114,61 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
     compare(path, found, expected)
     if device is not None:
         found = {n: v.to(device) for n, v in found.items()}
-    params = unflatten_like(params, group(found, f"{prefix}params"))
-    state = unflatten_like(state, group(found, f"{prefix}state"))
-    return model, params, state, meta
+    return (unflatten_like(params, group(found, f"{prefix}params")),
+            unflatten_like(state, group(found, f"{prefix}state")))
+
+
+def _member_index(path, member, k: int, chosen: int) -> int | None:
+    """The member index ``member`` names (None: all), or a one-line error."""
+    if member == "all" or member is None:
+        return None if k else 0
+    if member == "auto":
+        return chosen if k else 0
+    if isinstance(member, bool) or not isinstance(member, int):
+        raise CheckpointError(f"member must be 'all', 'auto' or an integer, got {member!r}")
+    if not k:
+        if member != 0:
+            raise CheckpointError(f"member {member}: {path} holds one model, not an ensemble")
+        return 0
+    if not 0 <= member < k:
+        raise CheckpointError(f"member {member} is out of range: {path} holds {k} members (0..{k - 1})")
+    return member
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: torch.device | str | None = None, weights: str = "auto",
+                    member: int | str | None = "all") -> Loaded:
+    """Rebuild the model in a checkpoint with its weights and ``Preprocess`` (see the module docstring).
+
+    Raises:
+        CheckpointError: unreadable, tampered or foreign file; unknown model; EMA asked for but
+            absent; a member out of range. The message names the file.
+    """
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"unknown weights {weights!r}; expected one of {', '.join(WEIGHTS)}")
+    tensors, meta = read(path)
+    try:
+        model = create_model(meta["model"], **_tuplify(meta.get("cfg") or {}))
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: cannot rebuild its model: {err}") from None
+    k = int(meta.get("ensemble") or 0)
+    has_ema = any(n.startswith("ema.") for n in tensors)
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"{path} holds no EMA weights (the run was trained without --ema); use --weights params")
+    sel = _selection(meta, k)
+    index = _member_index(path, member, k, sel["member"])
+    per_member = [weights] * max(k, 1) if weights != "auto" else [w if has_ema else "params" for w in sel["weights"]]
+    trees = {w: _read_trees(path, tensors, model, "" if w == "params" else "ema.", k, device)
+             for w in sorted(set(per_member if index is None else [per_member[index]]))}
+    if index is not None:
+        w = per_member[index]
+        params, state = trees[w] if not k else tree_map(lambda t: t[index], trees[w])
+        chosen = (w,)
+    elif len(trees) == 1:
+        (params, state), chosen = next(iter(trees.values())), tuple(per_member)
+    else:  # an ensemble whose members chose differently: each member's leaves from its own choice
+        pick = torch.tensor([w == "ema" for w in per_member])
+        params, state = tree_map(lambda a, b: torch.where(pick.to(a.device).reshape(-1, *[1] * (a.dim() - 1)), b, a),
+                                 trees["params"], trees["ema"])
+        chosen = tuple(per_member)
+    return Loaded(model, params, state, preprocess_of(meta, model.num_classes), meta, str(path),
+                  k or None if index is None else None, index if k else None, chosen)

@@ -240,7 +240,7 @@ def _apply(cfg: SegFormerCfg, params: dict, state: dict, x: torch.Tensor, train:
     return logits, ({"decoder": {"fuse": {"bn": bn_state}}} if train else state)
 
 
-@register_model("segformer")
+@register_model("segformer", check=lambda cfg: build_cfg(SegFormerCfg, cfg, name="segformer"))
 def segformer(**cfg) -> Model:
     """SegFormer, MiT-B0 sizes by default (stride 32; logits upsampled to the input size)."""
     cfg = build_cfg(SegFormerCfg, cfg, name="segformer")

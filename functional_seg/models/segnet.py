@@ -175,22 +175,26 @@ def _apply(cfg: SegNetCfg, params: dict, state: dict, x: torch.Tensor, train: bo
     return x, (new_state if train else state)
 
 
-def _build(overrides: dict, *, separable: bool, name: str) -> Model:
+def _check(overrides: dict, *, separable: bool, name: str) -> SegNetCfg:
     if overrides.get("separable", separable) != separable:  # the registry name says it
         raise ValueError(f"{name}: separable is fixed by the model name (segnet or segnet_dsc), got "
                          f"separable={overrides['separable']!r}")
-    cfg = build_cfg(SegNetCfg, {"separable": separable, **overrides}, name=name)
+    return build_cfg(SegNetCfg, {"separable": separable, **overrides}, name=name)
+
+
+def _build(overrides: dict, *, separable: bool, name: str) -> Model:
+    cfg = _check(overrides, separable=separable, name=name)
     return Model(name=name, cfg=cfg, init_fn=_init, apply_fn=_apply, stride=2 ** len(cfg.widths),
                  in_channels=cfg.in_channels)
 
 
-@register_model("segnet")
+@register_model("segnet", check=lambda cfg: _check(cfg, separable=False, name="segnet"))
 def segnet(**cfg) -> Model:
     """SegNet (Part 2). Default: widths (64, 128, 256, 512), 15,274,892 parameters, stride 16."""
     return _build(cfg, separable=False, name="segnet")
 
 
-@register_model("segnet_dsc")
+@register_model("segnet_dsc", check=lambda cfg: _check(cfg, separable=True, name="segnet_dsc"))
 def segnet_dsc(**cfg) -> Model:
     """SegNet with depthwise-separable convs (Part 3). Default: 1,749,671 parameters, stride 16."""
     return _build(cfg, separable=True, name="segnet_dsc")

@@ -113,7 +113,7 @@ def _apply(cfg: UNetCfg, params: dict, state: dict, x: torch.Tensor, train: bool
     return conv2d(params["head"], x), (new_state if train else state)
 
 
-@register_model("unet")
+@register_model("unet", check=lambda cfg: build_cfg(UNetCfg, cfg, name="unet"))
 def unet(**cfg) -> Model:
     """U-Net. Default: base width 64, depth 4, transposed-conv upsampling (31.0 M parameters)."""
     cfg = build_cfg(UNetCfg, cfg, name="unet")

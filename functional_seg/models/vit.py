@@ -158,7 +158,7 @@ def _apply(cfg: ViTCfg, params: dict, state: dict, x: torch.Tensor, train: bool,
     return logits, (new_state if train else state)
 
 
-@register_model("vit")
+@register_model("vit", check=lambda cfg: build_cfg(ViTCfg, cfg, name="vit"))
 def vit(**cfg) -> Model:
     """The series' ViT. Default: 128px, 16x16 patches, dim 768, 12 blocks, 8 heads: 86,284,806 parameters."""
     cfg = build_cfg(ViTCfg, cfg, name="vit")

@@ -6,7 +6,8 @@ Layers, each over the ones before it:
     step.py    pure train/eval steps, ensembles (vmap), compilation
     config.py  FitConfig and the settings that change the maths
     rundir.py  the run directory: files, lock, resume checks, finite checkpoints
-    evaluate.py, log.py, loop.py (fit)
+    build.py   what a config means as functions (contract, optimizer, loss, steps)
+    evaluation.py, log.py, loop.py (fit)
 
 The names below are imported on first use (PEP 562): ``import functional_seg.train.step`` loads
 the step and what it needs, not the loop, the data readers or PIL.
@@ -16,20 +17,19 @@ from __future__ import annotations
 
 import importlib
 
-# a function named like its module is bound now: importing the module would otherwise shadow it
-from .evaluate import evaluate, evaluate_ensemble  # noqa: F401
-
 _EXPORTS = {
     "config": ("SWEEPABLE", "FitConfig"),
+    "evaluation": ("evaluate", "evaluate_ensemble", "evaluate_checkpoint"),
     "log": ("ConsoleLog",),
-    "loop": ("fit", "plan_run"),
+    "loop": ("fit", "plan_run", "FitResult"),
+    "build": ("build_steps", "preprocess_for", "Steps"),
     "optim": ("OPTIMIZERS", "SCHEDULES", "Optimizer", "OptimizerConfig", "make_optimizer", "make_schedule"),
     "rundir": ("RunDir", "RunDirError", "TrainingDiverged"),
     "state": ("TrainState", "ensemble_size", "init_ensemble", "init_train_state"),
     "step": ("compile_report", "compile_step", "ensemble_step", "make_eval_step", "make_train_step"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted([*_HOME, "evaluate", "evaluate_ensemble"])
+__all__ = sorted(_HOME)
 
 
 def __getattr__(name: str):

@@ -8,7 +8,8 @@ A hook is any object with some of these methods (``fit`` calls those present):
     close()                                                at the end, also after an error
 
 ``ConsoleLog`` draws a progress bar on a terminal and plain lines (no carriage returns) in a log
-file, and always prints one line per epoch unless ``quiet``.
+file, and always prints one line per epoch unless ``quiet``. ``format_fit_result`` and
+``format_evaluation`` are what ``fseg train`` and ``fseg eval`` print at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-__all__ = ["ConsoleLog", "call_hooks", "epoch_line"]
+__all__ = ["ConsoleLog", "call_hooks", "epoch_line", "format_fit_result", "format_evaluation"]
 
 
 def call_hooks(hooks: Iterable, name: str, *args) -> None:
@@ -85,3 +86,50 @@ class ConsoleLog:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _tables(title: str, summaries, class_names, labels=None) -> list[str]:
+    from ..metrics import format_table
+
+    many = isinstance(summaries, list)
+    lines = []
+    for i, summary in enumerate(summaries if many else [summaries]):
+        head = title + (f" member {i}" + (f" ({labels[i]})" if labels and labels[i] else "") if many else "")
+        lines += ["", head, format_table(summary, class_names)]
+    return lines
+
+
+def _member_labels(record: dict) -> list[str] | None:
+    hparams = record.get("hparams") or {}
+    if not hparams:
+        return None
+    k = len(next(iter(hparams.values())))
+    return [", ".join(f"{n}={v[i]:g}" for n, v in hparams.items()) for i in range(k)]
+
+
+def format_fit_result(result) -> str:
+    """What ``fseg train`` prints when a run ends: the last epoch, validation and test tables, files."""
+    final = result.final
+    if not final:
+        return f"nothing to do: {result.out_dir} is already at step {result.step}"
+    names = result.preprocess.class_names
+    lines = [f"epoch {final.get('epoch')}  step {final.get('step')}  train loss {_fmt(final.get('train_loss'))}  "
+             f"{_fmt(final.get('images_per_s'), '.1f')} images/s"]
+    labels = _member_labels(final)
+    if final.get("val"):
+        lines += _tables("validation", final["val"], names, labels)
+    if result.test:
+        chosen = ", ".join(sorted(set(result.test.get("weights") or ["params"])))
+        lines += _tables(f"test ({result.test['split']}, {chosen} weights of {result.selected_checkpoint.name})",
+                         result.test["summary"], names, labels)
+    best = ""
+    if result.best_checkpoint:
+        best = (f", {result.best_checkpoint} (best validation mean IoU {_fmt(result.best_mean_iou)}, "
+                f"epoch {result.best_epoch})")
+    lines += ["", f"checkpoints: {result.checkpoint}{best}"]
+    return "\n".join(lines)
+
+
+def format_evaluation(result: dict, class_names, *, header: str) -> str:
+    """What ``fseg eval`` prints: a header line, then one table (per member of an ensemble)."""
+    return "\n".join([header, *_tables(f"weights: {', '.join(result['weights'])}", result["summary"], class_names)])

@@ -1,4 +1,5 @@
-"""``fit``: epochs of a pure train step, evaluation, logging and exact resume over a run directory.
+"""``fit``: epochs of a pure train step, validation, logging, exact resume over a run directory, and the
+test split scored once at the end with the selected checkpoint.
 
 Everything random comes from one seed::
 
@@ -26,6 +27,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,19 +37,18 @@ from ..core import random as jr
 from ..core.tree import unstack
 from ..data.loader import Loader
 from ..data.preprocess import Preprocess
-from ..losses import get_loss
+from ..data.splits import Splits, split_data
 from ..models.saved import model_metadata
-from ..runtime import resolve_channels_last, resolve_compile, resolve_precision, reuse_freed_cpu_memory
+from ..runtime import Runtime, resolve_device, resolve_runtime
+from .build import Steps, build_steps, preprocess_for
 from .config import FitConfig, maths_record
 from .distributed import World, agree, broadcast_tree, failure_report, world_from_env
-from .evaluate import evaluate, evaluate_ensemble
+from .evaluation import evaluate, evaluate_checkpoint, evaluate_ensemble
 from .log import ConsoleLog, call_hooks
-from .optim import make_optimizer
 from .rundir import RunDir, RunDirError, TrainingDiverged
 from .state import TrainState, ensemble_size, init_ensemble, init_train_state, with_ema
-from .step import compile_step, make_eval_step, make_train_step
 
-__all__ = ["fit", "Plan", "plan_run", "TrainingDiverged", "unstack_members"]
+__all__ = ["fit", "FitResult", "Plan", "plan_run", "as_splits", "TrainingDiverged", "unstack_members"]
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,31 @@ class Plan:
     model: Any
     config: FitConfig
     preprocess: Preprocess
-    device: torch.device
+    runtime: Runtime
     train_loader: Loader
     val_loader: Loader | None
-    optimizer: Any
-    train_step: Any
-    eval_step: Any
+    steps: Steps
     init_key: torch.Tensor
     data_key: torch.Tensor
     data: dict
     world: World = World()
+    frozen_steps: Steps | None = None  # the steps of the encoder-frozen first epochs
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def optimizer(self):
+        return self.steps.optimizer
+
+    @property
+    def train_step(self):
+        return self.steps.train_step
+
+    @property
+    def eval_step(self):
+        return self.steps.eval_step
 
     @property
     def steps_per_epoch(self) -> int:
@@ -86,7 +102,8 @@ class Plan:
     def init_state(self) -> TrainState:
         c = self.config
         if c.members:
-            ts = init_ensemble(self.model, self.optimizer, self.init_key, c.members, sweep=c.sweep, device=self.device)
+            sweep = {"fold": [float(i) for i in range(c.folds)]} if c.folds else c.sweep
+            ts = init_ensemble(self.model, self.optimizer, self.init_key, c.members, sweep=sweep, device=self.device)
         else:
             ts = init_train_state(self.model, self.optimizer, self.init_key, device=self.device)
         return with_ema(ts) if c.ema is not None else ts
@@ -98,59 +115,73 @@ class Plan:
                 "args": dict(args or {})}
 
 
-def plan_run(model, train_data, val_data, config: FitConfig) -> Plan:
-    """Resolve devices, precision and layout, build the loaders, optimizer and (compiled) steps.
-
-    Under ``torchrun`` this process joins the job (``distributed.world_from_env``): its device is
-    ``cuda:LOCAL_RANK`` on CUDA, its train loader yields its slice of each global batch, and only
-    rank 0 gets a validation loader (it alone evaluates and writes).
-    """
-    world = world_from_env(config.device, bucket=config.bucket)
-    device = world.device(config.device)
-    precision = resolve_precision(config.precision, device)
-    use_compile = resolve_compile(config.compile, device)
-    if use_compile:
+def _runtime(config: FitConfig) -> tuple[World, Runtime]:
+    """This process's place in the job and its resolved runtime (device ``cuda:LOCAL_RANK`` under torchrun)."""
+    device = resolve_device(config.device)
+    world = world_from_env(device, bucket=config.bucket == "flat")
+    runtime = resolve_runtime(world.device(device), config.precision, config.compile, config.channels_last)
+    if runtime.compile:
         use_user_cache_dir()  # compiled code outlives the process: the next run of these shapes starts warm
-    if device.type == "cuda":
+    if runtime.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
-    else:
-        reuse_freed_cpu_memory()  # an eager CPU step would page-fault its activations in again every step
-    pre = Preprocess(size=int(train_data.size), policy=getattr(train_data, "policy", "resize"),
-                     channels_last=resolve_channels_last(config.channels_last, device), precision=precision,
-                     class_names=tuple(train_data.class_names))
-    if model.num_classes != pre.num_classes:
-        raise ValueError(f"the model predicts {model.num_classes} classes but the data has {pre.num_classes} "
-                         f"({', '.join(pre.class_names)}); pass num_classes={pre.num_classes} in the model cfg")
-    b = config.batch_size
+    return world, runtime
+
+
+def _fold_ids(data, folds: int, seed: int) -> torch.Tensor:
+    """int64 [N]: the fold of each training sample, a seeded function of the sample names only."""
+    from ..data.source import seeded_order
+
+    rank = {name: i for i, name in enumerate(seeded_order(data.names, seed))}
+    return torch.tensor([rank[n] % folds for n in data.names], dtype=torch.int64)
+
+
+def plan_run(model, splits: Splits, config: FitConfig) -> Plan:
+    """Resolve the runtime, build the loaders, the contract and the (compiled) steps.
+
+    Under ``torchrun`` this process joins the job (``distributed.world_from_env``): its train
+    loader yields its slice of each global batch, and only rank 0 gets a validation loader (it
+    alone evaluates and writes).
+    """
+    world, runtime = _runtime(config)
+    train_data, b = splits.train, config.batch_size
+    pre = preprocess_for(model, train_data, runtime)
     if world.local_batch(b) % config.accumulate:
         raise ValueError(f"the per-process batch {world.local_batch(b)} (--batch-size {b} over {world.size} "
                          f"processes) must be divisible by --accumulate {config.accumulate}")
-    members = config.members
-    if members and config.sync_bn and world.distributed and use_compile:
+    if config.members and config.sync_bn and world.distributed and runtime.compile:
         raise ValueError("--sync-bn with an ensemble cannot compile yet (dynamo cannot vmap the differentiable "
                          "all-reduce); pass --compile off")
-    train_loader = Loader(train_data, b, device=device, shuffle=True, drop_last=True, shard=(world.rank, world.size))
+    extra = _fold_ids(train_data, config.folds, config.seed) if config.folds else None
+    train_loader = Loader(train_data, b, device=runtime.device, shuffle=True, drop_last=True,
+                          shard=(world.rank, world.size), extra=extra)
     if len(train_loader) == 0:
         raise ValueError(f"batch size {b} is larger than the {len(train_data)} training images")
-    val_loader = (Loader(val_data, b, device=device, shuffle=False, drop_last=False)
-                  if val_data is not None and world.is_main else None)
+    val_loader = (Loader(splits.val, b, device=runtime.device, shuffle=False, drop_last=False)
+                  if splits.val is not None and world.is_main else None)
     spe = len(train_loader)
-    opt_cfg = dataclasses.replace(config.optimizer, steps_per_epoch=spe,
-                                  total_steps=config.optimizer.total_steps or config.epochs * spe)
-    optimizer = make_optimizer(opt_cfg)
-    loss_fn = get_loss(config.loss, ignore_index=pre.ignore_index, **config.loss_cfg)
-    step = make_train_step(model, loss_fn, optimizer, preprocess=pre, augment_cfg=config.augment,
-                           compile=use_compile, accumulate=config.accumulate, ema=config.ema, world=world,
-                           ensemble=bool(members), sync_bn=config.sync_bn)
-    eval_step = make_eval_step(model, preprocess=pre)
-    if members:
-        eval_step = torch.func.vmap(eval_step, in_dims=(0, 0, None, None))
-    if use_compile:
-        eval_step = compile_step(eval_step)
+    steps = build_steps(model, pre, config, runtime, world=world, steps_per_epoch=spe)
+    frozen = (build_steps(model, pre, config, runtime, world=world, steps_per_epoch=spe, frozen_encoder=True)
+              if config.freeze_encoder_epochs else None)
     init_key, data_key = jr.split(jr.key(config.seed))
     data = {"n_train": len(train_data), "steps_per_epoch": spe}
-    return Plan(model, config, pre, device, train_loader, val_loader, optimizer, step, eval_step, init_key,
-                data_key, data, world)
+    return Plan(model, config, pre, runtime, train_loader, val_loader, steps, init_key, data_key, data, world, frozen)
+
+
+def as_splits(data, config: FitConfig) -> Splits:
+    """``fit``'s data as ``Splits``: given as they are; a ``PreparedData`` is the training split (its
+    validation carved as ``config.data`` says, no test split); a path (or None: the built-in
+    synthetic data) is prepared as ``fseg train`` prepares ``--data``."""
+    if isinstance(data, Splits):
+        return data
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return split_data(data, config.data, seed=config.seed)
+    cfg = config.data
+    if cfg.val_split == "carve":
+        train, val = data.carve(cfg.val_fraction, config.seed)
+        return Splits(train, val, None, f"{len(val)} images carved (fraction {cfg.val_fraction}, seed {config.seed})")
+    if cfg.val_split != "none":
+        raise ValueError(f"val_split {cfg.val_split!r} names a split: pass Splits(train, val) or a dataset path")
+    return Splits(data)
 
 
 @dataclass
@@ -213,10 +244,11 @@ def _train_epoch(plan: Plan, ts: TrainState, epoch: int, saved: dict | None, run
     sums = _EpochSums.start(saved if done else None, shape, plan.device)
     bad = _Divergence(shape, plan.device)
     batches = itertools.islice(plan.train_loader.epoch(jr.fold_in(plan.data_key, epoch)), done, None)
+    train_step = plan.train_step if epoch >= c.freeze_encoder_epochs else plan.frozen_steps.train_step
     call_hooks(hooks, "on_epoch_start", epoch, c.epochs, done, spe)
     t0 = time.perf_counter()
     for i, batch in enumerate(batches, start=done):
-        ts, metrics = plan.train_step(ts, batch)
+        ts, metrics = train_step(ts, batch)
         step_no = epoch * spe + i + 1
         sums.loss, sums.n = sums.loss + metrics["loss"].double(), sums.n + 1
         sums.pixel_accuracy = sums.pixel_accuracy + metrics["pixel_accuracy"].double()
@@ -253,30 +285,47 @@ def _record(plan: Plan, ts: TrainState, sums: _EpochSums, epoch: int) -> dict:
     return record
 
 
-def _validate(plan: Plan, params, state) -> tuple[Any, float]:
-    """``(summary or member summaries, score)``; the score of an ensemble is its members' mean."""
+def _validate(plan: Plan, params, state) -> Any:
+    """The validation summary (a list of member summaries for an ensemble)."""
     args = (plan.model, params, state, plan.val_loader)
     kw = {"eval_step": plan.eval_step, "preprocess": plan.preprocess}
-    if plan.config.members:
-        summaries = evaluate_ensemble(*args, **kw)
-        return summaries, sum(s["mean_iou"] for s in summaries) / len(summaries)
-    summary = evaluate(*args, **kw)
-    return summary, summary["mean_iou"]
+    return evaluate_ensemble(*args, **kw) if plan.config.members else evaluate(*args, **kw)
 
 
-def _evaluate_epoch(plan: Plan, ts: TrainState, record: dict, epoch: int) -> float | None:
+def selection(record: dict, members: int | None) -> dict | None:
+    """Which weights an epoch's validation prefers, the policy ``load_checkpoint(weights="auto",
+    member="auto")`` reads back: per member the raw or EMA weights, whichever scored the higher mean
+    IoU; the best member; and the run's score (the members' mean of their chosen scores), which
+    selects ``best.safetensors``. None without validation."""
+    val = record.get("val")
+    if not val:
+        return None
+    ema = record.get("val_ema")
+    vals, emas = (val, ema or [None] * len(val)) if members else ([val], [ema])
+    weights, scores = [], []
+    for v, e in zip(vals, emas):
+        raw, smooth = v["mean_iou"], (e or {}).get("mean_iou")
+        use_ema = smooth is not None and smooth == smooth and not smooth <= raw
+        weights.append("ema" if use_ema else "params")
+        scores.append(smooth if use_ema else raw)
+    finite = [x if x == x else -1.0 for x in scores]
+    return {"weights": weights, "member": max(range(len(finite)), key=finite.__getitem__),
+            "scores": scores, "score": sum(scores) / len(scores)}
+
+
+def _evaluate_epoch(plan: Plan, ts: TrainState, record: dict, epoch: int) -> dict | None:
     """Validate the raw params (``val``) and, with ``--ema``, the EMA weights (``val_ema``) into
-    ``record``; the score (that selects best.safetensors) is the raw params' mean IoU."""
+    ``record``; returns the epoch's :func:`selection`."""
     c = plan.config
     if plan.val_loader is None or (isinstance(record["epoch"], int) and (epoch + 1) % c.eval_every
                                    and epoch + 1 != c.epochs):
         return None
     t1 = time.perf_counter()
-    record["val"], score = _validate(plan, ts.params, ts.state)
+    record["val"] = _validate(plan, ts.params, ts.state)
     if ts.ema:
-        record["val_ema"], _ = _validate(plan, ts.ema["params"], ts.ema["state"])
+        record["val_ema"] = _validate(plan, ts.ema["params"], ts.ema["state"])
     record["eval_time_s"] = time.perf_counter() - t1
-    return score
+    return selection(record, c.members)
 
 
 def _open_run(plan: Plan, run: RunDir, model, record: dict, resume: bool) -> tuple[TrainState, dict]:
@@ -289,67 +338,125 @@ def _open_run(plan: Plan, run: RunDir, model, record: dict, resume: bool) -> tup
     return broadcast_tree(plan.world, ts), extra
 
 
-def fit(model, train_data, val_data, config: FitConfig, *, out_dir: str | os.PathLike, resume: bool = False,
-        hooks: Sequence | None = None, args: dict | None = None) -> dict:
-    """Train ``model`` on ``train_data`` as ``config`` says, keeping the run's record in ``out_dir``.
+@dataclass(frozen=True)
+class FitResult:
+    """What ``fit`` returns. ``history`` holds the metrics.jsonl records, ``final`` the last one;
+    ``test`` the test split's evaluation of the selected checkpoint (None without a test split,
+    and on every rank but 0 under torchrun, where only rank 0 evaluates and writes)."""
+
+    out_dir: Path
+    step: int
+    epoch: float
+    history: list[dict]
+    best_mean_iou: float | None
+    best_epoch: int | float | None
+    checkpoint: Path
+    best_checkpoint: Path | None
+    train_state: TrainState
+    preprocess: Preprocess
+    members: int | None
+    val_note: str
+    test: dict | None
+    is_main: bool = True
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def selected_checkpoint(self) -> Path:
+        """best.safetensors when validation selected one, else last.safetensors."""
+        return self.best_checkpoint or self.checkpoint
+
+
+def _default_out(model) -> Path:
+    return Path("runs") / f"{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _train(plan: Plan, run: RunDir, model, meta: dict, resume: bool, hooks) -> tuple[TrainState, list, dict]:
+    """The epochs: ``(train_state, history, best)`` with ``best`` = best_mean_iou / best_epoch."""
+    config = plan.config
+    ts, extra = _open_run(plan, run, model, {"model": model_metadata(model), **meta}, resume)
+    history = run.history(_step_of(ts)) if resume else []
+    best = {"best_mean_iou": extra.get("best_mean_iou"), "best_epoch": extra.get("best_epoch")}
+    last_selection = extra.get("selection")
+
+    def save(which, state, more=None, sel=None):
+        metadata = {**meta, "selection": sel} if sel else meta
+        run.save(which, state, model=model, metadata=metadata, extra={**best, **(more or {}), "selection": sel})
+
+    for epoch in range(_step_of(ts) // plan.steps_per_epoch, config.epochs):
+        if _step_of(ts) >= plan.total_steps:
+            break
+        ts, sums = _train_epoch(plan, ts, epoch, extra.pop("epoch_acc", None), run, hooks,
+                                lambda state, more, sel=last_selection: save("last", state, more, sel))
+        record = _record(plan, ts, sums, epoch)
+        whole = isinstance(record["epoch"], int)
+        sel = _evaluate_epoch(plan, ts, record, epoch)
+        if not whole:
+            record["partial"] = True  # stopped by max_steps: a resumed run replaces it
+        record["time"] = time.time()
+        run.append(record)
+        history.append(record)
+        call_hooks(hooks, "on_epoch_end", record, config.epochs)
+        improved = sel is not None and sel["score"] == sel["score"] and (
+            best["best_mean_iou"] is None or sel["score"] > best["best_mean_iou"])
+        if improved:
+            best = {"best_mean_iou": sel["score"], "best_epoch": record["epoch"]}
+        last_selection = sel or last_selection
+        # last first: a kill between the two writes leaves a run that resumes (best is re-derived)
+        save("last", ts, None if whole else {"epoch_acc": sums.to_dict(0.0)}, last_selection)
+        if improved:
+            save("best", ts, None, sel)
+    return ts, history, best
+
+
+def fit(model, data, config: FitConfig | None = None, *, out_dir: str | os.PathLike | None = None,
+        resume: bool = False, hooks: Sequence | None = None, args: dict | None = None) -> FitResult:
+    """Train ``model`` as ``config`` says, keep the run's record in ``out_dir``, and score the test
+    split once with the selected checkpoint: what ``fseg train`` does.
 
     Under ``torchrun`` every process runs this same call (see ``distributed``): rank 0 writes the
-    run directory, validates and runs the hooks; the others train their slice of each batch.
+    run directory, validates, runs the hooks and scores the test split; the others train their
+    slice of each batch.
 
     Args:
-        train_data, val_data: ``PreparedData`` (val_data may be None: no evaluation; ``best``
-            is then never written). Validation scores the raw params (``val``, which selects
-            best.safetensors) and, with ``config.ema``, the EMA weights too (``val_ema``).
-        config: a ``FitConfig``.
-        out_dir: the run directory (see ``rundir``); ``resume`` continues from its last.safetensors.
+        data: ``Splits`` (train, val, test), a ``PreparedData`` (the training split; validation
+            carved as ``config.data`` says), or a dataset path (None: the built-in synthetic data)
+            prepared as ``config.data`` says. Validation scores the raw params (``val``) and, with
+            ``config.ema``, the EMA weights (``val_ema``); see :func:`selection`.
+        config: a ``FitConfig`` (default: ``FitConfig()``, the defaults of ``fseg train``).
+        out_dir: the run directory (default ``runs/<model>-<time>``; see ``rundir``); ``resume``
+            continues from its last.safetensors.
         hooks: objects with ``on_epoch_start``/``on_log``/``on_epoch_end``/``close`` (default:
             ``[ConsoleLog()]``).
         args: the caller's arguments (e.g. the CLI's), recorded in config.json and checkpoints.
-    Returns:
-        dict with ``out_dir``, ``step``, ``epoch``, ``history`` (the metrics.jsonl records),
-        ``final`` (the last record), ``best_mean_iou``, ``best_epoch``, ``checkpoint``,
-        ``best_checkpoint``, ``train_state``, ``preprocess`` and for an ensemble ``members``.
     Raises:
         TrainingDiverged: the loss or the train state became nan/inf (named with the step).
         RunDirError: the directory cannot hold this run (the message says why and what to do).
     """
-    plan = plan_run(model, train_data, val_data, config)
+    config = config or FitConfig()
+    splits = as_splits(data, config)
+    plan = plan_run(model, splits, config)
     world = plan.world
     hooks = (list(hooks) if hooks is not None else [ConsoleLog()]) if world.is_main else []
     meta = plan.metadata(args)
-    with failure_report(world), RunDir(out_dir, writer=world.is_main) as run:
-        record = {"model": model_metadata(model), **meta}
-        ts, extra = _open_run(plan, run, model, record, resume)
-        history = run.history(_step_of(ts)) if resume else []
-        best = {"best_mean_iou": extra.get("best_mean_iou"), "best_epoch": extra.get("best_epoch")}
-        save = lambda which, state, more=None: run.save(which, state, model=model, metadata=meta,  # noqa: E731
-                                                         extra={**best, **(more or {})})
+    with failure_report(world), RunDir(out_dir or _default_out(model), writer=world.is_main) as run:
         try:
-            for epoch in range(_step_of(ts) // plan.steps_per_epoch, config.epochs):
-                if _step_of(ts) >= plan.total_steps:
-                    break
-                ts, sums = _train_epoch(plan, ts, epoch, extra.pop("epoch_acc", None), run, hooks,
-                                        lambda state, more: save("last", state, more))
-                record = _record(plan, ts, sums, epoch)
-                whole = isinstance(record["epoch"], int)
-                score = _evaluate_epoch(plan, ts, record, epoch)
-                if not whole:
-                    record["partial"] = True  # stopped by max_steps: a resumed run replaces it
-                record["time"] = time.time()
-                run.append(record)
-                history.append(record)
-                call_hooks(hooks, "on_epoch_end", record, config.epochs)
-                if score is not None and score == score and (best["best_mean_iou"] is None
-                                                             or score > best["best_mean_iou"]):
-                    best = {"best_mean_iou": score, "best_epoch": record["epoch"]}
-                    save("best", ts)
-                save("last", ts, None if whole else {"epoch_acc": sums.to_dict(0.0)})
+            ts, history, best = _train(plan, run, model, meta, resume, hooks)
         finally:
             call_hooks(hooks, "close")
-    return {"out_dir": str(run.path), "step": _step_of(ts), "epoch": _step_of(ts) / plan.steps_per_epoch,
-            "history": history, "final": history[-1] if history else {}, **best,
-            "checkpoint": str(run.last), "best_checkpoint": str(run.best) if run.best.exists() else None,
-            "train_state": ts, "preprocess": plan.preprocess, **({"members": config.members} if config.members else {})}
+        chosen = run.best if run.best.exists() else run.last
+        test = None
+        if splits.test is not None and world.is_main and history:
+            test = {"split": splits.test_split,
+                    **evaluate_checkpoint(chosen, splits.test, runtime=plan.runtime, batch_size=config.batch_size)}
+            run.write_test(test)
+    return FitResult(out_dir=run.path, step=_step_of(ts), epoch=_step_of(ts) / plan.steps_per_epoch, history=history,
+                     best_mean_iou=best["best_mean_iou"], best_epoch=best["best_epoch"], checkpoint=run.last,
+                     best_checkpoint=run.best if run.best.exists() else None, train_state=ts,
+                     preprocess=plan.preprocess, members=config.members, val_note=splits.val_note, test=test,
+                     is_main=world.is_main)
 
 
 def unstack_members(train_state: TrainState) -> list[TrainState]:

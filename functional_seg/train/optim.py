@@ -35,6 +35,7 @@ from torchopt.base import EmptyState, GradientTransformation
 from ..core.tree import tree_leaves, tree_map
 from ..options import OPTIMIZERS, SCHEDULES
 from .adam import scale_by_adam
+from .config import OptimizerConfig
 
 __all__ = [
     "OPTIMIZERS",
@@ -46,62 +47,6 @@ __all__ = [
     "clip_by_global_norm",
     "momentum",
 ]
-
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """Static optimizer settings (the learning rate itself lives in ``TrainState.hparams``).
-
-    Attributes:
-        name: "adam" (L2 weight decay added to the gradient, as ``torch.optim.Adam``), "adamw"
-            (decoupled weight decay, as ``torch.optim.AdamW``) or "sgd" (heavy-ball momentum,
-            L2 weight decay, as ``torch.optim.SGD``).
-        lr: the base learning rate, copied into ``hparams["lr"]`` when a state is created.
-        clip_norm: clip the global gradient 2-norm to this value first (None: no clipping).
-        schedule: "constant"; "cosine" (linear warmup then cosine decay to ``min_lr_ratio``
-            over ``total_steps``); "poly" (``(1 - t) ** power`` down to ``min_lr_ratio``);
-            "step" (``gamma ** (epoch // step_size)``, the series' StepLR, which needs
-            ``steps_per_epoch``). ``warmup_steps`` ramps any schedule up linearly.
-    """
-
-    name: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float | None = None
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    total_steps: int | None = None
-    min_lr_ratio: float = 0.0
-    power: float = 1.0
-    step_size: int = 7
-    gamma: float = 0.7
-    steps_per_epoch: int | None = None
-
-    def __post_init__(self):
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.name!r}; available: {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; available: {', '.join(SCHEDULES)}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> OptimizerConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,15 +167,28 @@ class Optimizer:
         updates = tree_map(lambda u: None if u is None else u * scale.to(u.dtype), directions)
         return updates, opt_state
 
-    def apply(self, grads, opt_state, params, *, step: torch.Tensor, lr: torch.Tensor):
+    def apply(self, grads, opt_state, params, *, step: torch.Tensor, lr: torch.Tensor,
+              scales: dict[str, float] | None = None):
         """Returns ``(new_params, new_opt_state)``: ``update`` and ``torchopt.apply_updates`` in one.
 
         Each new leaf is ``addcmul(p, direction, -lr * schedule(step))``: one pass over the leaf
         where scaling and adding take two (and a tree of updates the size of the params).
+
+        Args:
+            scales: optional learning-rate factor per top-level key of ``params`` (static Python
+                floats; e.g. ``{"encoder": 0.1, "decoder": 1.0}``); a factor of 0 leaves that
+                subtree unchanged.
         """
         directions, opt_state = self.tx.update(grads, opt_state, params=params, inplace=False)
         scale = -self.learning_rate(step, lr)
-        return tree_map(lambda p, d: torch.addcmul(p, d, scale.to(d.dtype)), params, directions), opt_state
+        if scales is None:
+            return tree_map(lambda p, d: torch.addcmul(p, d, scale.to(d.dtype)), params, directions), opt_state
+        new = {}
+        for name, sub in params.items():
+            factor = scales.get(name, 1.0)
+            new[name] = sub if factor == 0 else tree_map(
+                lambda p, d, f=factor: torch.addcmul(p, d, (scale * f).to(d.dtype)), sub, directions[name])
+        return new, opt_state
 
 
 def make_optimizer(cfg: OptimizerConfig | None = None, **overrides) -> Optimizer:

@@ -4,6 +4,7 @@
     RUN_DIR/metrics.jsonl      one strict-JSON record per epoch, appended and fsynced
     RUN_DIR/last.safetensors   the train state at the last epoch end (or ``checkpoint_every``)
     RUN_DIR/best.safetensors   the train state of the best validation mean IoU
+    RUN_DIR/test.json          the test split's scores of the selected checkpoint, written once at the end
     RUN_DIR/.lock              held (flock) while a run writes here
 
 Guarantees:
@@ -42,7 +43,7 @@ from .config import first_difference
 
 __all__ = ["RunDir", "RunDirError", "TrainingDiverged", "RUN_FILES", "nonfinite_leaves"]
 
-RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors")
+RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "test.json")
 
 
 class RunDirError(ValueError):
@@ -81,7 +82,9 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.last = self.path / "last.safetensors"
         self.best = self.path / "best.safetensors"
+        self.test = self.path / "test.json"
         self._lock_fd: int | None = None
+        self._created = False
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -93,6 +96,7 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} is a file, not a folder; choose a folder for the run")
         try:
+            self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
@@ -110,9 +114,15 @@ class RunDir:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing releases the flock
-            self._lock_fd = None
+        if self._lock_fd is None:
+            return
+        if not self.existing():  # refused or failed before its first file: leave no trace behind
+            with contextlib.suppress(OSError):
+                (self.path / ".lock").unlink()
+                if self._created:
+                    self.path.rmdir()
+        os.close(self._lock_fd)  # closing releases the flock
+        self._lock_fd = None
 
     # -- starting or resuming ------------------------------------------------------------------
 
@@ -129,6 +139,9 @@ class RunDir:
             raise RunDirError(f"{self.path} already holds a run ({', '.join(found)}); continue it with --resume, "
                               "or choose another --out")
         has_last = self.last.exists()
+        if resume and not found:
+            raise RunDirError(f"--resume: {self.path} holds no run to continue (no config.json or "
+                              "last.safetensors); drop --resume to start one there")
         if resume and not has_last:
             results = [f for f in found if f != "config.json"]
             if results:
@@ -191,6 +204,11 @@ class RunDir:
         meta = {**model_metadata(model), **dict(metadata), "ensemble": k, "extra": dict(extra)}
         self._write(path, lambda p: ckpt.save(p, train_state, meta))
         return path
+
+    def write_test(self, result: Mapping[str, Any]) -> None:
+        """test.json: the test split's scores of the selected checkpoint (rank 0 only)."""
+        if self.writer:
+            self._write(self.test, lambda p: write_json(p, dict(result)))
 
     def append(self, record: Mapping[str, Any]) -> None:
         if not self.writer:

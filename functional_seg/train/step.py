@@ -36,7 +36,7 @@ from .. import metrics as M
 from ..core import random as jr
 from ..core.autodiff import grad_and_value
 from ..core.tree import tree_map
-from ..data.augment import augment, to_float
+from ..data.augmentation import augment, to_float
 from ..data.preprocess import Preprocess
 from ..nn.norm import batch_stats_reducer
 from ..runtime import autocast
@@ -90,7 +90,8 @@ def _is_float(t) -> bool:
 def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preprocess | None = None,
                     augment_cfg=None, compile: bool = False, fullgraph: bool = True,
                     backend: str = "inductor", accumulate: int = 1, ema: float | None = None,
-                    world: World | None = None, ensemble: bool = False, sync_bn: bool = False) -> Callable:
+                    world: World | None = None, ensemble: bool = False, sync_bn: bool = False,
+                    folds: int | None = None, encoder_lr: float = 1.0, frozen_encoder: bool = False) -> Callable:
     """Build the pure ``train_step(train_state, batch) -> (train_state, metrics)``.
 
     Args:
@@ -123,13 +124,24 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preproce
             outside the ``vmap``, so each reduces the K members at once).
         sync_bn: with a distributed ``world``, batch norm normalises with the statistics of the
             whole global (micro-)batch (``nn.norm.batch_stats_reducer``).
+        folds: K-fold training (static): the batch carries each sample's fold int64 [b] as a third
+            element, and a member whose ``hparams["fold"]`` is k never learns from the labels of
+            fold k (their pixels become ``ignore_index`` for it; the images still pass through its
+            batch norm, as unlabelled images would).
+        encoder_lr: multiplier of the learning rate of the params under ``"encoder"`` (static; 0
+            leaves them unchanged).
+        frozen_encoder: the encoder runs in eval mode (running batch-norm statistics, kept
+            unchanged) with no gradient, and its params are not updated: the first epochs of a
+            fine-tuning run.
 
     Returns:
         ``train_step``; batch is ``(images uint8 [b, 3, S, S], masks int64 [b, S, S])`` on the
         state's device, b = B / world size.
     """
+    if frozen_encoder:
+        model = _frozen(model)
     spec = _StepSpec(model, loss_fn, optimizer, preprocess or _DEFAULT, augment_cfg, int(accumulate), ema,
-                     world or SINGLE)
+                     world or SINGLE, folds is not None, 0.0 if frozen_encoder else float(encoder_lr))
     if spec.k_micro < 1:
         raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
     if ema is not None and not 0.0 < ema < 1.0:
@@ -174,6 +186,8 @@ class _StepSpec:
     k_micro: int
     ema: float | None
     world: World
+    folds: bool = False
+    encoder_lr: float = 1.0
 
     @property
     def parts(self) -> int:
@@ -209,17 +223,20 @@ def _micro_grads(spec: _StepSpec, train_state: TrainState, xj, tj, key_j, extra:
 
 def _local(spec: _StepSpec, train_state: TrainState, batch):
     """This rank's share: (grads, state, sums) summed over its micro-batches."""
-    images, masks = batch
+    images, masks = batch[0], batch[1]
     b, k_micro, world = images.shape[0], spec.k_micro, spec.world
     if b % k_micro:
         raise ValueError(f"the batch of {b} images (per process) is not divisible by accumulate {k_micro}")
     step_key = jr.fold_in(train_state.key, train_state.step)
     aug_key, model_key = jr.split(step_key)
     x, target = to_float(images), masks
+    if spec.folds:  # this member's held-out fold teaches it nothing: its labels become "ignore"
+        held_out = batch[2].to(torch.float32) == train_state.hparams["fold"]
+        target = torch.where(held_out[:, None, None], spec.pre.ignore_index, target)
     if spec.augment_cfg is not None:
         x, target = _augment_samples(aug_key, x, target, spec.augment_cfg, world.rank * b)
     x = spec.pre.model_input(x)
-    extra = {k: v for k, v in train_state.hparams.items() if k != "lr"}
+    extra = {k: v for k, v in train_state.hparams.items() if k not in _NOT_LOSS_HPARAMS}
     m = b // k_micro
     for j in range(k_micro):
         key_j = model_key if spec.parts == 1 else jr.fold_in(model_key, world.rank * k_micro + j)
@@ -244,7 +261,8 @@ def _update(spec: _StepSpec, train_state: TrainState, grads, state, sums):
     else:
         loss = sums["loss"]
     params, opt_state = spec.optimizer.apply(grads, train_state.opt_state, train_state.params,
-                                             step=train_state.step, lr=train_state.hparams["lr"])
+                                             step=train_state.step, lr=train_state.hparams["lr"],
+                                             scales=_encoder_scales(train_state.params, spec.encoder_lr))
     cm = sums["confusion"]
     metrics = {"loss": loss, "pixel_accuracy": M.pixel_accuracy(cm).float(), "confusion": cm}
     new = train_state._replace(params=params, state=state, opt_state=opt_state, step=train_state.step + 1,
@@ -270,6 +288,23 @@ def _reduce(world: World, grads, state, sums):
     sums = {"loss": scal[..., 0].float(), "weight": scal[..., 1].float(),
             "confusion": scal[..., 2:].round().to(torch.int64).reshape(cm.shape)}
     return pytree.tree_unflatten(reduced[:len(g_leaves)], g_spec), pytree.tree_unflatten(s_leaves, s_spec), sums
+
+
+_NOT_LOSS_HPARAMS = ("lr", "fold")  # hparams the step itself reads; the others are the loss's keywords
+
+
+def _encoder_scales(params: dict, encoder_lr: float) -> dict | None:
+    """Per top-level key, the factor of its learning rate: ``encoder_lr`` for ``"encoder"``, else 1."""
+    if encoder_lr == 1.0 or "encoder" not in params:
+        return None
+    return {name: encoder_lr if name == "encoder" else 1.0 for name in params}
+
+
+def _frozen(model):
+    """The model with its encoder frozen (``models.encoders.freeze_encoder``), or a clear error."""
+    from ..models.encoders import freeze_encoder
+
+    return freeze_encoder(model)
 
 
 def _ema_update(ema: dict, params: dict, state: dict, decay: float) -> dict:

@@ -1,0 +1,154 @@
+"""Evaluation: stream a split through the eval step and summarise one summed confusion matrix.
+
+The last short batch is padded to the batch size with ignored pixels (one static shape for a
+compiled step). The article series' own figures (``series_iou``, BACKGROUND ignored, and the
+per-image ``series_custom_iou``, averaged over the real images only) are reported for the Oxford
+trimaps only (``Preprocess.layout == "oxford_pets"``): elsewhere class 1 is not a background.
+
+``evaluate_checkpoint(path, data)`` is the one way a checkpoint is scored (``fseg eval``, the test
+split at the end of ``fit``, the experiments): ``models.load_checkpoint``'s weight policy, the
+device's runtime, and the checkpoint's class names checked against the data's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ..core.tree import tree_leaves
+from ..data.loader import Loader
+from ..data.preprocess import Preprocess
+from ..metrics import summarize
+from ..models.saved import Loaded, load_checkpoint
+from ..runtime import Runtime, resolve_runtime
+from .step import make_eval_step
+
+__all__ = ["evaluate", "evaluate_ensemble", "evaluate_checkpoint", "ClassMismatch"]
+
+
+def _batches_padded(loader, ignore_index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    b = loader.batch_size
+    for images, masks in loader.epoch(None):
+        n = images.shape[0]
+        if n < b:
+            images = torch.cat([images, images.new_zeros((b - n, *images.shape[1:]))])
+            masks = torch.cat([masks, masks.new_full((b - n, *masks.shape[1:]), ignore_index)])
+        yield images, masks, n
+
+
+def _summary(cm: torch.Tensor, custom_sum: torch.Tensor, count: int, class_names, series: bool) -> dict:
+    out = summarize(cm, class_names, series=series)
+    if series:
+        out["series_custom_iou"] = float(custom_sum) / max(count, 1)
+    out["confusion"] = cm.tolist()
+    return out
+
+
+def _progress(batches, total: int, show: bool):
+    """A tqdm bar on a terminal when asked; nothing in a log file (the caller prints the result)."""
+    if not (show and sys.stderr.isatty()):
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=total, desc="evaluating", leave=False, dynamic_ncols=True)
+
+
+def _accumulate(eval_step, params, state, loader, ignore_index: int, shape: tuple, c: int, progress: bool):
+    cm = torch.zeros((*shape, c, c), dtype=torch.int64)
+    custom = torch.zeros(shape, dtype=torch.float64)
+    count = 0
+    batches = _progress(_batches_padded(loader, ignore_index), len(loader), progress)
+    with torch.no_grad():
+        for images, masks, n in batches:
+            out = eval_step(params, state, images, masks)
+            cm = cm + out["confusion"].cpu()
+            custom = custom + out["custom_iou"][..., :n].double().sum(dim=-1).cpu()
+            count += n
+    return cm, custom, count
+
+
+def evaluate(model, params, state, loader, *, eval_step: Callable | None = None,
+             class_names: Sequence[str] | None = None, preprocess: Preprocess | None = None,
+             progress: bool = False) -> dict:
+    """``metrics.summarize`` of a whole split, plus ``series_custom_iou`` and ``confusion``.
+
+    Args:
+        loader: a ``Loader`` with ``shuffle=False``.
+        eval_step: from ``make_eval_step``; built from ``preprocess`` if None.
+        class_names: names for the per-class keys (default: ``preprocess.class_names``).
+        progress: a progress bar on stderr when it is a terminal.
+    """
+    pre = preprocess or Preprocess()
+    step = eval_step or make_eval_step(model, preprocess=pre)
+    cm, custom, count = _accumulate(step, params, state, loader, pre.ignore_index, (), model.num_classes, progress)
+    return _summary(cm, custom, count, class_names or pre.class_names, pre.layout == "oxford_pets")
+
+
+def evaluate_ensemble(model, params, state, loader, *, eval_step: Callable | None = None,
+                      class_names: Sequence[str] | None = None, preprocess: Preprocess | None = None,
+                      progress: bool = False) -> list[dict]:
+    """:func:`evaluate` for stacked (ensemble) params: one summary per member, in member order."""
+    pre = preprocess or Preprocess()
+    step = eval_step or torch.func.vmap(make_eval_step(model, preprocess=pre), in_dims=(0, 0, None, None))
+    k = int(tree_leaves(params)[0].shape[0])
+    cm, custom, count = _accumulate(step, params, state, loader, pre.ignore_index, (k,), model.num_classes,
+                                    progress)
+    names, series = class_names or pre.class_names, pre.layout == "oxford_pets"
+    return [_summary(cm[i], custom[i], count, names, series) for i in range(k)]
+
+
+class ClassMismatch(ValueError):
+    """A checkpoint is scored on data whose classes are not the ones it was trained on."""
+
+
+def _named(names) -> bool:
+    return not all(n == f"class_{i}" for i, n in enumerate(names))
+
+
+def check_classes(trained: Sequence[str], data_names: Sequence[str], *, checkpoint, data: str = "the data"
+                  ) -> tuple[str, ...]:
+    """The class names to report: the trained ones; the data's where the run named none.
+
+    Raises:
+        ClassMismatch: another number of classes, or both named and the names differ (a model of
+            sky/road/car scored on pet/background/border would relabel its rows silently).
+    """
+    trained, data_names = tuple(trained), tuple(data_names)
+    if len(trained) != len(data_names):
+        raise ClassMismatch(f"{data} has {len(data_names)} classes ({', '.join(data_names)}) but {checkpoint} "
+                            f"predicts {len(trained)} ({', '.join(trained)})")
+    if _named(trained) and _named(data_names) and trained != data_names:
+        raise ClassMismatch(f"{checkpoint} was trained on classes {', '.join(trained)} but {data} has "
+                            f"{', '.join(data_names)}; evaluate it on data with the same classes")
+    return trained if _named(trained) else data_names
+
+
+def evaluate_checkpoint(path, data, *, runtime: Runtime | None = None, device: str = "auto", weights: str = "auto",
+                        member: int | str | None = "all", batch_size: int = 32, progress: bool = False,
+                        data_label: str = "the data") -> dict:
+    """Score a checkpoint (a path, or ``models.load_checkpoint``'s result) on prepared ``data`` (at the
+    checkpoint's size and policy).
+
+    Weights and members as ``models.load_checkpoint`` resolves them (default: the raw or EMA weights
+    each member validated higher with, every member of an ensemble). Precision and layout are the
+    runtime's (``runtime`` or one resolved for ``device``), not the training machine's.
+
+    Returns:
+        ``{"checkpoint", "weights", "member", "summary"}``: ``summary`` is one ``evaluate`` summary,
+        or a list of them (one per member) for an ensemble scored whole.
+    """
+    runtime = runtime or resolve_runtime(device)
+    loaded = path if isinstance(path, Loaded) else load_checkpoint(path, device=runtime.device, weights=weights,
+                                                                    member=member)
+    path = loaded.path
+    names = check_classes(loaded.preprocess.class_names, data.class_names, checkpoint=path, data=data_label)
+    pre = dataclasses.replace(loaded.preprocess, class_names=names, precision=runtime.precision,
+                              channels_last=runtime.channels_last)
+    loader = Loader(data, batch_size, device=runtime.device, shuffle=False, drop_last=False)
+    score = evaluate_ensemble if loaded.members else evaluate
+    summary = score(loaded.model, loaded.params, loaded.state, loader, preprocess=pre, progress=progress)
+    return {"checkpoint": str(path), "weights": list(loaded.weights), "member": loaded.member,
+            "class_names": list(names), "summary": summary}
