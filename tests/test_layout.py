@@ -14,7 +14,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "functional_seg"
 _RANK = {"core": 0, "options": 0, "runtime": 0, "compile_cache": 0, "nn": 1, "data": 2, "losses": 2, "metrics": 2,
-         "checkpoint": 2, "summary": 3, "models": 3, "train": 4, "export": 5, "predict": 5, "cli": 6}
+         "uncertainty": 2, "label_quality": 2, "reliability": 2, "checkpoint": 2, "summary": 3, "models": 3,
+         "train": 4, "export": 5, "predict": 5, "cli": 6}
 
 
 def _modules():
