@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 from strategies_seg import seg_batches
+from torchmetrics.functional.classification import multiclass_calibration_error
 
 from functional_seg import metrics as M
 from functional_seg.reliability import BAR, GAP, reliability_diagram, save_reliability_diagram
@@ -66,6 +67,18 @@ def test_counts_and_ece_equal_a_direct_numpy_computation(batch, bins):
         assert M.ece(counts).item() == pytest.approx(ece, abs=1e-12)
     else:
         assert M.ece(counts).isnan() and M.mce(counts).isnan()
+
+
+@given(seg_batches(ignore_labels=(None, 255), max_side=8), st.sampled_from([5, 15]))
+def test_ece_and_mce_match_torchmetrics(batch, bins):
+    if not batch.valid.any():
+        return  # torchmetrics has no value for nothing counted
+    probs = batch.logits.softmax(1)
+    c, ignore = batch.num_classes, batch.ignore_index
+    counts = M.calibration_counts(probs, batch.target, num_bins=bins, ignore_index=ignore)
+    for ours, norm in ((M.ece(counts), "l1"), (M.mce(counts), "max")):
+        theirs = multiclass_calibration_error(probs, batch.target, c, n_bins=bins, norm=norm, ignore_index=ignore)
+        assert ours.item() == pytest.approx(theirs.item(), abs=1e-5), norm
 
 
 @given(seg_batches(max_side=6), st.data())
