@@ -191,6 +191,22 @@ def test_label_quality_under_compile_and_vmap():
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_label_audit_on_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    probs = (3 * torch.randn(4, 5, 33, 47, generator=g)).softmax(1)
+    labels = torch.randint(0, 5, (4, 33, 47), generator=g)
+    labels[:, 0] = 255
+    t = thresholds_of(probs, labels, 255)
+    t_cuda = thresholds_of(probs.cuda(), labels.cuda(), 255)
+    torch.testing.assert_close(t_cuda.cpu(), t, rtol=1e-12, atol=1e-12)
+    cpu = Q.score_batch(probs, labels, t, ignore_index=255)
+    cuda = Q.score_batch(probs.cuda(), labels.cuda(), t_cuda, ignore_index=255)
+    for key, value in cpu.items():
+        assert cuda[key].device.type == "cuda"
+        torch.testing.assert_close(cuda[key].cpu(), value, equal_nan=True, msg=key)
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [

@@ -23,9 +23,8 @@ RATIOS = (0.02, 0.05, 0.1, 0.25)
 
 
 def reference_width(h: int, w: int, ratio: float) -> int:
-    """boundary_utils.mask_to_boundary's dilation, verbatim in numpy."""
-    dilation = int(round(ratio * np.sqrt(h**2 + w**2)))
-    return max(dilation, 1)
+    """The reference's band width: the ratio of the numpy diagonal, rounded, at least 1."""
+    return max(int(round(ratio * np.sqrt(h**2 + w**2))), 1)
 
 
 def reference_band(mask: np.ndarray, d: int) -> np.ndarray:
@@ -90,6 +89,28 @@ def test_boundary_counts_match_an_independent_scipy_reference(pair):
     ref_inter, ref_union = reference_counts(pred.numpy(), target.numpy(), c, ratio, ignore)
     assert inter.dtype == union.dtype == torch.int64
     assert inter.tolist() == ref_inter.tolist() and union.tolist() == ref_union.tolist()
+
+
+@given(blob_pairs(max_side=40))
+def test_bands_equal_opencv_erosion_where_opencv_is_installed(pair):
+    # The reference's own operations: pad one pixel of zeros, cv2.erode d times with a 3 x 3
+    # kernel, crop, subtract. (OpenCV is no dependency; the GPU image has it.)
+    cv2 = pytest.importorskip("cv2")
+    pred, target, c, ratio, ignore = pair
+    d = reference_width(*target.shape[1:], ratio)
+    inter, union = np.zeros(c, np.int64), np.zeros(c, np.int64)
+    for i in range(target.shape[0]):
+        for k in range(c):
+            bands = []
+            for labels in (target[i], pred[i]):
+                mask = ((labels == k) & (target[i] != (-1 if ignore is None else ignore))).numpy().astype(np.uint8)
+                padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+                eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1:-1, 1:-1]
+                bands.append((mask - eroded).astype(bool))
+            inter[k] += (bands[0] & bands[1]).sum()
+            union[k] += (bands[0] | bands[1]).sum()
+    ours = M.boundary_counts(pred, target, c, ignore_index=ignore, dilation_ratio=ratio)
+    assert ours[0].tolist() == inter.tolist() and ours[1].tolist() == union.tolist()
 
 
 def test_boundary_iou_by_hand():

@@ -128,6 +128,18 @@ def test_calibration_counts_under_vmap_and_compile():
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calibration_counts_on_cuda_match_cpu():
+    g = torch.Generator().manual_seed(0)
+    probs = (3 * torch.randn(4, 5, 33, 47, generator=g)).softmax(1)
+    target = torch.randint(0, 5, (4, 33, 47), generator=g)
+    target[:, 0] = 255
+    cpu = M.calibration_counts(probs, target, ignore_index=255)
+    cuda = M.calibration_counts(probs.cuda(), target.cuda(), ignore_index=255)
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-12, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [

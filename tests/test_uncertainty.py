@@ -147,3 +147,14 @@ def test_uncertainty_under_vmap_and_compile_and_bad_input():
     torch._dynamo.reset()
     with pytest.raises(ValueError, match=r"\[K, N, C, H, W\]"):
         U.predictive_entropy(torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_uncertainty_on_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 2, 5, 17, 23, generator=g)
+    for got, want in zip(U.uncertainty_maps(logits.cuda()), U.uncertainty_maps(logits)):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+    nats = U.predictive_entropy(logits)
+    assert torch.equal(U.heatmap(nats.cuda(), vmax=math.log(5)).cpu(), U.heatmap(nats, vmax=math.log(5)))
