@@ -413,7 +413,7 @@ def _inner_band(masks: Tensor, d: int) -> Tensor:
     one-pixel ``copyMakeBorder``): pixels outside the image count as outside the mask, so a
     mask cut by the image border has a band along it. Erosion composes by Minkowski sums, so d
     3x3 erosions are one erosion by the (2d + 1) square, which is a max-pool of the complement
-    (padded with 1 = outside), separable into a column pool and a row pool: O(H W) per mask,
+    (padded with 1 = outside), separable into a column pool and a row pool: O(H W d) per mask,
     vmap- and compile-safe, exact on {0, 1} values in any float dtype.
     """
     outside = F.pad((~masks).to(torch.float32).unsqueeze(1), (d, d, d, d), value=1.0)
