@@ -1,8 +1,9 @@
 """The architecture holds: data flows one way, and no function grows past a page.
 
 Layers, lowest first: core -> nn -> data / losses / metrics / uncertainty / label_quality /
-reliability / checkpoint -> models -> train -> export / predict / cli. A module may import only from its own layer or below; ``checkpoint.py``
-reads and writes trees and metadata and imports neither ``models`` nor ``train``.
+reliability / checkpoint -> models -> train -> export / predict / cli. A module may import only
+from its own layer or below; ``checkpoint.py`` reads and writes trees and metadata and imports
+neither ``models`` nor ``train``.
 """
 
 from __future__ import annotations
