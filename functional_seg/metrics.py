@@ -15,6 +15,15 @@ classes whose score is defined, so absent classes neither help nor hurt; ``"weig
 weights defined classes by their share of the true pixels; ``"micro"`` pools the counts of
 all classes first. A mean with no defined class at all (an empty matrix) is NaN.
 
+Two more count kernels follow the same pattern. ``boundary_counts`` gives per-class Boundary
+IoU counts (intersection, union) int64 [C] over each class's boundary band, a width
+d = :func:`boundary_width` (a ``dilation_ratio`` of the image diagonal) inside its mask
+(Cheng et al., CVPR 2021); ``boundary_iou`` reduces them, ``summarize_boundary`` reports them
+with the ratio and width. ``calibration_counts`` gives float64 [3, B] per-bin sums (pixels,
+confidence, correct) of the top-label confidence; ``ece``, ``mce`` and ``reliability`` reduce
+them (drawn by :mod:`functional_seg.reliability`). Both ignore ``ignore_index`` pixels and run
+under vmap and ``torch.compile``.
+
 Soft metrics work on softmax probabilities and stay differentiable: ``soft_stats`` gives the
 per-class soft intersection and sums that the overlap losses in :mod:`functional_seg.losses`
 are built on, ``soft_iou_metric`` the soft IoU itself.
@@ -31,6 +40,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -44,6 +54,16 @@ __all__ = [
     "precision",
     "recall",
     "series_iou",
+    "boundary_width",
+    "boundary_counts",
+    "boundary_iou",
+    "summarize_boundary",
+    "CALIBRATION_ROWS",
+    "calibration_counts",
+    "reliability",
+    "ece",
+    "mce",
+    "summarize_calibration",
     "soft_stats",
     "soft_iou_metric",
     "series_custom_iou",
@@ -154,31 +174,8 @@ def confusion_matrix(
     Returns:
         int64 [C, C] (or [N, C, C]); ``cm[t, p]`` counts pixels of true class t predicted p.
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
-    if not isinstance(pred, Tensor):
-        raise ValueError(f"pred must be a tensor; got {type(pred)}")
-    if pred.dtype.is_floating_point:
-        if pred.ndim != 4 or pred.shape[1] != num_classes:
-            raise ValueError(
-                f"pred as logits must be float [N, C, H, W] with C = num_classes = {num_classes}; "
-                f"got shape {_shape(pred)}"
-            )
-        n, _, h, w = pred.shape
-        # max().indices is argmax with the same first-maximum tie rule, and on CPU several
-        # times faster than argmax over a non-innermost dimension.
-        labels = pred.max(dim=1).indices
-        from_logits = True
-    elif _is_int(pred) and pred.ndim == 3:
-        n, h, w = pred.shape
-        labels = pred.long()
-        from_logits = False
-    else:
-        raise ValueError(
-            f"pred must be logits float [N, C, H, W] or labels int [N, H, W]; "
-            f"got dtype={pred.dtype}, shape={_shape(pred)}"
-        )
-    _check_target(target, n, h, w, int64=False)
+    labels, from_logits = _pred_labels(pred, target, num_classes)
+    n = labels.shape[0]
     if method == "compare":
         return _confusion_by_comparison(labels, target, num_classes, ignore_index, per_image)
     if method != "bincount":
@@ -203,6 +200,34 @@ def confusion_matrix(
         bins = n * bins
     counts = torch.bincount(flat.reshape(-1), minlength=bins).view(-1, rows, cols)[:, 1:-1, col_slice]
     return counts if per_image else counts.reshape(c, c)
+
+
+def _pred_labels(pred: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, bool]:
+    """Validate (pred, target, num_classes); return int64 labels [N, H, W] and whether pred was logits."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+    if not isinstance(pred, Tensor):
+        raise ValueError(f"pred must be a tensor; got {type(pred)}")
+    if pred.dtype.is_floating_point:
+        if pred.ndim != 4 or pred.shape[1] != num_classes:
+            raise ValueError(
+                f"pred as logits must be float [N, C, H, W] with C = num_classes = {num_classes}; "
+                f"got shape {_shape(pred)}"
+            )
+        # max().indices is argmax with the same first-maximum tie rule, and on CPU several
+        # times faster than argmax over a non-innermost dimension.
+        labels = pred.max(dim=1).indices
+        from_logits = True
+    elif _is_int(pred) and pred.ndim == 3:
+        labels = pred.long()
+        from_logits = False
+    else:
+        raise ValueError(
+            f"pred must be logits float [N, C, H, W] or labels int [N, H, W]; "
+            f"got dtype={pred.dtype}, shape={_shape(pred)}"
+        )
+    _check_target(target, *labels.shape, int64=False)
+    return labels, from_logits
 
 
 def _confusion_by_comparison(labels: Tensor, target: Tensor, c: int, ignore_index: int | None,
@@ -360,6 +385,229 @@ def series_iou(cm: Tensor, *, ignore_class: int = 1) -> Tensor:
     tp, support, predicted = _stats(cm * keep.unsqueeze(-1).to(cm.dtype))
     keep = keep.to(tp.dtype)
     return _divide((tp * keep).sum(dim=-1), ((support + predicted - tp) * keep).sum(dim=-1))
+
+
+# ----------------------------------------------------------------------------- boundary IoU
+
+
+def boundary_width(height: int, width: int, dilation_ratio: float = 0.02) -> int:
+    """The boundary band's width d in pixels: round(dilation_ratio x image diagonal), at least 1.
+
+    As in the reference ``mask_to_boundary`` (Cheng et al., "Boundary IoU", CVPR 2021;
+    ``bowenc0221/boundary-iou-api``): ``int(round(ratio * sqrt(h**2 + w**2)))``, rounding half
+    to even, and never below one pixel. The default 0.02 gives d = 7 for 256 x 256 images.
+    """
+    _check_ratio(dilation_ratio)
+    return max(1, int(round(dilation_ratio * math.sqrt(height * height + width * width))))
+
+
+def _check_ratio(dilation_ratio: float) -> None:
+    if isinstance(dilation_ratio, bool) or not isinstance(dilation_ratio, int | float) or not dilation_ratio > 0:
+        raise ValueError(f"dilation_ratio must be a positive number (of the image diagonal); got {dilation_ratio!r}")
+
+
+def _inner_band(masks: Tensor, d: int) -> Tensor:
+    """The pixels of bool masks [B, H, W] within d of their outside: mask minus its erosion.
+
+    The reference erodes d times with a 3x3 kernel and zero padding (``cv2.erode`` after a
+    one-pixel ``copyMakeBorder``): pixels outside the image count as outside the mask, so a
+    mask cut by the image border has a band along it. Erosion composes by Minkowski sums, so d
+    3x3 erosions are one erosion by the (2d + 1) square, which is a max-pool of the complement
+    (padded with 1 = outside), separable into a column pool and a row pool: O(H W d) per mask,
+    vmap- and compile-safe, exact on {0, 1} values in any float dtype.
+    """
+    outside = F.pad((~masks).to(torch.float32).unsqueeze(1), (d, d, d, d), value=1.0)
+    outside = F.max_pool2d(outside, (2 * d + 1, 1), stride=1)
+    outside = F.max_pool2d(outside, (1, 2 * d + 1), stride=1)
+    return masks & (outside.squeeze(1) > 0)
+
+
+def boundary_counts(
+    pred: Tensor,
+    target: Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int | None = None,
+    dilation_ratio: float = 0.02,
+    per_image: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-class Boundary IoU counts: |G_d n P_d| and |G_d u P_d| over each class's boundary band.
+
+    For every class k, G = (target == k) and P = (pred == k) are binary masks and X_d is X's
+    inner band of width d = :func:`boundary_width` (X minus its erosion, see the reference
+    definition in :func:`boundary_width`); the counts are |G_d n P_d| and |G_d u P_d|. Each
+    class is eroded on its own binary mask (detectron2's semantic evaluator erodes the
+    multi-class label map instead, which mixes classes' bands). Counts add up over images and
+    batches like the confusion matrix; :func:`boundary_iou` divides them once at the end.
+
+    Ignored pixels (``ignore_index``, and any target label outside [0, C)) are outside every
+    class in both masks, the prediction there being replaced: they erode their neighbours, as
+    the image border does in the reference (a void ring around an object, as in VOC, is where
+    its true contour lies), and they are never counted. So a prediction that is right on every
+    counted pixel scores 1, and predictions on ignored pixels never change a count. Predicted
+    labels outside [0, C) belong to no class.
+
+    Args:
+        pred: logits float [N, C, H, W] (argmax over C) or labels int [N, H, W].
+        target: int [N, H, W] true labels.
+        num_classes: C (static under compile).
+        ignore_index: label in ``target`` whose pixels are left out (static).
+        dilation_ratio: band width as a fraction of the image diagonal (static); record it with
+            the scores, they depend on it.
+        per_image: counts per image, [N, C] (static).
+
+    Returns:
+        (intersection, union), int64 [C] each (or [N, C]). Memory: a few bool and one float32
+        tensor of N x C x H x W.
+    """
+    labels, _ = _pred_labels(pred, target, num_classes)
+    c, (n, h, w) = num_classes, labels.shape
+    d = boundary_width(h, w, dilation_ratio)
+    truth = target.long()
+    valid = (truth >= 0) & (truth < c)
+    if ignore_index is not None:
+        valid = valid & (truth != ignore_index)
+    classes = torch.arange(c, device=truth.device).view(1, c, 1, 1)
+    valid = valid.unsqueeze(1)
+    masks = torch.cat([(truth.unsqueeze(1) == classes) & valid, (labels.unsqueeze(1) == classes) & valid])
+    bands = _inner_band(masks.reshape(2 * n * c, h, w), d).reshape(2, n, c, h, w)
+    inter = (bands[0] & bands[1]).sum(dim=(2, 3), dtype=torch.int64)
+    union = (bands[0] | bands[1]).sum(dim=(2, 3), dtype=torch.int64)
+    return (inter, union) if per_image else (inter.sum(dim=0), union.sum(dim=0))
+
+
+def boundary_iou(intersection: Tensor, union: Tensor, *, average: str | None = None) -> Tensor:
+    """Boundary IoU from :func:`boundary_counts`: intersection / union per class, or a mean.
+
+    Args:
+        intersection, union: int [..., C] (summed over any number of batches).
+        average: None for per-class scores, ``"macro"`` (mean over classes with a non-empty
+            union) or ``"micro"`` (pooled counts).
+
+    Returns:
+        float64 [..., C] (NaN where the union is empty: the class has no band in truth or
+        prediction), or [...] if averaged.
+    """
+    pair = (intersection, union)
+    if not all(isinstance(x, Tensor) for x in pair) or intersection.shape != union.shape or intersection.ndim < 1:
+        raise ValueError("intersection and union must be tensors of one shape [..., C] (from boundary_counts)")
+    if average == "weighted":
+        raise ValueError("boundary_iou takes average=None, 'macro' or 'micro'; got 'weighted'")
+    inter, union = intersection.to(torch.float64), union.to(torch.float64)
+    return _reduce(inter, union, union, average)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+CALIBRATION_ROWS = ("count", "confidence_sum", "correct_sum")
+
+
+def calibration_counts(
+    probs: Tensor,
+    target: Tensor,
+    *,
+    num_bins: int = 15,
+    ignore_index: int | None = None,
+) -> Tensor:
+    """Per-bin counts of top-label confidence and correctness, for ECE and reliability diagrams.
+
+    Every counted pixel falls in bin b = ceil(B x confidence) - 1 of B equal-width bins, bin b
+    covering (b / B, (b + 1) / B] (confidence 0 goes to bin 0), with confidence = max_c p_c and
+    correct = (argmax_c p_c == target) (Guo et al., "On Calibration of Modern Neural Networks",
+    ICML 2017). Rows add up over batches like confusion counts; float64 keeps integer counts
+    exact up to 2**53 pixels. Ignored pixels (``ignore_index`` and labels outside [0, C)) are
+    not counted. One ``scatter_add`` into fixed bins: vmap- and compile-safe.
+
+    Args:
+        probs: float [N, C, H, W] class probabilities: ``softmax(logits, 1)``, or an ensemble's
+            mean probabilities.
+        target: int [N, H, W] true labels.
+        num_bins: B (static).
+        ignore_index: label whose pixels are left out (static).
+
+    Returns:
+        float64 [3, B], rows :data:`CALIBRATION_ROWS`: pixel count, sum of confidences, number
+        of correct pixels.
+    """
+    if not isinstance(probs, Tensor) or not probs.dtype.is_floating_point or probs.ndim != 4:
+        got = f"dtype={probs.dtype}, shape={_shape(probs)}" if isinstance(probs, Tensor) else type(probs)
+        raise ValueError(f"probs must be a float tensor [N, C, H, W]; got {got}")
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive int; got {num_bins!r}")
+    n, c, h, w = probs.shape
+    _check_target(target, n, h, w, int64=False)
+    confidence, pred = probs.max(dim=1)
+    confidence = confidence.to(torch.float64)
+    truth = target.long()
+    valid = (truth >= 0) & (truth < c)
+    if ignore_index is not None:
+        valid = valid & (truth != ignore_index)
+    weight = valid.to(torch.float64)
+    bins = (confidence * num_bins).ceil().long().sub(1).clamp(0, num_bins - 1)
+    rows = torch.stack([weight, confidence * weight, (pred == truth).to(torch.float64) * weight]).reshape(3, -1)
+    out = torch.zeros(3, num_bins, dtype=torch.float64, device=probs.device)
+    return out.scatter_add(1, bins.reshape(1, -1).expand(3, -1), rows)
+
+
+def _check_calibration(counts: Tensor) -> None:
+    if not isinstance(counts, Tensor) or counts.ndim < 2 or counts.shape[-2] != 3:
+        got = _shape(counts) if isinstance(counts, Tensor) else type(counts)
+        raise ValueError(f"counts must be calibration counts [..., 3, B] (from calibration_counts); got {got}")
+
+
+def reliability(counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-bin mean confidence, accuracy and share of the pixels: the reliability diagram's data.
+
+    Args:
+        counts: float [..., 3, B] from :func:`calibration_counts`.
+
+    Returns:
+        (confidence, accuracy, fraction), float64 [..., B] each; confidence and accuracy are
+        NaN in empty bins, fraction is NaN when nothing was counted.
+    """
+    _check_calibration(counts)
+    count, conf, correct = counts.to(torch.float64).unbind(dim=-2)
+    return _divide(conf, count), _divide(correct, count), _divide(count, count.sum(dim=-1, keepdim=True))
+
+
+def ece(counts: Tensor) -> Tensor:
+    """Expected calibration error sum_b (n_b / n) |accuracy_b - confidence_b|.
+
+    Equal to sum_b |correct_b - confidence sum_b| / n, so no empty bin divides by zero.
+
+    Args:
+        counts: float [..., 3, B] from :func:`calibration_counts`.
+
+    Returns:
+        float64 [...] in [0, 1]; NaN when nothing was counted.
+    """
+    _check_calibration(counts)
+    count, conf, correct = counts.to(torch.float64).unbind(dim=-2)
+    return _divide((correct - conf).abs().sum(dim=-1), count.sum(dim=-1))
+
+
+def mce(counts: Tensor) -> Tensor:
+    """Maximum calibration error max_b |accuracy_b - confidence_b| over the non-empty bins.
+
+    Returns:
+        float64 [...]; NaN when nothing was counted.
+    """
+    confidence, accuracy, _ = reliability(counts)
+    gap = (accuracy - confidence).abs()
+    worst = torch.where(gap.isnan(), -1.0, gap).amax(dim=-1)
+    return torch.where(worst < 0, math.nan, worst)
+
+
+def summarize_calibration(counts: Tensor) -> dict[str, float | list[float]]:
+    """``ece``, ``mce``, ``calibration_bins`` (B) and the per-bin ``reliability_confidence``,
+    ``reliability_accuracy`` and ``reliability_count`` of counts [3, B], as plain Python floats."""
+    _check_calibration(counts)
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be [3, B] (sum any batch axes first); got {_shape(counts)}")
+    confidence, accuracy, _ = reliability(counts)
+    return {"ece": _floats(ece(counts)), "mce": _floats(mce(counts)), "calibration_bins": counts.shape[-1],
+            "reliability_confidence": _floats(confidence), "reliability_accuracy": _floats(accuracy),
+            "reliability_count": _floats(counts[0])}
 
 
 # ----------------------------------------------------------------------------- soft metrics
@@ -532,6 +780,37 @@ def summarize(cm: Tensor, class_names: Sequence[str] | None = None, *, series: b
         for key in _PER_CLASS:
             for name, value in zip(class_names, out[key]):
                 out[f"{key}/{name}"] = value
+    return out
+
+
+def summarize_boundary(intersection: Tensor, union: Tensor, *, dilation_ratio: float,
+                       image_size: tuple[int, int] | None = None,
+                       class_names: Sequence[str] | None = None) -> dict[str, float | list[float]]:
+    """Boundary IoU as plain Python floats, with the band it was measured on.
+
+    Scores depend on the band width, so it travels with them: ``boundary_dilation_ratio``
+    always, ``boundary_width_px`` (:func:`boundary_width`) when the evaluated ``image_size``
+    (H, W) is given. Other keys: ``boundary_iou`` (per class, NaN where undefined),
+    ``mean_boundary_iou`` (macro over defined classes) and, with ``class_names``,
+    ``"boundary_iou/<name>"``.
+
+    Args:
+        intersection, union: int [C] from :func:`boundary_counts`, summed over the split.
+    """
+    scores = boundary_iou(intersection, union)
+    if scores.ndim != 1:
+        raise ValueError(f"intersection and union must be [C] (sum any batch axes first); got {_shape(scores)}")
+    if class_names is not None and len(class_names) != scores.shape[0]:
+        raise ValueError(f"class_names must name all {scores.shape[0]} classes; got {len(class_names)}")
+    out: dict[str, float | list[float]] = {
+        "boundary_iou": _floats(scores),
+        "mean_boundary_iou": _floats(boundary_iou(intersection, union, average="macro")),
+        "boundary_dilation_ratio": float(dilation_ratio),
+    }
+    if image_size is not None:
+        out["boundary_width_px"] = boundary_width(*image_size, dilation_ratio)
+    for name, value in zip(class_names or (), out["boundary_iou"]):
+        out[f"boundary_iou/{name}"] = value
     return out
 
 
