@@ -152,7 +152,12 @@ def cmd_eval(args) -> int:
     data_cfg = _settings(_data_config(), args, size=args.size or pre.size, policy=pre.policy)
     data = prepare(Path(args.data), args.split, data_cfg.size, progress=True, **data_cfg.prepare_kwargs())
     result = evaluate_checkpoint(loaded, data, runtime=runtime, batch_size=args.batch_size, progress=True,
-                                 data_label=f"{args.data} ({args.split})")
+                                 data_label=f"{args.data} ({args.split})", boundary_ratio=args.boundary_ratio)
+    if args.reliability:
+        from .reliability import save_summary_diagrams
+
+        title = f"{Path(args.checkpoint).name} on {args.split}"
+        save_summary_diagrams(args.reliability, result["summary"], title=title)
     if args.json:
         print(dumps(result, indent=2))
         return 0
@@ -320,6 +325,10 @@ def _add_eval(sub) -> None:
     e.add_argument("--member", type=_member, default=None,
                    help="one member of an ensemble checkpoint, or auto (the best validated); default: all")
     e.add_argument("--weights", default="auto", choices=("auto", "params", "ema"), help=_WEIGHTS_HELP)
+    e.add_argument("--boundary-ratio", type=float, default=0.02,
+                   help="Boundary IoU's band width as a fraction of the image diagonal (the reference's 0.02)")
+    e.add_argument("--reliability", metavar="PNG", default=None,
+                   help="also draw the reliability diagram (calibration per confidence bin) to this file")
     e.add_argument("--json", action="store_true")
     add_arguments(e, DataConfig, only=_CACHE_FLAGS)
     e.set_defaults(func=cmd_eval)

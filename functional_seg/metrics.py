@@ -824,6 +824,8 @@ _SCALARS = {
     "micro_iou": "micro IoU",
     "series_iou": "series IoU (class 1 ignored)",
     "imagewise_mean_iou": "imagewise mean IoU",
+    "mean_boundary_iou": "mean Boundary IoU",
+    "ece": "expected calibration error",
     "series_custom_iou": "series custom IoU",
 }
 
@@ -845,10 +847,15 @@ def format_table(summary: Mapping[str, float | list[float]], class_names: Sequen
     width = max(len(name) for name in [*names, "mean"])
     lines = [f"{'':<{width}}" + "".join(f"{_HEADERS[k]:>11}" for k in _PER_CLASS)]
     for i, name in enumerate(names):
-        lines.append(f"{name:<{width}}" + "".join(f"{summary[k][i]:>11.4f}" for k in _PER_CLASS))
-    lines.append(f"{'mean':<{width}}" + "".join(f"{summary[_MEANS[k]]:>11.4f}" for k in _PER_CLASS))
+        lines.append(f"{name:<{width}}" + "".join(f"{_cell(summary[k][i]):>11}" for k in _PER_CLASS))
+    lines.append(f"{'mean':<{width}}" + "".join(f"{_cell(summary[_MEANS[k]]):>11}" for k in _PER_CLASS))
     label_width = max(len(label) for label in _SCALARS.values())
     for key, label in _SCALARS.items():
         if key in summary:
-            lines.append(f"{label:<{label_width}} {summary[key]:.4f}")
+            lines.append(f"{label:<{label_width}} {_cell(summary[key])}")
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """A figure to 4 decimals; "-" where undefined (NaN, or None as strict JSON stores it)."""
+    return "-" if value is None or value != value else f"{value:.4f}"

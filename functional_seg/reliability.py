@@ -17,6 +17,7 @@ import math
 import os
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
@@ -123,3 +124,14 @@ def save_reliability_diagram(path: str | os.PathLike, counts: Tensor, **kwargs) 
     buffer = io.BytesIO()
     reliability_diagram(counts, **kwargs).save(buffer, format="PNG")
     return write_atomic(path, buffer.getvalue())
+
+
+def save_summary_diagrams(path: str | os.PathLike, summary, *, title: str | None = None) -> list[Path]:
+    """The diagram of an evaluation summary with ``calibration_counts`` (``evaluate(detail=True)``); a
+    list of summaries (an ensemble) gives ``<stem>-member<i>.png`` each."""
+    path = Path(path)
+    if isinstance(summary, dict):
+        return [save_reliability_diagram(path, torch.tensor(summary["calibration_counts"]), title=title)]
+    return [save_reliability_diagram(path.with_name(f"{path.stem}-member{i}{path.suffix}"),
+                                     torch.tensor(s["calibration_counts"]), title=f"{title or ''} member {i}".strip())
+            for i, s in enumerate(summary)]

@@ -305,3 +305,31 @@ def test_fit_with_the_default_config_does_what_fseg_train_does(model, data, tmp_
     direct = evaluate(model, tree["params"], tree["state"], Loader(test, 8, shuffle=False, drop_last=False),
                       preprocess=Preprocess.from_dict(meta["preprocess"]))
     assert saved["summary"]["confusion"] == direct["confusion"]
+    # the test block reports Boundary IoU with its band, and calibration with its diagram
+    summary = saved["summary"]
+    assert summary["boundary_dilation_ratio"] == 0.02 and summary["boundary_width_px"] == 1  # 32 px: round(0.9)
+    counted = sum(map(sum, summary["confusion"]))
+    assert sum(summary["calibration_counts"][0]) == counted and 0 <= summary["ece"] <= 1
+    assert (tmp_path / "test" / "reliability.png").stat().st_size > 0
+    assert "reliability_count" not in carved.history[0]["val"]  # per-epoch records stay lean
+
+
+def test_a_split_s_boundary_and_calibration_figures_are_the_kernels_on_the_whole_split(model, data):
+    """Padded, batched and summed on the host, they equal one call over every image at once."""
+    from functional_seg import metrics as M
+    from functional_seg.core import random as jr
+    from functional_seg.train import evaluate
+
+    _, val = data
+    pre = Preprocess(class_names=CLASS_NAMES, layout="oxford_pets")
+    params, state = model.init(jr.key(1))
+    summary = evaluate(model, params, state, Loader(val, 3, shuffle=False, drop_last=False), preprocess=pre,
+                       detail=True)
+    images, masks = val.gather(range(len(val)))
+    with torch.no_grad():
+        logits = model.apply(params, state, pre.model_input(images), train=False)[0]
+    inter, union = M.boundary_counts(logits, masks.long(), 3, ignore_index=255)
+    assert summary["boundary_iou"] == pytest.approx(M.boundary_iou(inter, union).tolist(), nan_ok=True)
+    counts = M.calibration_counts(logits.softmax(1), masks.long(), ignore_index=255)
+    torch.testing.assert_close(torch.tensor(summary["calibration_counts"], dtype=counts.dtype), counts)
+    assert summary["ece"] == pytest.approx(float(M.ece(counts)))

@@ -21,7 +21,7 @@ import torch
 from ..core.tree import tree_leaves
 from ..data.loader import Loader
 from ..data.preprocess import Preprocess
-from ..metrics import summarize
+from ..metrics import summarize, summarize_boundary, summarize_calibration
 from ..models.saved import Loaded, load_checkpoint
 from ..runtime import Runtime, resolve_runtime
 from .step import make_eval_step
@@ -39,10 +39,22 @@ def _batches_padded(loader, ignore_index: int) -> Iterator[tuple[torch.Tensor, t
         yield images, masks, n
 
 
-def _summary(cm: torch.Tensor, custom_sum: torch.Tensor, count: int, class_names, series: bool) -> dict:
+def _summary(sums: dict, count: int, class_names, series: bool, image_size, boundary_ratio: float,
+             detail: bool = False) -> dict:
+    """Every figure of a split from its summed counts (one member's); ``detail`` adds the
+    reliability diagram's bins (``reliability_*`` and the raw ``calibration_counts`` [3, B]), left
+    out of the per-epoch validation records."""
+    cm = sums["confusion"]
     out = summarize(cm, class_names, series=series)
     if series:
-        out["series_custom_iou"] = float(custom_sum) / max(count, 1)
+        out["series_custom_iou"] = float(sums["custom_iou"]) / max(count, 1)
+    boundary = sums["boundary"]
+    out.update(summarize_boundary(boundary[0], boundary[1], dilation_ratio=boundary_ratio, image_size=image_size,
+                                  class_names=class_names))
+    calibration = summarize_calibration(sums["calibration"])
+    out.update(calibration if detail else {k: calibration[k] for k in ("ece", "mce")})
+    if detail:  # what reliability.reliability_diagram draws
+        out["calibration_counts"] = sums["calibration"].tolist()
     out["confusion"] = cm.tolist()
     return out
 
@@ -56,48 +68,63 @@ def _progress(batches, total: int, show: bool):
     return tqdm(batches, total=total, desc="evaluating", leave=False, dynamic_ncols=True)
 
 
-def _accumulate(eval_step, params, state, loader, ignore_index: int, shape: tuple, c: int, progress: bool):
-    cm = torch.zeros((*shape, c, c), dtype=torch.int64)
-    custom = torch.zeros(shape, dtype=torch.float64)
-    count = 0
+def _accumulate(eval_step, params, state, loader, ignore_index: int, progress: bool) -> tuple[dict, int, tuple]:
+    """The eval step's counts summed over the split (on the host, float64/int64), the number of real
+    images, and their size (H, W)."""
+    sums: dict = {}
+    count, size = 0, None
     batches = _progress(_batches_padded(loader, ignore_index), len(loader), progress)
     with torch.no_grad():
         for images, masks, n in batches:
             out = eval_step(params, state, images, masks)
-            cm = cm + out["confusion"].cpu()
-            custom = custom + out["custom_iou"][..., :n].double().sum(dim=-1).cpu()
-            count += n
-    return cm, custom, count
+            out["custom_iou"] = out["custom_iou"][..., :n].double().sum(dim=-1)
+            for key, value in out.items():
+                sums[key] = sums[key] + value.cpu() if key in sums else value.cpu()
+            count, size = count + n, tuple(images.shape[-2:])
+    return sums, count, size
+
+
+def _steps(model, pre: Preprocess, eval_step, boundary_ratio: float, ensemble: bool):
+    if eval_step is not None:
+        return eval_step
+    step = make_eval_step(model, preprocess=pre, boundary_ratio=boundary_ratio)
+    return torch.func.vmap(step, in_dims=(0, 0, None, None)) if ensemble else step
 
 
 def evaluate(model, params, state, loader, *, eval_step: Callable | None = None,
              class_names: Sequence[str] | None = None, preprocess: Preprocess | None = None,
-             progress: bool = False) -> dict:
-    """``metrics.summarize`` of a whole split, plus ``series_custom_iou`` and ``confusion``.
+             progress: bool = False, boundary_ratio: float = 0.02, detail: bool = False) -> dict:
+    """Every figure of a whole split: ``metrics.summarize`` of the summed confusion matrix, Boundary
+    IoU (``boundary_iou``, ``mean_boundary_iou``, the band's ``boundary_dilation_ratio`` and
+    ``boundary_width_px``), calibration (``ece``, ``mce``, ``reliability_*``), the series' figures
+    for the Oxford layout, and ``confusion``.
 
     Args:
         loader: a ``Loader`` with ``shuffle=False``.
-        eval_step: from ``make_eval_step``; built from ``preprocess`` if None.
+        eval_step: from ``make_eval_step`` (its ``boundary_ratio`` must be this one); built if None.
         class_names: names for the per-class keys (default: ``preprocess.class_names``).
         progress: a progress bar on stderr when it is a terminal.
+        detail: also the reliability diagram's bins (``reliability_confidence``, ``_accuracy``,
+            ``_count``).
     """
     pre = preprocess or Preprocess()
-    step = eval_step or make_eval_step(model, preprocess=pre)
-    cm, custom, count = _accumulate(step, params, state, loader, pre.ignore_index, (), model.num_classes, progress)
-    return _summary(cm, custom, count, class_names or pre.class_names, pre.layout == "oxford_pets")
+    step = _steps(model, pre, eval_step, boundary_ratio, ensemble=False)
+    sums, count, size = _accumulate(step, params, state, loader, pre.ignore_index, progress)
+    return _summary(sums, count, class_names or pre.class_names, pre.layout == "oxford_pets", size, boundary_ratio,
+                    detail)
 
 
 def evaluate_ensemble(model, params, state, loader, *, eval_step: Callable | None = None,
                       class_names: Sequence[str] | None = None, preprocess: Preprocess | None = None,
-                      progress: bool = False) -> list[dict]:
+                      progress: bool = False, boundary_ratio: float = 0.02, detail: bool = False) -> list[dict]:
     """:func:`evaluate` for stacked (ensemble) params: one summary per member, in member order."""
     pre = preprocess or Preprocess()
-    step = eval_step or torch.func.vmap(make_eval_step(model, preprocess=pre), in_dims=(0, 0, None, None))
+    step = _steps(model, pre, eval_step, boundary_ratio, ensemble=True)
     k = int(tree_leaves(params)[0].shape[0])
-    cm, custom, count = _accumulate(step, params, state, loader, pre.ignore_index, (k,), model.num_classes,
-                                    progress)
+    sums, count, size = _accumulate(step, params, state, loader, pre.ignore_index, progress)
     names, series = class_names or pre.class_names, pre.layout == "oxford_pets"
-    return [_summary(cm[i], custom[i], count, names, series) for i in range(k)]
+    return [_summary({key: v[i] for key, v in sums.items()}, count, names, series, size, boundary_ratio, detail)
+            for i in range(k)]
 
 
 class ClassMismatch(ValueError):
@@ -128,7 +155,7 @@ def check_classes(trained: Sequence[str], data_names: Sequence[str], *, checkpoi
 
 def evaluate_checkpoint(path, data, *, runtime: Runtime | None = None, device: str = "auto", weights: str = "auto",
                         member: int | str | None = "all", batch_size: int = 32, progress: bool = False,
-                        data_label: str = "the data") -> dict:
+                        data_label: str = "the data", boundary_ratio: float = 0.02) -> dict:
     """Score a checkpoint (a path, or ``models.load_checkpoint``'s result) on prepared ``data`` (at the
     checkpoint's size and policy).
 
@@ -149,6 +176,7 @@ def evaluate_checkpoint(path, data, *, runtime: Runtime | None = None, device: s
                               channels_last=runtime.channels_last)
     loader = Loader(data, batch_size, device=runtime.device, shuffle=False, drop_last=False)
     score = evaluate_ensemble if loaded.members else evaluate
-    summary = score(loaded.model, loaded.params, loaded.state, loader, preprocess=pre, progress=progress)
+    summary = score(loaded.model, loaded.params, loaded.state, loader, preprocess=pre, progress=progress,
+                    boundary_ratio=boundary_ratio, detail=True)
     return {"checkpoint": str(path), "weights": list(loaded.weights), "member": loaded.member,
             "class_names": list(names), "summary": summary}

@@ -34,6 +34,7 @@ import torch
 
 from ..compile_cache import use_user_cache_dir
 from ..core import random as jr
+from ..core.files import jsonable
 from ..core.tree import unstack
 from ..data.loader import Loader
 from ..data.preprocess import Preprocess
@@ -396,6 +397,7 @@ def _train(plan: Plan, run: RunDir, model, meta: dict, resume: bool, hooks) -> t
         if not whole:
             record["partial"] = True  # stopped by max_steps: a resumed run replaces it
         record["time"] = time.time()
+        record = jsonable(record)  # the history holds what metrics.jsonl holds (nan -> null)
         run.append(record)
         history.append(record)
         call_hooks(hooks, "on_epoch_end", record, config.epochs)
@@ -449,9 +451,10 @@ def fit(model, data, config: FitConfig | None = None, *, out_dir: str | os.PathL
         chosen = run.best if run.best.exists() else run.last
         test = None
         if splits.test is not None and world.is_main and history:
-            test = {"split": splits.test_split,
-                    **evaluate_checkpoint(chosen, splits.test, runtime=plan.runtime, batch_size=config.batch_size)}
+            test = jsonable({"split": splits.test_split, **evaluate_checkpoint(
+                chosen, splits.test, runtime=plan.runtime, batch_size=config.batch_size)})
             run.write_test(test)
+            run.write_reliability(test["summary"])
     return FitResult(out_dir=run.path, step=_step_of(ts), epoch=_step_of(ts) / plan.steps_per_epoch, history=history,
                      best_mean_iou=best["best_mean_iou"], best_epoch=best["best_epoch"], checkpoint=run.last,
                      best_checkpoint=run.best if run.best.exists() else None, train_state=ts,

@@ -5,6 +5,7 @@
     RUN_DIR/last.safetensors   the train state at the last epoch end (or ``checkpoint_every``)
     RUN_DIR/best.safetensors   the train state of the best validation mean IoU
     RUN_DIR/test.json          the test split's scores of the selected checkpoint, written once at the end
+    RUN_DIR/reliability.png    its calibration (reliability diagram; -member<i>.png for an ensemble)
     RUN_DIR/.lock              held (flock) while a run writes here
 
 Guarantees:
@@ -209,6 +210,13 @@ class RunDir:
         """test.json: the test split's scores of the selected checkpoint (rank 0 only)."""
         if self.writer:
             self._write(self.test, lambda p: write_json(p, dict(result)))
+
+    def write_reliability(self, summary) -> None:
+        """reliability.png: the test split's calibration (one file per member of an ensemble)."""
+        if self.writer:
+            from ..reliability import save_summary_diagrams
+
+            self._write(self.path / "reliability.png", lambda p: save_summary_diagrams(p, summary, title="test split"))
 
     def append(self, record: Mapping[str, Any]) -> None:
         if not self.writer:

@@ -316,13 +316,19 @@ def _ema_update(ema: dict, params: dict, state: dict, decay: float) -> dict:
 
 
 def make_eval_step(model, *, preprocess: Preprocess | None = None, compile: bool = False,
-                   backend: str = "inductor") -> Callable:
+                   backend: str = "inductor", boundary_ratio: float = 0.02, calibration_bins: int = 15) -> Callable:
     """Build ``eval_step(params, state, images uint8 [B,3,S,S], masks int64 [B,S,S]) -> dict``.
 
     No augmentation, ``train=False`` (running batch-norm statistics), nothing returned to the
-    host: ``{"confusion": int64 [C, C], "custom_iou": float [B]}``, the second being the series'
-    per-image soft IoU (``metrics.series_custom_iou(..., reduction="none")``; average it over
-    the real images of the split).
+    host; every entry is a count that sums over batches:
+
+        confusion     int64 [C, C]
+        custom_iou    float [B]      the series' per-image soft IoU (average over the real images)
+        boundary      int64 [2, C]   Boundary IoU's intersection and union per class
+                                     (``metrics.boundary_counts``, band = ``boundary_ratio`` of the
+                                     image diagonal)
+        calibration   float64 [3, B'] per confidence bin: pixels, confidence sum, correct pixels
+                                     (``metrics.calibration_counts``, ``calibration_bins`` bins)
     """
     pre = preprocess or _DEFAULT
 
@@ -331,8 +337,13 @@ def make_eval_step(model, *, preprocess: Preprocess | None = None, compile: bool
         with autocast(pre.precision, x.device.type):
             logits, _ = model.apply(params, state, x, train=False)
         logits = logits.float()
+        c = logits.shape[1]
         return {"confusion": _confusion(logits, masks, pre),
-                "custom_iou": M.series_custom_iou(logits, masks, ignore_index=pre.ignore_index, reduction="none")}
+                "custom_iou": M.series_custom_iou(logits, masks, ignore_index=pre.ignore_index, reduction="none"),
+                "boundary": torch.stack(M.boundary_counts(logits, masks, c, ignore_index=pre.ignore_index,
+                                                          dilation_ratio=boundary_ratio)),
+                "calibration": M.calibration_counts(logits.softmax(1), masks, num_bins=calibration_bins,
+                                                    ignore_index=pre.ignore_index)}
 
     return compile_step(eval_step, fullgraph=True, backend=backend) if compile else eval_step
 
