@@ -138,6 +138,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from .audit import audit
+    from .data import prepare
+    from .models import create_model
+    from .train import ConsoleLog, FitConfig
+
+    config = _settings(FitConfig, args)
+    cfg = _model_cfg(args)
+    data = prepare(Path(args.data), args.split, config.data.size, progress=True, **config.data.prepare_kwargs())
+    model = create_model(args.model, **{"num_classes": len(data.class_names), **cfg})
+    out = Path(args.out or Path("runs") / f"audit-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"auditing {len(data)} images of {args.data} ({args.split}) with {args.folds} folds of {model.name} "
+          f"at {config.data.size}px -> {out}", file=sys.stderr)
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    result = audit(model, data, config, folds=args.folds, out_dir=out, resume=args.resume, method=args.method,
+                   top=args.top, hooks=[ConsoleLog(progress=not args.no_progress)], args=record)
+    if result is None:  # a rank other than 0 under torchrun
+        return 0
+    print(f"most suspicious first ({result.method}; files: {', '.join(result.files.values())}):")
+    for rank, i in enumerate(result.order[:args.show], start=1):
+        print(f"{rank:4d}  {result.names[i]:<32} score {result.image_score[i]:.4f}  "
+              f"issues {result.issue_fraction[i]:.1%}  agreement {result.agreement[i]:.1%}  fold {result.folds[i]}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .core.files import dumps
     from .data import prepare
@@ -312,6 +337,28 @@ def _add_train(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
+def _add_audit(sub) -> None:
+    from .label_quality import METHODS
+    from .train.config import FitConfig
+
+    a = sub.add_parser("audit", help="find likely label errors: K-fold models in one vmapped run score every mask "
+                                     "out of sample")
+    a.add_argument("--data", required=True, metavar="DIR", help="dataset root (any layout fseg train reads)")
+    a.add_argument("--split", default="trainval", help="the split to audit")
+    a.add_argument("--folds", type=_positive_int, default=5, help="K: member k never learns from fold k's labels")
+    a.add_argument("--method", default="self_confidence", choices=METHODS, help="the per-pixel label-quality score")
+    a.add_argument("--top", type=int, default=16, help="images on the contact sheet audit_top.png")
+    a.add_argument("--show", type=int, default=20, help="ranked images printed")
+    a.add_argument("--model", default="segnet", help="registered model name (fseg models)")
+    a.add_argument("--model-cfg", nargs="*", metavar="KEY=VALUE", help="model cfg overrides")
+    add_arguments(a, FitConfig, skip=("ensemble", "sweep", "val_split", "val_fraction", "test_split", "test_limit",
+                                      "train_split"))
+    a.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (default runs/audit-<model>-<time>)")
+    a.add_argument("--resume", action="store_true", help="continue the K-fold training in RUN_DIR, then score")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch lines stay)")
+    a.set_defaults(func=cmd_audit)
+
+
 def _add_eval(sub) -> None:
     from .data.splits import DataConfig
 
@@ -395,7 +442,7 @@ def _add_summary(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fseg", description="functional_seg: semantic segmentation the JAX way on torch.func")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    for add in (_add_train, _add_eval, _add_predict, _add_export, _add_prepare, _add_summary):
+    for add in (_add_train, _add_audit, _add_eval, _add_predict, _add_export, _add_prepare, _add_summary):
         add(sub)
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("-v", "--verbose", action="store_true", help="with their default cfg")

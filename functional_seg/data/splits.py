@@ -25,7 +25,7 @@ from typing import Any
 from ..core.settings import invalid, setting
 from .labels import POLICIES
 
-__all__ = ["DataConfig", "Splits", "split_data", "parse_size", "synthetic_root"]
+__all__ = ["DataConfig", "Splits", "split_data", "parse_size", "synthetic_root", "fold_ids"]
 
 # The built-in dataset: enough images that a small SegNet learns visibly in 3 CPU epochs at 64 px
 # (about 0.6 mean IoU), generated in seconds.
@@ -162,3 +162,14 @@ def split_data(root: str | os.PathLike | None, cfg: DataConfig | None = None, *,
             warnings.warn(f"{len(shared)} of the {len(other)} {name} images are also training images "
                           f"(e.g. {shared[0]}): their scores overstate what the model learned", stacklevel=2)
     return Splits(train, val, test, note, None if test is None else cfg.test_split)
+
+
+def fold_ids(names, folds: int, seed: int):
+    """int64 [N]: the K-fold fold of each sample, a seeded function of the sample names only
+    (``source.seeded_order``; the same on every machine, whatever the data order), sizes within 1."""
+    import torch
+
+    from .source import seeded_order
+
+    rank = {name: i for i, name in enumerate(seeded_order(names, seed))}
+    return torch.tensor([rank[n] % folds for n in names], dtype=torch.int64)

@@ -38,7 +38,7 @@ from ..core.files import jsonable
 from ..core.tree import unstack
 from ..data.loader import Loader
 from ..data.preprocess import Preprocess
-from ..data.splits import Splits, split_data
+from ..data.splits import Splits, fold_ids, split_data
 from ..models.saved import model_metadata
 from ..runtime import Runtime, resolve_device, resolve_runtime
 from .build import Steps, build_steps, preprocess_for
@@ -128,14 +128,6 @@ def _runtime(config: FitConfig) -> tuple[World, Runtime]:
     return world, runtime
 
 
-def _fold_ids(data, folds: int, seed: int) -> torch.Tensor:
-    """int64 [N]: the fold of each training sample, a seeded function of the sample names only."""
-    from ..data.source import seeded_order
-
-    rank = {name: i for i, name in enumerate(seeded_order(data.names, seed))}
-    return torch.tensor([rank[n] % folds for n in data.names], dtype=torch.int64)
-
-
 def plan_run(model, splits: Splits, config: FitConfig) -> Plan:
     """Resolve the runtime, build the loaders, the contract and the (compiled) steps.
 
@@ -152,7 +144,7 @@ def plan_run(model, splits: Splits, config: FitConfig) -> Plan:
     if config.members and config.sync_bn and world.distributed and runtime.compile:
         raise ValueError("--sync-bn with an ensemble cannot compile yet (dynamo cannot vmap the differentiable "
                          "all-reduce); pass --compile off")
-    extra = _fold_ids(train_data, config.folds, config.seed) if config.folds else None
+    extra = fold_ids(train_data.names, config.folds, config.seed) if config.folds else None
     train_loader = Loader(train_data, b, device=runtime.device, shuffle=True, drop_last=True,
                           shard=(world.rank, world.size), extra=extra)
     if len(train_loader) == 0:
