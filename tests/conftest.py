@@ -15,6 +15,13 @@ from hypothesis import settings
 
 from functional_seg.core import random as jr
 
+# Under pytest-xdist (``make test`` runs ``-n 2``) each worker owns one core: one torch thread per
+# worker, and the same for the processes the tests start (CLI runs, torchrun ranks), so two
+# workers never fight over two cores with four threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 settings.register_profile("ci", deadline=None, max_examples=30, derandomize=True)
 settings.register_profile("dev", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
