@@ -338,7 +338,7 @@ def _add_train(sub) -> None:
 
 
 def _add_audit(sub) -> None:
-    from .label_quality import METHODS
+    from .options import AUDIT_METHODS
     from .train.config import FitConfig
 
     a = sub.add_parser("audit", help="find likely label errors: K-fold models in one vmapped run score every mask "
@@ -346,7 +346,8 @@ def _add_audit(sub) -> None:
     a.add_argument("--data", required=True, metavar="DIR", help="dataset root (any layout fseg train reads)")
     a.add_argument("--split", default="trainval", help="the split to audit")
     a.add_argument("--folds", type=_positive_int, default=5, help="K: member k never learns from fold k's labels")
-    a.add_argument("--method", default="self_confidence", choices=METHODS, help="the per-pixel label-quality score")
+    a.add_argument("--method", default="self_confidence", choices=AUDIT_METHODS,
+                   help="the per-pixel label-quality score")
     a.add_argument("--top", type=int, default=16, help="images on the contact sheet audit_top.png")
     a.add_argument("--show", type=int, default=20, help="ranked images printed")
     a.add_argument("--model", default="segnet", help="registered model name (fseg models)")

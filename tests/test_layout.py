@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "functional_seg"
 _RANK = {"core": 0, "options": 0, "runtime": 0, "compile_cache": 0, "nn": 1, "data": 2, "losses": 2, "metrics": 2,
          "uncertainty": 2, "label_quality": 2, "reliability": 2, "checkpoint": 2, "render": 2, "summary": 3,
-         "models": 3, "train": 4, "export": 5, "predict": 5, "cli": 6}
+         "models": 3, "train": 4, "export": 5, "predict": 5, "audit": 5, "cli": 6}
 
 
 def _modules():
@@ -117,3 +117,6 @@ def test_the_torch_free_names_of_choices_are_the_registries():
     assert options.LOSSES == tuple(LOSSES)
     assert options.AUGMENT_PRESETS == tuple(PRESETS)
     assert options.PRECISIONS == PRECISIONS
+    from functional_seg.label_quality import METHODS
+
+    assert options.AUDIT_METHODS == METHODS

@@ -147,7 +147,7 @@ def test_compile_inductor(gen):
 def test_compile_inductor_train_with_dropout_keys(gen):
     """The ViT's training forward with explicit dropout keys (attention, our counter-based draws)
     compiles with inductor and draws exactly as eager."""
-    model = small_model("vit")
+    model = create_model("vit", image_size=32, patch_size=8, dim=16, depth=1, num_heads=2, mlp_dim=32)
     params, state = model.init(jr.key(0))
     x = small_input("vit", gen)
     step = torch.compile(lambda p, s, x, k: model.apply(p, s, x, train=True, key=k), fullgraph=True)

@@ -21,4 +21,4 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in README and "make test" in ci
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(r"^test: install\n(\t.*\n)*\t\$\(PY\) -m pytest -q$", makefile, flags=re.M)
+    assert re.search(r"^test: install\n(\t.*\n)*\t\$\(PY\) -m pytest -q -n 2$", makefile, flags=re.M)
