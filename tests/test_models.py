@@ -34,6 +34,8 @@ SMALL: dict[str, tuple[dict, tuple[int, int, int]]] = {
     "fcn_resnet50": ({}, (2, 64, 64)),
     "deeplabv3_mobilenet": ({}, (2, 64, 64)),
     "lraspp_mobilenet": ({}, (2, 64, 64)),
+    "fpn": (dict(encoder="test_efficientnet", pyramid_channels=16, segmentation_channels=32), (2, 64, 64)),
+    "deeplabv3plus": (dict(encoder="test_efficientnet", decoder_channels=16, atrous_rates=(1, 2, 3)), (2, 64, 64)),
 }
 LIFTED = {"fcn_resnet50", "deeplabv3_mobilenet", "lraspp_mobilenet"}
 LIFTED_DROPOUT = {"fcn_resnet50", "deeplabv3_mobilenet"}  # dropout from torch's RNG: vmap needs a randomness mode

@@ -71,9 +71,8 @@ class DeepLabV3PlusCfg:
 
 _RULES = {"num_classes": POSITIVE_INT, "in_channels": POSITIVE_INT, "encoder": ENCODER,
           "encoder_weights": ENCODER_WEIGHTS,
-          "encoder_depth": Rule("an integer in 3..5", lambda v: isinstance(v, int) and not isinstance(v, bool)
-                                and 3 <= v <= 5, int),
-          "output_stride": Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool), int),
+          "encoder_depth": Rule("an integer in 3..5", lambda v: POSITIVE_INT.check(v) and 3 <= v <= 5, int),
+          "output_stride": Rule("8 or 16", lambda v: POSITIVE_INT.check(v) and v in (8, 16), int),
           "decoder_channels": POSITIVE_INT, "atrous_rates": POSITIVE_INTS, "aspp_separable": FLAG,
           "aspp_dropout": PROBABILITY}
 

@@ -56,8 +56,7 @@ class FPNCfg:
 
 _RULES = {"num_classes": POSITIVE_INT, "in_channels": POSITIVE_INT, "encoder": ENCODER,
           "encoder_weights": ENCODER_WEIGHTS,
-          "encoder_depth": Rule("an integer in 4..5", lambda v: isinstance(v, int) and not isinstance(v, bool)
-                                and 4 <= v <= 5, int),
+          "encoder_depth": Rule("an integer in 4..5", lambda v: POSITIVE_INT.check(v) and 4 <= v <= 5, int),
           "pyramid_channels": POSITIVE_INT, "segmentation_channels": POSITIVE_INT,
           "merge_policy": one_of("add", "cat"), "dropout": PROBABILITY}
 
