@@ -60,3 +60,14 @@ def test_compile_cache_runs_its_eager_row(tmp_path, monkeypatch):
     assert _bench("bench_compile_cache").main([*TINY, "--rows", "eager", "--steps", "2", "--out", str(tmp_path)]) == 0
     eager = _results(tmp_path, "bench_compile_cache")["results"]["eager"]
     assert eager["step_s"] > 0 and eager["first_train_s"] > 0 and eager["x_eager_step"] == 1.0
+
+
+def test_pretrained_step_times_and_measures_both_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = ["--quick", "--device", "cpu", "--size", "32", "--batch-size", "2", "--encoder", "test_efficientnet",
+            "--steps", "2", "--warmup", "0", "--mem-steps", "1", "--out", str(tmp_path)]
+    assert _bench("bench_pretrained_step").main(argv) == 0
+    results = _results(tmp_path, "bench_pretrained_step")["results"]
+    assert set(results) == {"a_eager", "b"} and all(r["median_s"] > 0 for r in results.values())
+    assert all(r["peak_above_baseline_mb"] > 0 for r in results.values()), results
+    assert results["b"]["time_x_b"] == 1.0 and results["b"]["memory_x_b"] == 1.0
