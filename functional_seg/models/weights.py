@@ -366,10 +366,11 @@ def match_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, to
     return out
 
 
-def load_encoder_weights(encoder: Encoder, spec: str, *, device: torch.device | str | None = None
+def load_encoder_weights(encoder: Encoder, spec: str | WeightsSource, *, device: torch.device | str | None = None
                          ) -> tuple[dict, dict]:
-    """The encoder's (params, state) read from ``spec`` (resolved offline), every shape checked."""
-    source = resolve_weights(encoder, spec)
+    """The encoder's (params, state) read from ``spec`` (resolved offline, or already resolved), every
+    shape checked; tensors on ``device`` (default: the CPU)."""
+    source = spec if isinstance(spec, WeightsSource) else resolve_weights(encoder, spec)
     tensors, known = checkpoint_state_dict(encoder, source)
     params, state = encoder.meta_trees()
     flat_params, flat_state = flatten_with_names(params), flatten_with_names(state)
@@ -397,8 +398,9 @@ def check_encoder_weights(model_or_encoder, spec: str | None = None) -> WeightsS
         spec = getattr(model_or_encoder.cfg, "encoder_weights", None) if encoder is not None else None
     if not is_pretrained(spec):
         return None
-    load_encoder_weights(encoder, spec)
-    return resolve_weights(encoder, spec)
+    source = resolve_weights(encoder, spec)
+    load_encoder_weights(encoder, source)
+    return source
 
 
 # ----------------------------------------------------------------------------------------------
