@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     p.add_argument("--mem-steps", type=int, default=3, help="steps per row in its own process (memory)")
     p.add_argument("--skip-memory", action="store_true", help="time only")
+    p.add_argument("--donate", action="store_true",
+                   help="a': make_train_step(donate=True), the old train state's tensors reused for the new one")
     p.add_argument("--child", default=None, help=_hidden())
     R.add_malloc_option(p)
     args = C.finish_args(p.parse_args(argv), quick_size=64, quick_batch=8)
@@ -79,7 +81,7 @@ def build(row: str, args, data):
     if row == "a_eager":
         optimizer = (make_optimizer(name="adamw", lr=LR, weight_decay=WEIGHT_DECAY) if args.optimizer == "adamw"
                      else make_optimizer(name="sgd", lr=LR, momentum=0.0))
-        train_step = make_train_step(model, get_loss("ce"), optimizer, preprocess=pre)
+        train_step = make_train_step(model, get_loss("ce"), optimizer, preprocess=pre, donate=args.donate)
         holder = [init_train_state(model, optimizer, jr.key(args.seed), device=device)]
 
         def step():
