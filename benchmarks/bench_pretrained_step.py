@@ -186,7 +186,9 @@ def main(argv=None) -> int:
                    [("median_s", "median step s"), ("time_x_b", "time x b"), ("cpu_s", "median CPU s"),
                     ("cpu_x_b", "CPU x b"), ("peak_above_baseline_mb", "peak MB"), ("memory_x_b", "memory x b"),
                     ("min_s", "min s"), ("max_s", "max s")],
-                   notes=[f"{args.warmup} warm-up steps each, then {args.steps} steps per row interleaved ABBA; "
+                   notes=["a' donates the old train state (make_train_step(donate=True))" if args.donate
+                          else "a' keeps the train state it is given (pure step)",
+                          f"{args.warmup} warm-up steps each, then {args.steps} steps per row interleaved ABBA; "
                           f"memory: {args.mem_steps} steps per row, each in its own process",
                           allocator],
                    labels=LABELS,
