@@ -124,6 +124,7 @@ def _compile_params():
 @pytest.mark.parametrize("name", _compile_params())
 def test_compile_fullgraph(name, gen):
     """torch.compile(fullgraph=True) of apply in eval matches eager (aot_eager backend, see the module doc)."""
+    torch._dynamo.reset()  # one lambda compiled for every model: past 8 models a process hits dynamo's recompile limit
     model = small_model(name)
     params, state = model.init(jr.key(0))
     x = small_input(name, gen)
@@ -162,6 +163,7 @@ def test_compile_inductor_train_with_dropout_keys(gen):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_compile_inductor_every_model(name, gen):
+    torch._dynamo.reset()  # as test_compile_fullgraph: one lambda for every model
     model = small_model(name)
     params, state = model.init(jr.key(0))
     x = small_input(name, gen)
