@@ -40,7 +40,7 @@ SMALL: dict[str, tuple[dict, tuple[int, int, int]]] = {
 LIFTED = {"fcn_resnet50", "deeplabv3_mobilenet", "lraspp_mobilenet"}
 LIFTED_DROPOUT = {"fcn_resnet50", "deeplabv3_mobilenet"}  # dropout from torch's RNG: vmap needs a randomness mode
 SLOW_COMPILE = {"fcn_resnet50", "deeplabv3_mobilenet"}  # 25-40 s each for Dynamo to trace on 2 cores
-# over a lifted timm encoder: aot_eager's full-graph capture here, inductor only on the GPU suite (a minute
+# over a lifted timm encoder: test_compile_fullgraph checks their capture (aot_eager); inductor is left out (a minute
 # or more each of C++ code generation on 2 cores)
 ENCODER_MODELS = {"fpn", "deeplabv3plus"}
 
