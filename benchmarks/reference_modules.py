@@ -21,7 +21,7 @@ from torchvision.models import segmentation as tv_seg
 
 from functional_seg.core.tree import flatten_with_names
 
-__all__ = ["SegNet", "UNet", "ViT", "SegFormer", "build_reference", "load_pure"]
+__all__ = ["SegNet", "UNet", "EncoderUNet", "ViT", "SegFormer", "build_reference", "load_pure"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +131,52 @@ class UNet(nn.Module):
         skips.pop()
         for block in self.decoder:
             x = block(x, skips.pop())
+        return self.head(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# U-Net over a timm encoder (SMP's decoder), the nn.Module twin of unet(encoder=...)
+
+
+class EncoderUNetBlock(nn.Module):
+    def __init__(self, c_in: int, c_skip: int, c_out: int):
+        super().__init__()
+        self.conv1 = ConvBNReLU(c_in + c_skip, c_out)
+        self.conv2 = ConvBNReLU(c_out, c_out)
+
+    def forward(self, x, size, skip=None):
+        x = F.interpolate(x, size=size, mode="nearest")
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class EncoderUNet(nn.Module):
+    """timm's ``features_only`` encoder and SMP's U-Net decoder, written the ordinary way (trained with
+    ``torch.optim``); state_dict names equal the pure model's flattened params and state."""
+
+    def __init__(self, num_classes=3, in_channels=3, encoder="efficientnet_lite0",
+                 decoder_channels=(256, 128, 64, 32, 16), **unused):
+        import timm
+
+        super().__init__()
+        depth = len(decoder_channels)
+        self.encoder = timm.create_model(encoder, features_only=True, pretrained=False, in_chans=in_channels,
+                                         out_indices=tuple(range(depth)))
+        deep_first = self.encoder.feature_info.channels()[::-1]
+        c_in = [deep_first[0], *decoder_channels[:-1]]
+        c_skip = [*deep_first[1:], 0]
+        self.decoder = nn.Module()
+        self.decoder.blocks = nn.ModuleList(EncoderUNetBlock(*c) for c in zip(c_in, c_skip, decoder_channels))
+        self.head = nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1)
+
+    def forward(self, x):
+        features = self.encoder(x)
+        sizes = [f.shape[-2:] for f in features[-2::-1]] + [x.shape[-2:]]
+        skips = features[-2::-1]
+        x = features[-1]
+        for i, block in enumerate(self.decoder.blocks):
+            x = block(x, sizes[i], skips[i] if i < len(skips) else None)
         return self.head(x)
 
 
@@ -338,8 +384,10 @@ def build_reference(name: str, cfg) -> nn.Module:
     fields = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
     if name in ("segnet", "segnet_dsc"):
         return SegNet(**fields)
+    if name == "unet" and fields.get("encoder"):
+        return EncoderUNet(**fields)
     if name == "unet":
-        return UNet(**fields)
+        return UNet(**{k: fields[k] for k in ("num_classes", "in_channels", "base_width", "depth", "upsample")})
     if name == "vit":
         return ViT(**fields)
     if name == "segformer":

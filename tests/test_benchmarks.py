@@ -60,3 +60,18 @@ def test_compile_cache_runs_its_eager_row(tmp_path, monkeypatch):
     assert _bench("bench_compile_cache").main([*TINY, "--rows", "eager", "--steps", "2", "--out", str(tmp_path)]) == 0
     eager = _results(tmp_path, "bench_compile_cache")["results"]["eager"]
     assert eager["step_s"] > 0 and eager["first_train_s"] > 0 and eager["x_eager_step"] == 1.0
+
+
+def test_pretrained_step_times_both_rows_and_measures_a_row(tmp_path, monkeypatch):
+    """Time rows through main (memory rows skipped: a fresh process each, tens of seconds); the memory row's
+    code in this process."""
+    monkeypatch.chdir(REPO)
+    bench = _bench("bench_pretrained_step")
+    argv = ["--quick", "--device", "cpu", "--size", "32", "--batch-size", "2", "--encoder", "test_efficientnet",
+            "--steps", "2", "--warmup", "0", "--mem-steps", "1", "--out", str(tmp_path)]
+    assert bench.main([*argv, "--skip-memory"]) == 0
+    results = _results(tmp_path, "bench_pretrained_step")["results"]
+    assert set(results) == {"a_eager", "b"} and all(r["median_s"] > 0 and r["cpu_s"] > 0 for r in results.values())
+    assert results["b"]["time_x_b"] == 1.0
+    row = bench.child(bench.parse_args([*argv, "--child", "a_eager"]))  # in this process: the heap may not grow
+    assert row["peak_above_baseline_mb"] >= 0 and 0 < row["loss"] < 10

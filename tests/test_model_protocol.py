@@ -142,6 +142,12 @@ def test_unknown_cfg_field_lists_the_valid_ones_in_one_line(name):
 
 POS_INT, POS_ODD_INT, POS_INTS, POS_ODD_INTS, PROB, FLAG, FIXED = (
     "pos_int", "pos_odd_int", "pos_ints", "pos_odd_ints", "prob", "flag", "fixed")
+ENCODER, OPT_ENCODER, WEIGHTS = "encoder", "optional_encoder", "weights"
+
+
+def _int_in(*values: int) -> frozenset:
+    """A field that takes one of these integers."""
+    return frozenset(values)
 _COMMON = {"num_classes": POS_INT, "in_channels": POS_INT}
 _SEGNET = {**_COMMON, "widths": POS_INTS, "convs_per_stage": POS_INTS, "kernel_size": POS_ODD_INT,
            "separable": FIXED, "input_bn": FLAG, "final_relu": FLAG}
@@ -149,13 +155,20 @@ _LIFTED = {"num_classes": POS_INT}
 SPEC: dict[str, dict] = {
     "segnet": _SEGNET,
     "segnet_dsc": _SEGNET,
-    "unet": {**_COMMON, "base_width": POS_INT, "depth": POS_INT, "upsample": ("transposed", "bilinear")},
+    "unet": {**_COMMON, "base_width": POS_INT, "depth": POS_INT, "upsample": ("transposed", "bilinear"),
+             "encoder": OPT_ENCODER, "encoder_weights": WEIGHTS, "decoder_channels": POS_INTS},
     "vit": {**_COMMON, "image_size": POS_INT, "patch_size": POS_INT, "dim": POS_INT, "depth": POS_INT,
             "num_heads": POS_INT, "mlp_dim": POS_INT, "dropout": PROB, "input_bn": FLAG,
             "pos_interpolation": ("bicubic", "bilinear", "none")},
     "segformer": {**_COMMON, "dims": POS_INTS, "depths": POS_INTS, "num_heads": POS_INTS, "sr_ratios": POS_INTS,
                   "patch_sizes": POS_ODD_INTS, "patch_strides": POS_INTS, "mlp_ratio": POS_INT,
                   "decoder_dim": POS_INT, "drop_path_rate": PROB, "decoder_dropout": PROB},
+    "fpn": {**_COMMON, "encoder": ENCODER, "encoder_weights": WEIGHTS, "encoder_depth": _int_in(4, 5),
+            "pyramid_channels": POS_INT, "segmentation_channels": POS_INT, "merge_policy": ("add", "cat"),
+            "dropout": PROB},
+    "deeplabv3plus": {**_COMMON, "encoder": ENCODER, "encoder_weights": WEIGHTS, "encoder_depth": _int_in(3, 4, 5),
+                      "output_stride": _int_in(8, 16), "decoder_channels": POS_INT, "atrous_rates": POS_INTS,
+                      "aspp_separable": FLAG, "aspp_dropout": PROB},
     "fcn_resnet50": _LIFTED,
     "deeplabv3_mobilenet": _LIFTED,
     "lraspp_mobilenet": _LIFTED,
@@ -168,7 +181,7 @@ def test_spec_covers_every_field():
 
     assert set(SPEC) == set(list_models())
     for name, spec in SPEC.items():
-        cfg_cls = type(create_model(name).cfg) if name in _BUILT else LiftedCfg
+        cfg_cls = LiftedCfg if SPEC[name] is _LIFTED else type(create_model(name).cfg)
         assert list(spec) == [f.name for f in dataclasses.fields(cfg_cls)], name
 
 
@@ -193,6 +206,9 @@ _BAD = {
     PROB: st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-9), st.just(float("nan")),
                     st.just(float("inf")), st.integers(min_value=1), st.text(max_size=3), st.booleans(), st.none()),
     FLAG: st.one_of(st.integers(), st.floats(), st.text(max_size=3), st.none()),
+    ENCODER: st.one_of(st.integers(), st.booleans(), st.none(), st.just(""), st.just("  ")),
+    OPT_ENCODER: st.one_of(st.integers(), st.booleans(), st.just(""), st.just("  ")),
+    WEIGHTS: st.one_of(st.integers(), st.booleans(), st.floats(), st.tuples(st.text(max_size=2))),
 }
 
 
@@ -204,6 +220,9 @@ def invalid_fields(draw):
     kind = SPEC[name][field]
     if isinstance(kind, tuple):  # a choice
         value = draw(st.one_of(st.text(max_size=8).filter(lambda v: v not in kind), st.integers(), st.none()))
+    elif isinstance(kind, frozenset):  # one of some integers
+        value = draw(st.one_of(st.integers().filter(lambda v: v not in kind), st.booleans(), st.none(),
+                               st.floats(), st.text(max_size=3)))
     else:
         value = draw(_BAD[kind])
     return name, field, value

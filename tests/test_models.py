@@ -33,6 +33,8 @@ SMALL: dict[str, tuple[dict, tuple[int, int, int]]] = {
     "fcn_resnet50": ({}, (2, 64, 64)),
     "deeplabv3_mobilenet": ({}, (2, 64, 64)),
     "lraspp_mobilenet": ({}, (2, 64, 64)),
+    "fpn": (dict(encoder="test_efficientnet", pyramid_channels=16, segmentation_channels=32), (2, 64, 64)),
+    "deeplabv3plus": (dict(encoder="test_efficientnet", decoder_channels=16, atrous_rates=(1, 2, 3)), (2, 64, 64)),
 }
 LIFTED = {"fcn_resnet50", "deeplabv3_mobilenet", "lraspp_mobilenet"}
 LIFTED_DROPOUT = {"fcn_resnet50", "deeplabv3_mobilenet"}  # dropout from torch's RNG: vmap needs a randomness mode
@@ -122,6 +124,7 @@ _FULLGRAPH = sorted(set(SMALL) - (LIFTED - {"lraspp_mobilenet"}))
 @pytest.mark.parametrize("name", _FULLGRAPH)
 def test_compile_fullgraph(name, gen):
     """torch.compile(fullgraph=True) of apply in eval matches eager (aot_eager backend, see the module doc)."""
+    torch._dynamo.reset()  # one lambda compiled for every model: past 8 models a process hits dynamo's recompile limit
     model = small_model(name)
     params, state = model.init(jr.key(0))
     x = small_input(name, gen)
@@ -163,6 +166,7 @@ def test_compile_inductor_for_our_unusual_ops(name, gen):
     (index scatter and its channels-last window path) and SegFormer's overlapping patch embeddings
     with spatial-reduction attention. U-Net and the ViT are compiled above; the lifted
     torchvision models run torchvision's standard ops."""
+    torch._dynamo.reset()
     model = small_model(name)
     params, state = model.init(jr.key(0))
     x = small_input(name, gen)

@@ -376,3 +376,17 @@ def test_bf16_autocast_step_runs_and_auto_is_fp32_on_cpu(model):
         from functional_seg.data.preprocess import Preprocess
 
         Preprocess(precision="auto")
+
+
+def test_donate_writes_the_new_state_into_the_old_tensors(model):
+    """make_train_step(donate=True): the same numbers, held in the tensors of the state passed in."""
+    opt = make_optimizer(OptimizerConfig(name="adamw", lr=1e-2, weight_decay=1e-2))
+    ts = init_train_state(model, opt, jr.key(0))
+    ref, ref_metrics = _step(model, opt)(tree_clone(ts), _batch())
+    new, metrics = _step(model, opt, donate=True)(ts, _batch())
+    assert _max_diff(new.params, ref.params) == 0.0 and _max_diff(new.opt_state, ref.opt_state) == 0.0
+    assert _max_diff(new.state, ref.state) == 0.0 and torch.equal(metrics["loss"], ref_metrics["loss"])
+    assert all(a is b for a, b in zip(tree_leaves((new.params, new.opt_state)), tree_leaves((ts.params, ts.opt_state)))
+               if isinstance(a, torch.Tensor) and a.dim() > 0)
+    again, _ = _step(model, opt, donate=True)(new, _batch(seed=1))  # a donated state steps on
+    assert _max_diff(again.params, ref.params) > 0

@@ -35,7 +35,8 @@ from ..core import random as jr
 from ..core.tree import flatten_with_names, unflatten_names
 
 __all__ = [
-    "Model", "register_model", "create_model", "check_cfg", "list_models", "from_module", "build_cfg",
+    "Model", "register_model", "create_model", "check_cfg", "list_models", "from_module", "LiftedModule",
+    "build_cfg",
     "Rule", "validate_cfg", "cfg_error", "POSITIVE_INT", "POSITIVE_ODD_INT", "POSITIVE_INTS", "POSITIVE_ODD_INTS",
     "PROBABILITY", "FLAG", "one_of",
 ]
@@ -47,6 +48,10 @@ class Model:
 
     ``init_fn(cfg, key)`` and ``apply_fn(cfg, params, state, x, train, key)`` hold the maths;
     ``stride`` is the factor H and W must be divisible by.
+
+    ``input_mean`` / ``input_std`` (3 floats each, for x in [0, 1]) are the normalisation a
+    pretrained encoder was trained with (e.g. 0.5 / 0.5 for the packaged EfficientNet-Lite0); None
+    means the library default (ImageNet's). The training code builds its ``Preprocess`` from them.
     """
 
     name: str
@@ -55,6 +60,8 @@ class Model:
     apply_fn: Callable = dataclasses.field(repr=False)
     stride: int = 1
     in_channels: int = 3
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -239,7 +246,7 @@ def _seed_from_key(key: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def _seeded_rng(key: torch.Tensor, devices: list[torch.device]):
+def seeded_rng(key: torch.Tensor, devices: list[torch.device]):
     """Seed torch's CPU RNG and those of ``devices`` from ``key``, restoring all of them afterwards.
 
     ``torch.manual_seed`` would also reseed every CUDA device without restoring it.
@@ -268,24 +275,70 @@ class _ModeCopies(threading.local):
         self.eval_module = copy.deepcopy(template).eval()
 
 
+class LiftedModule:
+    """A ``torch.nn.Module`` as a pure call: ``lifted(params, state, x, train=..., key=None) -> (out, new_state)``.
+
+    The one place a module becomes pure (shared by :func:`from_module` and the pretrained encoders
+    in ``models.encoders``). Parameters are params, buffers are state, both nested dicts named as
+    in the module's ``state_dict``. The module is copied once to the meta device (shapes only, no
+    data) with separate train-mode and eval-mode copies per thread (:class:`_ModeCopies`), and every
+    call supplies all tensors through ``torch.func.functional_call``, so a call never flips a
+    ``training`` flag, never reads a tensor it was not given, and is safe from several threads,
+    under ``vmap`` and under ``torch.compile``. Buffers the module updates in place (batch-norm
+    statistics in training) are cloned first and come back as the new state; in eval the state
+    passed in is returned as it is. Dropout inside the module draws from torch's RNG, seeded from
+    ``key`` in eager mode.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        with torch.no_grad():
+            self.template = copy.deepcopy(module).to("meta")
+        self._modes = _ModeCopies(self.template)
+        # Under torch.compile the trace runs on the main thread's pair (threading.local is not traced)
+        self._compiled_modes = (self._modes.train_module, self._modes.eval_module)
+
+    def meta_trees(self) -> tuple[dict, dict]:
+        """(params, state) of meta tensors shaped as the module's: names and shapes, nothing allocated."""
+        return (unflatten_names({n: torch.empty_like(p, device="meta") for n, p in self.template.named_parameters()}),
+                unflatten_names({n: torch.empty_like(b, device="meta") for n, b in self.template.named_buffers()}))
+
+    @staticmethod
+    def trees_of(module: torch.nn.Module) -> tuple[dict, dict]:
+        """(params, state): detached copies of a real module's parameters and buffers."""
+        return (unflatten_names({n: p.detach().clone() for n, p in module.named_parameters()}),
+                unflatten_names({n: b.detach().clone() for n, b in module.named_buffers()}))
+
+    def __call__(self, params: dict, state: dict, x: torch.Tensor, *, train: bool, key: torch.Tensor | None = None):
+        if torch.compiler.is_compiling():
+            target = self._compiled_modes[0] if train else self._compiled_modes[1]
+        else:
+            target = self._modes.train_module if train else self._modes.eval_module
+        tensors = dict(flatten_with_names(params))
+        if train:
+            new_state = {n: b.clone() for n, b in flatten_with_names(state).items()}  # updated in place by BN
+            tensors.update(new_state)
+        else:
+            tensors.update(flatten_with_names(state))
+        if train and key is not None and not torch.compiler.is_compiling():
+            with seeded_rng(key, [x.device]):
+                out = functional_call(target, tensors, (x,), strict=True)
+        else:
+            out = functional_call(target, tensors, (x,), strict=True)
+        return out, (unflatten_names(new_state) if train else state)
+
+
 def from_module(module: torch.nn.Module, *, name: str | None = None, num_classes: int | None = None,
                 stride: int = 1, in_channels: int = 3, output_key: str = "out") -> Model:
     """Lift a ``torch.nn.Module`` into the model protocol with ``torch.func.functional_call``.
 
     Parameters become params, buffers become state (batch-norm buffers come back updated in
     training, the input state untouched). A dict output (torchvision's segmentation models)
-    yields ``output[output_key]``.
-
-    Nothing here mutates ``module``: at lift time it is copied once with its tensors (``init``
-    draws into that copy) and once on the meta device (the structure ``apply`` calls into, with
-    every tensor supplied by ``functional_call``), with separate train-mode and eval-mode copies
-    per thread, so ``apply`` never flips a ``training`` flag and is safe to call from several
-    threads, under ``vmap`` and under ``torch.compile``.
+    yields ``output[output_key]``. ``apply`` is a :class:`LiftedModule` call: nothing here
+    mutates ``module`` and the calls are pure (see there).
 
     ``init(key)`` re-runs each submodule's ``reset_parameters`` under a forked RNG seeded from the
-    key, so the caller's global RNG is left as it was; with a key on the meta device it draws
-    nothing and returns meta tensors of the right shapes. Dropout inside a lifted module draws from
-    torch's own RNG; the key seeds it in eager mode.
+    key, in a copy of the module made at lift time, so the caller's global RNG is left as it was;
+    with a key on the meta device it draws nothing and returns meta tensors of the right shapes.
     """
     if num_classes is None:
         num_classes = getattr(module, "num_classes", None) or _guess_num_classes(module)
@@ -295,40 +348,22 @@ def from_module(module: torch.nn.Module, *, name: str | None = None, num_classes
             raise cfg_error(label, field, value, POSITIVE_INT.expected)
     cfg = build_cfg(ModuleCfg, {"num_classes": num_classes, "output_key": output_key}, name=label)
     init_module = copy.deepcopy(module)
-    with torch.no_grad():
-        template = copy.deepcopy(module).to("meta")
-    modes = _ModeCopies(template)
-    # Under torch.compile the trace runs on the main thread's pair (threading.local is not traced)
-    compiled_modes = (modes.train_module, modes.eval_module)
+    lifted = LiftedModule(module)
 
     def init_fn(cfg, key):
         if key.is_meta:  # shapes only (summaries, checking a checkpoint's names): nothing to draw
-            return (unflatten_names({n: torch.empty_like(p, device="meta") for n, p in template.named_parameters()}),
-                    unflatten_names({n: torch.empty_like(b, device="meta") for n, b in template.named_buffers()}))
-        with _seeded_rng(key, [t.device for t in init_module.parameters()]):
+            return lifted.meta_trees()
+        with seeded_rng(key, [t.device for t in init_module.parameters()]):
             for sub in init_module.modules():
                 if hasattr(sub, "reset_parameters") and sub is not init_module:
                     sub.reset_parameters()
-        params = unflatten_names({n: p.detach().clone() for n, p in init_module.named_parameters()})
-        state = unflatten_names({n: b.detach().clone() for n, b in init_module.named_buffers()})
-        return params, state
+        return lifted.trees_of(init_module)
 
     def apply_fn(cfg, params, state, x, train, key):
-        if torch.compiler.is_compiling():
-            target = compiled_modes[0] if train else compiled_modes[1]
-        else:
-            target = modes.train_module if train else modes.eval_module
-        tensors = dict(flatten_with_names(params))
-        new_state = {n: b.clone() for n, b in flatten_with_names(state).items()}  # updated in place by BN
-        tensors.update(new_state)
-        if train and key is not None and not torch.compiler.is_compiling():
-            with _seeded_rng(key, [x.device]):
-                out = functional_call(target, tensors, (x,), strict=True)
-        else:
-            out = functional_call(target, tensors, (x,), strict=True)
+        out, new_state = lifted(params, state, x, train=train, key=key)
         if isinstance(out, dict):
             out = out[cfg.output_key]
-        return out, unflatten_names(new_state) if train else state
+        return out, new_state
 
     return Model(name=label, cfg=cfg, init_fn=init_fn, apply_fn=apply_fn, stride=stride, in_channels=in_channels)
 

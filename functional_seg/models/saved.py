@@ -55,11 +55,20 @@ def check_model(meta: Mapping, model, *, path: str | os.PathLike = "checkpoint")
     """Raise :class:`CheckpointError` naming the fields where the file's model and ``model`` differ."""
     if meta.get("model") != model.name:
         raise CheckpointError(f"{path} holds a {meta.get('model')!r} model, not {model.name!r}")
-    mine, theirs = jsonable(model.cfg), meta.get("cfg") or {}
+    mine, theirs = jsonable(model.cfg), dict(meta.get("cfg") or {})
+    for k, default in _defaults(model.cfg).items():  # a field added since the file was written: its default
+        theirs.setdefault(k, default)
     diffs = [f"{k}: file has {theirs.get(k, '<absent>')!r}, model has {mine.get(k, '<absent>')!r}"
              for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if diffs:
         raise CheckpointError(f"{path} holds a {model.name!r} model with another cfg: " + "; ".join(diffs))
+
+
+def _defaults(cfg) -> dict[str, Any]:
+    """The JSON form of each cfg field's default (fields without one are left out)."""
+    if not dataclasses.is_dataclass(cfg):
+        return {}
+    return {f.name: jsonable(f.default) for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
 
 
 def _tuplify(x):

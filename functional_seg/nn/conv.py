@@ -45,9 +45,10 @@ def init_separable_conv2d(key: torch.Tensor, in_channels: int, out_channels: int
     }
 
 
-def separable_conv2d(params: dict, x: torch.Tensor, *, stride: int = 1, padding: int | str = 0) -> torch.Tensor:
+def separable_conv2d(params: dict, x: torch.Tensor, *, stride: int = 1, padding: int | str = 0,
+                     dilation: int = 1) -> torch.Tensor:
     groups = params["depthwise"]["weight"].shape[0]
-    x = conv2d(params["depthwise"], x, stride=stride, padding=padding, groups=groups)
+    x = conv2d(params["depthwise"], x, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return conv2d(params["pointwise"], x)
 
 

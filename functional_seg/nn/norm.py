@@ -1,4 +1,4 @@
-"""Batch norm with explicit state, its cross-process statistics hook, and layer norm.
+"""Batch norm with explicit state, its cross-process statistics hook, layer norm and group norm.
 
 Batch-norm statistics live in a separate state tree ``{"running_mean": [C], "running_var": [C],
 "num_batches_tracked": int64 []}`` that ``batch_norm`` returns updated in training and
@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["init_batch_norm", "batch_norm", "batch_stats_reducer", "init_layer_norm", "layer_norm"]
+__all__ = ["init_batch_norm", "batch_norm", "batch_stats_reducer", "init_layer_norm", "layer_norm", "init_group_norm",
+           "group_norm"]
 
 # The reducer set by batch_stats_reducer; a plain module global (not a ContextVar or thread-local)
 # so that dynamo reads it as a constant and guards on it.
@@ -141,3 +142,13 @@ def init_layer_norm(dim: int) -> dict:
 def layer_norm(params: dict, x: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
     """Normalise over the last axis (x: [..., dim])."""
     return F.layer_norm(x, params["weight"].shape, params["weight"], params["bias"], eps)
+
+
+def init_group_norm(num_channels: int) -> dict:
+    return {"weight": torch.ones(num_channels), "bias": torch.zeros(num_channels)}
+
+
+def group_norm(params: dict, x: torch.Tensor, *, groups: int, eps: float = 1e-5) -> torch.Tensor:
+    """Normalise x [N, C, ...] over each group of C / ``groups`` channels and the spatial axes, per
+    sample (Wu & He, 2018), then scale and shift per channel. No state: train and eval agree."""
+    return F.group_norm(x, groups, params["weight"], params["bias"], eps)

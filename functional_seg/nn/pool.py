@@ -84,8 +84,10 @@ def _unpool_windows(x: torch.Tensor, indices: torch.Tensor, output_size: tuple[i
     return out
 
 
-def resize(x: torch.Tensor, size: tuple[int, int], *, mode: str = "bilinear") -> torch.Tensor:
-    """Resize [N, C, H, W] to ``size``; bilinear uses align_corners=False (torch's default)."""
+def resize(x: torch.Tensor, size: tuple[int, int], *, mode: str = "bilinear", align_corners: bool = False
+           ) -> torch.Tensor:
+    """Resize [N, C, H, W] to ``size``; bilinear and bicubic use ``align_corners`` (False: torch's default;
+    True: corner pixels stay put, as SMP's decoders upsample)."""
     if mode in ("bilinear", "bicubic"):
-        return F.interpolate(x, size=size, mode=mode, align_corners=False)
+        return F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
     return F.interpolate(x, size=size, mode=mode)  # nearest, nearest-exact, area take no align_corners

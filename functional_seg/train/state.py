@@ -11,7 +11,7 @@
 - ema: ``{}`` (no EMA: no leaves, so tree maps, ``stack`` and checkpoints see nothing), or
   ``{"params": ..., "state": ...}``, the exponential moving average of params and
   model state (``--ema``); a checkpoint stores it as ``ema.params.*`` / ``ema.state.*``, which
-  ``models.load_model(path, weights="ema")`` reads.
+  ``models.load_checkpoint(path, weights="ema")`` reads.
 
 For an ensemble of K members every leaf gains a leading axis of size K (``core.tree.stack``).
 """
