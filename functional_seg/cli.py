@@ -121,6 +121,7 @@ def cmd_train(args) -> int:
     splits = split_data(root, config.data, seed=config.seed)
     model = create_model(args.model, **{"num_classes": splits.num_classes, **cfg})
     check_input_size(model, config.data.size)
+    _report_weights(model)
     out = Path(args.out or Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     print(f"training {model.name} on {len(splits.train)} images at {config.data.size}px, validating on "
@@ -138,6 +139,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _report_weights(model) -> None:
+    """Resolve and check a pretrained encoder's weights now: a missing or mismatched file is one line
+    before any training, and the user sees where the weights come from."""
+    from .models import check_encoder_weights
+
+    source = check_encoder_weights(model)
+    if source is not None:
+        print(f"encoder weights: {source.spec} ({source.kind}, {source.path}); input normalised with mean "
+              f"{tuple(round(v, 4) for v in source.mean)}, std {tuple(round(v, 4) for v in source.std)}",
+              file=sys.stderr)
+
+
+def cmd_fetch_weights(args) -> int:
+    from .models import fetch_encoder_weights
+
+    path = fetch_encoder_weights(args.encoder, args.weights)
+    print(f"{args.encoder} {args.weights} -> {path}")
+    return 0
+
+
 def cmd_audit(args) -> int:
     from .audit import audit
     from .data import prepare
@@ -148,6 +169,7 @@ def cmd_audit(args) -> int:
     cfg = _model_cfg(args)
     data = prepare(Path(args.data), args.split, config.data.size, progress=True, **config.data.prepare_kwargs())
     model = create_model(args.model, **{"num_classes": len(data.class_names), **cfg})
+    _report_weights(model)
     out = Path(args.out or Path("runs") / f"audit-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"auditing {len(data)} images of {args.data} ({args.split}) with {args.folds} folds of {model.name} "
           f"at {config.data.size}px -> {out}", file=sys.stderr)
@@ -445,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     for add in (_add_train, _add_audit, _add_eval, _add_predict, _add_export, _add_prepare, _add_summary):
         add(sub)
+    f = sub.add_parser("fetch-weights", help="download an encoder's pretrained weights into the local cache (the "
+                                             "one command that uses a network; loading never does)")
+    f.add_argument("encoder", help="a timm model name or torchvision:<name>, e.g. resnet34")
+    f.add_argument("--weights", default="imagenet", help="'imagenet' or a timm pretrained tag")
+    f.set_defaults(func=cmd_fetch_weights)
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("-v", "--verbose", action="store_true", help="with their default cfg")
     m.set_defaults(func=cmd_models)

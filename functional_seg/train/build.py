@@ -87,7 +87,8 @@ def build_steps(model, preprocess: Preprocess, config: FitConfig, runtime: Runti
     train_step = make_train_step(
         model, loss_fn, optimizer, preprocess=preprocess, augment_cfg=config.augment, compile=runtime.compile,
         backend=backend, accumulate=config.accumulate, ema=config.ema, world=world, ensemble=bool(config.members),
-        sync_bn=config.sync_bn, folds=config.folds, encoder_lr=config.encoder_lr, frozen_encoder=frozen_encoder)
+        sync_bn=config.sync_bn, folds=config.folds, encoder_lr=config.encoder_lr, frozen_encoder=frozen_encoder,
+        donate=not runtime.compile and not config.members)  # fit keeps only the state a step returns
     eval_step: Any = make_eval_step(model, preprocess=preprocess)
     if config.members:
         eval_step = torch.func.vmap(eval_step, in_dims=(0, 0, None, None))

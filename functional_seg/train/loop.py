@@ -48,6 +48,7 @@ from .evaluation import evaluate, evaluate_checkpoint, evaluate_ensemble
 from .log import ConsoleLog, call_hooks
 from .rundir import RunDir, RunDirError, TrainingDiverged
 from .state import TrainState, ensemble_size, init_ensemble, init_train_state, with_ema
+from .warm_start import warm_start, without_pretrained
 
 __all__ = ["fit", "FitResult", "Plan", "plan_run", "as_splits", "TrainingDiverged", "unstack_members"]
 
@@ -100,13 +101,18 @@ class Plan:
         return maths_record(cfg, model=model_metadata(self.model), preprocess=self.preprocess.to_dict(),
                             data=self.data)
 
-    def init_state(self) -> TrainState:
+    def init_state(self, *, template: bool = False) -> TrainState:
+        """The run's first train state; ``template``: only its structure matters (a checkpoint will
+        fill it), so no pretrained weights are read and no other run's weights are loaded."""
         c = self.config
+        model = without_pretrained(self.model) if template else self.model
         if c.members:
             sweep = {"fold": [float(i) for i in range(c.folds)]} if c.folds else c.sweep
-            ts = init_ensemble(self.model, self.optimizer, self.init_key, c.members, sweep=sweep, device=self.device)
+            ts = init_ensemble(model, self.optimizer, self.init_key, c.members, sweep=sweep, device=self.device)
         else:
-            ts = init_train_state(self.model, self.optimizer, self.init_key, device=self.device)
+            ts = init_train_state(model, self.optimizer, self.init_key, device=self.device)
+        if c.init_from and not template:
+            ts = warm_start(ts, c.init_from)
         return with_ema(ts) if c.ema is not None else ts
 
     def metadata(self, args) -> dict:
@@ -324,9 +330,10 @@ def _evaluate_epoch(plan: Plan, ts: TrainState, record: dict, epoch: int) -> dic
 def _open_run(plan: Plan, run: RunDir, model, record: dict, resume: bool) -> tuple[TrainState, dict]:
     """The starting train state (fresh or restored) and the checkpoint's extras, the same on every
     rank: rank 0 checks the directory, every rank reads the checkpoint, rank 0's state is broadcast."""
-    ts = plan.init_state()
+    restoring = agree(plan.world, lambda: run.start(record, plan.maths, resume=resume), errors=(RunDirError,))
+    ts = plan.init_state(template=restoring)
     extra: dict = {}
-    if agree(plan.world, lambda: run.start(record, plan.maths, resume=resume), errors=(RunDirError,)):
+    if restoring:
         ts, extra = run.restore(ts, model, record, plan.maths)
     return broadcast_tree(plan.world, ts), extra
 

@@ -146,6 +146,10 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preproce
         ``train_step``; batch is ``(images uint8 [b, 3, S, S], masks int64 [b, S, S])`` on the
         state's device, b = B / world size.
     """
+    has_encoder = _has_encoder(model)
+    if (frozen_encoder or encoder_lr != 1.0) and not has_encoder:
+        raise ValueError(f"{model.name} has no pretrained-style encoder (set encoder=... in the model cfg): "
+                         "--encoder-lr and --freeze-encoder-epochs apply to encoder-decoder models only")
     if frozen_encoder:
         model = _frozen(model)
     spec = _StepSpec(model, loss_fn, optimizer, preprocess or _DEFAULT, augment_cfg, int(accumulate), ema,
@@ -323,10 +327,18 @@ def _encoder_scales(params: dict, encoder_lr: float) -> dict | None:
 
 
 def _frozen(model):
-    """The model with its encoder frozen (``models.encoders.freeze_encoder``), or a clear error."""
-    from ..models.encoders import freeze_encoder
+    """The model with its encoder frozen (``models.encoder_decoder.freeze_encoder``)."""
+    from ..models.encoder_decoder import freeze_encoder
 
     return freeze_encoder(model)
+
+
+def _has_encoder(model) -> bool:
+    """An encoder-decoder model (its ``params["encoder"]`` is a backbone; the classic U-Net's and
+    SegNet's ``encoder`` keys are not)."""
+    from ..models.encoder_decoder import model_encoder
+
+    return model_encoder(model) is not None
 
 
 def _ema_update(ema: dict, params: dict, state: dict, decay: float) -> dict:
