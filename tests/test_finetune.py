@@ -90,7 +90,8 @@ def test_init_from_another_run_re_initialises_only_the_head_of_another_class_cou
     root = make_generic_dataset(tmp_path / "five", num_classes=5, n=20, size=48, seed=1)
     five = prepare(root, "train", 32, cache_dir=tmp_path / "cache", workers=1)
     other = create_model("unet", **CFG, num_classes=len(five.class_names))
-    with pytest.warns(UserWarning, match=r"2 of \d+ tensors re-initialised .*params\.head\.weight \(\[3, 8, 3, 3\] -> \[5, 8, 3, 3\]\)"):
+    named = r"2 of \d+ tensors re-initialised .*params\.head\.weight \(\[3, 8, 3, 3\] -> \[5, 8, 3, 3\]\)"
+    with pytest.warns(UserWarning, match=named):
         fit(other, Splits(five), _config(epochs=1, max_steps=1, init_from=str(tmp_path / "pets" / "last.safetensors")),
             out_dir=tmp_path / "five_run", hooks=[])
     with pytest.raises(ValueError, match="shares no tensor"):
