@@ -112,7 +112,8 @@ def _fresh_run_dir(path: Path) -> Path:
 
 def metrics_row(summary: dict, class_names: Sequence[str]) -> dict:
     """The table's figures of one ``evaluate`` summary (all from ``metrics.summarize``)."""
-    row = {k: summary.get(k) for k in ("pixel_accuracy", "mean_iou", "series_iou", "mean_dice", "iou")}
+    row = {k: summary.get(k) for k in ("pixel_accuracy", "mean_iou", "series_iou", "mean_dice", "iou",
+                                       "mean_boundary_iou", "ece")}
     row["custom_iou"] = summary.get("series_custom_iou")
     for name, value in zip(class_names, summary["iou"]):
         row[f"iou_{name}"] = value
