@@ -112,7 +112,7 @@ def cli_command(args, run_dir: Path, data_root: Path, n_source: int) -> list[str
            "--out", str(run_dir), "--augment", "flip_jitter", "--loss", "ce", "--seed", str(args.seed),
            "--val-split", args.val_split, "--test-split", args.test_split, "--no-progress"]
     if args.model_cfg:
-        cmd += ["--model-cfg", args.model_cfg]
+        cmd += ["--model-cfg", *args.model_cfg.split()]
     if n_source > args.repeat_to:
         cmd += ["--limit", str(args.repeat_to)]
     return cmd + args.extra.split()
