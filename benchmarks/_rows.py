@@ -234,14 +234,16 @@ def build(row: str, *, model: str, cfg: dict, device: torch.device, data, seed: 
     return lambda: update(lib.preprocess.model_input(images), masks)
 
 
-def write_report(args, prov: dict, stem: str, experiment: str, title: str, results: dict, columns, notes=()):
-    """The row benchmarks' output: ``results`` ({row: figures}) as one table under ``LABELS``,
-    headed by the rows' common setting, written as ``<stem>.{json,md}`` and printed."""
+def write_report(args, prov: dict, stem: str, experiment: str, title: str, results: dict, columns, notes=(),
+                 labels: dict | None = None, setting: str | None = None):
+    """The row benchmarks' output: ``results`` ({row: figures}) as one table under ``labels`` (default
+    ``LABELS``), headed by the rows' common ``setting`` (default: these rows'), written as
+    ``<stem>.{json,md}`` and printed."""
     from experiments import harness as C
 
-    table = [{"row": LABELS[row], **r} for row, r in results.items()]
-    setting = (f"model cfg: {model_cfg(args.widths) or 'series widths'}; CE; Adam lr 1e-3; one fixed batch, "
-               "no augmentation; the library's rows from build_steps (fseg train's step)")
+    table = [{"row": (labels or LABELS)[row], **r} for row, r in results.items()]
+    setting = setting or (f"model cfg: {model_cfg(args.widths) or 'series widths'}; CE; Adam lr 1e-3; one fixed "
+                          "batch, no augmentation; the library's rows from build_steps (fseg train's step)")
     md = C.md_header(f"{title}: {args.model} at {args.size}x{args.size}, batch {args.batch_size}", prov,
                      notes=[setting, *notes])
     md += "\n" + C.md_table(table, [("row", "row"), *columns]) + "\n"

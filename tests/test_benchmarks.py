@@ -178,3 +178,22 @@ def test_data_pipelines_report_rates(capsys, pets):
     rows = [line for line in capsys.readouterr().out.splitlines() if re.search(r"\sflip\s+\d+$", line)]
     assert len(rows) == 3, rows  # ours with the Loader, ours augment only, torchvision
     assert all(int(line.split()[-1]) > 0 for line in rows)
+
+
+def test_suite_report_stamps_the_tables_of_this_run_only(tmp_path):
+    from benchmarks import suite_report
+
+    old, new = tmp_path / "old_cuda.md", tmp_path / "new_cuda.md"
+    old.write_text("# Old\n\n- command: `python -m old`\n")
+    os.utime(old, (1_000_000, 1_000_000))
+    new.write_text("# New\n\n- device: x\n- command: `python -m new`\n- a note\n\n| a |\n|---|\n| 1 |\n")
+    (tmp_path / "new_cuda.json").write_text(json.dumps({"provenance": {"command": "python -m new"}, "rows": {}}))
+    (tmp_path / "flat_cuda.json").write_text(json.dumps({"x": 1}))
+    assert suite_report.main(["stamp", str(tmp_path), "--since", "2000000", "--commit", "abc123"]) == 0
+    assert suite_report.main(["stamp", str(tmp_path), "--since", "2000000", "--commit", "def456"]) == 0  # again
+    lines = new.read_text().splitlines()
+    assert lines[3:5] == ["- command: `python -m new`", "- commit: `def456`"] and "abc123" not in new.read_text()
+    assert old.read_text() == "# Old\n\n- command: `python -m old`\n"  # written before the run: untouched
+    assert json.loads((tmp_path / "new_cuda.json").read_text())["provenance"]["commit"] == "def456"
+    assert json.loads((tmp_path / "flat_cuda.json").read_text()) == {"x": 1, "commit": "def456"}
+    assert suite_report.brief("# T\n| a |\n\n# Profile\n| p |\n", 10) == "# T\n| a |\n"
