@@ -57,7 +57,14 @@ else
 fi
 mkdir -p "$RESULTS"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FSEG_DATA="$DATA"
-COMMIT="${FSEG_COMMIT:-$(cat .devdata/COMMIT 2>/dev/null || git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+# the commit: FSEG_COMMIT, else git's (here), else .devdata/COMMIT (the device: the copy may have no .git)
+commit_here() {
+  local c
+  c=$(git rev-parse --short=12 HEAD 2>/dev/null) || return 1
+  [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] || c="$c-dirty"
+  echo "$c"
+}
+COMMIT="${FSEG_COMMIT:-$(commit_here || cat .devdata/COMMIT 2>/dev/null || echo unknown)}"
 START=$SECONDS
 EPOCH=$(date +%s)
 STAMP=$(date -u +%Y-%m-%d_%H%M)
