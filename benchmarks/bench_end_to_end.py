@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     md = C.md_header(
         f"End to end: `fseg train`, {args.model} at {args.size}x{args.size}, {args.epochs} epochs, "
         f"{args.repeat_to} training images", prov,
-        notes=[f"data: `{args.data}` trainval {_how_many(args, result.get('source_images'))}, decoded and "
+        notes=[f"data: `{args.data}` trainval, {_how_many(args, result.get('source_images'))}, decoded and "
                f"cached before the clock starts ({fmt_s(result.get('prepare_s_untimed'))}); the CLI's protocol: "
                f"validation `--val-split {args.val_split}` after every epoch (on cycled data the carved images are "
                f"copies of training images: timing only), `--test-split {args.test_split}` once at the end with the "

@@ -123,8 +123,8 @@ part() {
   [ "$left" -lt 30 ] && left=$remaining   # earlier parts win: a short lease still measures the first ones
   local limit=$((left < cap ? left : cap))
   if [ "$limit" -lt 20 ]; then
-    STATUS[$name]="skipped: ${limit}s left of ${TOTAL}s"; WALL[$name]=0
-    say "PART $name: SKIPPED (${STATUS[$name]})"
+    STATUS[$name]="SKIPPED: ${limit}s left of ${TOTAL}s"; WALL[$name]=0
+    say "PART $name: ${STATUS[$name]}"
     return 0
   fi
   local args=() a
@@ -151,8 +151,8 @@ part_if_present() {
   local name="$1" file="$2"; shift 2
   wanted "$name" || return 0
   if [ ! -f "$file" ]; then
-    STATUS[$name]="skipped: $file is not in this checkout"; WALL[$name]=0
-    say "PART $name: SKIPPED (${STATUS[$name]})"
+    STATUS[$name]="SKIPPED: $file is not in this checkout"; WALL[$name]=0
+    say "PART $name: ${STATUS[$name]}"
     return 0
   fi
   part "$name" "$@"
