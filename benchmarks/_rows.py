@@ -1,12 +1,18 @@
-"""The train-step rows that the memory, eager-step and compile benchmarks share, on one resident batch.
+"""What the benchmarks share: the library's row built as ``fseg train`` builds it, the ``nn.Module``
+step it is compared with, and the fixed-batch rows of the memory, eager-step and compile benchmarks.
 
-Every row runs the same architecture (the registry model and its ``nn.Module`` twin from
-``benchmarks/reference_modules.py``), the same loss (cross-entropy), Adam lr 1e-3, and the same
-uint8 batch already on the device, normalised by the same ``Preprocess.model_input``. No
-augmentation and no data loader: these rows isolate the step itself.
+The library's side of every benchmark comes from :func:`library_steps`: ``resolve_runtime`` (device,
+precision, channels-last, compile, exactly as ``fit`` resolves them), ``preprocess_for`` and
+``build_steps`` over a ``FitConfig``. No benchmark decides bf16 or channels-last itself; the
+``nn.Module`` rows take both from a ``Runtime`` too (:func:`module_step`).
 
-  a   ``make_train_step(..., compile=True)`` (inductor)
-  a'  ``make_train_step(..., compile=False)`` (what ``fseg train`` runs on CPU by default)
+The fixed-batch rows (``build``) run the same architecture (the registry model and its ``nn.Module``
+twin from ``benchmarks/reference_modules.py``), cross-entropy, Adam lr 1e-3, on one uint8 batch
+already on the device, no augmentation and no data loader: they isolate the step itself. On CUDA
+every row runs the runtime's bf16 autocast and channels-last layout (the same for all four).
+
+  a   the library's step, compiled (inductor)
+  a'  the library's step, eager (what ``fseg train`` runs on the CPU by default)
   b   the series' eager ``nn.Module`` + ``torch.optim.Adam`` (forward, CE, zero_grad, backward, step)
   c   ``torch.compile(module)`` + ``torch.optim.Adam(fused=True)``
 
@@ -20,6 +26,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +40,118 @@ LABELS = {
     "b": "b: nn.Module + torch.optim.Adam, eager",
     "c": "c: torch.compile(module) + Adam(fused)",
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# The library's row: what fit builds
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What ``preprocess_for`` reads of a dataset, for rows that train on a synthetic fixed batch."""
+
+    size: int
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LibraryRow:
+    """The library's side of a benchmark, as ``fit`` builds it: the model, the resolved ``Runtime``,
+    the ``Preprocess`` contract, the ``FitConfig`` and its ``Steps`` (``train_step``, ``eval_step``)."""
+
+    model: Any
+    runtime: Any
+    preprocess: Any
+    config: Any
+    steps: Any
+
+    def init(self, key: torch.Tensor):
+        """A fresh ``TrainState`` on the runtime's device from ``key`` (int64 [2]): K stacked members
+        (member i from ``split(key, K)[i]``) when the config is an ensemble, else one."""
+        from functional_seg.train import init_ensemble, init_train_state
+
+        optimizer, device = self.steps.optimizer, self.runtime.device
+        if self.config.members:
+            return init_ensemble(self.model, optimizer, key, self.config.members, device=device)
+        return init_train_state(self.model, optimizer, key, device=device)
+
+
+def library_steps(model, device: torch.device | str, *, size: int, compile: bool, augment: str = "none",
+                  data=None, world=None, backend: str = "inductor", **fit_config_fields) -> LibraryRow:
+    """The train and eval steps ``fseg train`` would run for ``model`` on ``device``.
+
+    Args:
+        model: a registry ``Model`` (``create_model(...)``).
+        device: where the steps run; precision and channels-last follow it ("auto", as in ``fit``).
+        size: the image side S of the batches (the contract's size).
+        compile: ``torch.compile`` the steps with ``backend`` ("aot_eager": the same capture without
+            code generation, for a quick CPU run of a benchmark).
+        augment: the augmentation preset inside the step ("none": the step alone).
+        data: the ``PreparedData`` the rows train on (its class names, policy and layout enter the
+            contract); None for a synthetic batch of ``model.num_classes`` classes.
+        world: a ``distributed.World`` (bench_distributed), else one process.
+        **fit_config_fields: any other ``FitConfig`` field (``ensemble=8``, ``optimizer=...``);
+            the defaults are ``fseg train``'s: CE, Adam lr 1e-3, constant schedule.
+
+    Returns:
+        a :class:`LibraryRow`; ``row.init(key)`` makes its train state.
+    """
+    from functional_seg.train import FitConfig, build_steps
+    from functional_seg.train.distributed import SINGLE
+
+    config = FitConfig(device=str(device), compile=bool(compile), augment=augment, **fit_config_fields)
+    runtime, pre = contract(model, config, size=size, data=data)
+    steps = build_steps(model, pre, config, runtime, world=world or SINGLE, backend=backend)
+    return LibraryRow(model, runtime, pre, config, steps)
+
+
+def contract(model, config, *, size: int, data=None):
+    """``(Runtime, Preprocess)`` as ``fit`` resolves them for ``config`` (a ``FitConfig``: device,
+    precision, compile, channels-last) and the data (None: a synthetic one of ``model.num_classes``
+    classes at ``size`` px)."""
+    from functional_seg.runtime import resolve_runtime
+    from functional_seg.train import preprocess_for
+
+    runtime = resolve_runtime(config.device, config.precision, config.compile, config.channels_last)
+    if data is None:
+        data = DataShape(size, tuple(f"class_{i}" for i in range(model.num_classes)))
+    elif data.size != size:
+        raise ValueError(f"size {size} but the data is prepared at {data.size} px")
+    return runtime, preprocess_for(model, data, runtime)
+
+
+# ----------------------------------------------------------------------------------------------
+# The nn.Module rows
+
+
+def module_step(module: torch.nn.Module, opt: torch.optim.Optimizer, runtime) -> Callable:
+    """``step(x float [B, 3, S, S], masks int64 [B, S, S]) -> loss``, the stateful step as the
+    articles write it: forward under the runtime's autocast, CE in fp32, zero_grad, backward,
+    ``opt.step()``. ``x`` is already normalised (and in the runtime's layout)."""
+
+    def step(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        with runtime.autocast():
+            logits = module(x)
+        loss = F.cross_entropy(logits.float(), masks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def reference_module(model_name: str, model, runtime, seed: int = 0) -> torch.nn.Module:
+    """The ``nn.Module`` twin of the registry ``model`` on the runtime's device and layout, in train mode."""
+    from .reference_modules import build_reference
+
+    torch.manual_seed(seed)
+    module = build_reference(model_name, model.cfg).to(runtime.device).train()
+    return module.to(memory_format=torch.channels_last) if runtime.channels_last else module
+
+
+# ----------------------------------------------------------------------------------------------
+# The fixed-batch rows (bench_memory, bench_eager_step)
 
 
 def add_malloc_option(parser) -> None:
@@ -87,60 +208,30 @@ def batch(batch_size: int, size: int, num_classes: int, device: torch.device, se
     return images.to(device), masks.to(device)
 
 
-def _preprocess(device: torch.device):
-    from functional_seg.data.preprocess import Preprocess
+def build(row: str, *, model: str, cfg: dict, device: torch.device, data, seed: int = 0) -> Callable[[], Any]:
+    """``step()`` for ``row`` (one of ROWS) over the fixed batch ``data`` = (images uint8 [B, 3, S, S],
+    masks int64 [B, S, S]); each call runs one training step and returns its loss (0-d tensor)."""
+    from functional_seg.core import random as jr
+    from functional_seg.models import create_model
 
-    return Preprocess(precision="bf16" if device.type == "cuda" else "fp32", channels_last=device.type == "cuda")
-
-
-def build(row: str, *, model: str, cfg: dict, device: torch.device, data, seed: int = 0):
-    """``step()`` for ``row`` (one of ROWS) over the fixed batch ``data``."""
-    pre = _preprocess(device)
+    if row not in ROWS:
+        raise ValueError(f"unknown row {row!r}; expected one of {', '.join(ROWS)}")
     images, masks = data
+    m = create_model(model, **cfg)
+    lib = library_steps(m, device, size=images.shape[-1], compile=row == "a")
     if row in ("a", "a_eager"):
-        from functional_seg.core import random as jr
-        from functional_seg.losses import get_loss
-        from functional_seg.models import create_model
-        from functional_seg.train import init_train_state, make_optimizer, make_train_step
-
-        m = create_model(model, **cfg)
-        optimizer = make_optimizer(name="adam", lr=1e-3)
-        train_step = make_train_step(m, get_loss("ce"), optimizer, preprocess=pre, compile=row == "a")
-        holder = [init_train_state(m, optimizer, jr.key(seed), device=device)]
+        train_step, holder = lib.steps.train_step, [lib.init(jr.key(seed))]
 
         def step():
             holder[0], metrics = train_step(holder[0], (images, masks))
             return metrics["loss"]
 
         return step
-    if row in ("b", "c"):
-        from functional_seg.models import create_model
-
-        from .reference_modules import build_reference
-
-        torch.manual_seed(seed)
-        module = build_reference(model, create_model(model, **cfg).cfg).to(device).train()
-        if pre.channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        if row == "b":
-            opt = torch.optim.Adam(module.parameters(), lr=1e-3)
-            forward = module
-        else:
-            opt = torch.optim.Adam(module.parameters(), lr=1e-3, fused=True)
-            forward = torch.compile(module)
-
-        def step():
-            x = pre.model_input(images)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=pre.precision == "bf16"):
-                logits = forward(x)
-            loss = F.cross_entropy(logits.float(), masks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
-        return step
-    raise ValueError(f"unknown row {row!r}; expected one of {', '.join(ROWS)}")
+    # b and c run under the library row's runtime: the same precision and layout as a
+    module = reference_module(model, m, lib.runtime, seed)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3, fused=row == "c")
+    update = module_step(module if row == "b" else torch.compile(module), opt, lib.runtime)
+    return lambda: update(lib.preprocess.model_input(images), masks)
 
 
 def write_report(args, prov: dict, stem: str, experiment: str, title: str, results: dict, columns, notes=(),
@@ -152,7 +243,7 @@ def write_report(args, prov: dict, stem: str, experiment: str, title: str, resul
 
     table = [{"row": (labels or LABELS)[row], **r} for row, r in results.items()]
     setting = setting or (f"model cfg: {model_cfg(args.widths) or 'series widths'}; CE; Adam lr 1e-3; one fixed "
-                          "batch, no augmentation")
+                          "batch, no augmentation; the library's rows from build_steps (fseg train's step)")
     md = C.md_header(f"{title}: {args.model} at {args.size}x{args.size}, batch {args.batch_size}", prov,
                      notes=[setting, *notes])
     md += "\n" + C.md_table(table, [("row", "row"), *columns]) + "\n"

@@ -6,14 +6,15 @@ Command (GPU, ~2 min):   python -m benchmarks.bench_compile_cache
 Each row is a fresh process with its own inductor cache folder (``TORCHINDUCTOR_CACHE_DIR``), so
 what a row finds warm is only what the row before it left there on purpose:
 
-  eager          ``make_train_step(compile=False)``: no compilation (what CPU runs by default)
+  eager          the library's steps (``_rows.library_steps``: ``build_steps``, what ``fseg train``
+                 runs) uncompiled: what CPU runs by default
   cold           an empty cache folder: dynamo, AOTAutograd and inductor build everything; the
                  process then saves its artifacts (``compile_cache.save_artifacts``)
   warm (disk)    a new process on cold's folder: torch's FX-graph and AOTAutograd caches hit
   warm (file)    an empty folder again, pre-loaded from cold's saved file
                  (``compile_cache.load_artifacts``): a fresh machine carrying the file
 
-In every row the train step and the eval step (``make_eval_step``) are built and called; "first
+In every row the train step and the eval step (``Steps.eval_step``) are built and called; "first
 call" is the wall time of the first call of each (compilation included), "step" the median of
 the next ``--steps`` train steps. The break-even column is how many train steps the compiled
 step needs to win back its first-call overhead against eager: (first call - step) / (eager step
@@ -71,22 +72,17 @@ def child(args) -> dict:
     from experiments import harness as C
     from functional_seg import compile_cache
     from functional_seg.core import random as jr
-    from functional_seg.data.preprocess import Preprocess
-    from functional_seg.losses import get_loss
     from functional_seg.models import create_model
-    from functional_seg.train import init_train_state, make_eval_step, make_optimizer, make_train_step
 
     C.set_threads(args)
     R.apply_malloc(args)
     device = args.device
     compiled = args.child != "eager"
     loaded = compile_cache.load_artifacts(args.artifacts) if args.child == "warm_file" else None
-    pre = Preprocess(precision="bf16" if device.type == "cuda" else "fp32", channels_last=device.type == "cuda")
     model = create_model(args.model, **R.model_cfg(args.widths))
-    optimizer = make_optimizer(name="adam", lr=1e-3)
-    train_step = make_train_step(model, get_loss("ce"), optimizer, preprocess=pre, compile=compiled)
-    eval_step = make_eval_step(model, preprocess=pre, compile=compiled)
-    ts = init_train_state(model, optimizer, jr.key(args.seed), device=device)
+    lib = R.library_steps(model, device, size=args.size, compile=compiled)
+    train_step, eval_step = lib.steps.train_step, lib.steps.eval_step
+    ts = lib.init(jr.key(args.seed))
     batch = R.batch(args.batch_size, args.size, model.num_classes, device, args.seed)
 
     def one_step():

@@ -168,7 +168,7 @@ def bench_augment(data: PreparedData, args, device: torch.device) -> list[tuple[
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) our augment")
     parser.add_argument("--skip-prepare", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -198,7 +198,7 @@ def main() -> None:
         )
         print(f"(sample not found at {args.sample}; using a synthetic stand-in)")
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    print(f"command: {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"command: python -m benchmarks.bench_data {shlex.join(sys.argv[1:] if argv is None else argv)}")
     print(
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {device}{gpu}, "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"

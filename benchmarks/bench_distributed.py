@@ -7,9 +7,10 @@ Run under torchrun (one process per device; gloo on CPU, NCCL on CUDA):
     torchrun --standalone --nproc_per_node=1 -m benchmarks.bench_distributed --device cuda --widths 64,128,256,512 \\
         --batch-size 64 --size 128 --compile
 
-Rows (median ms per step over --steps after --warmup, the same per-rank batch each step):
+Rows (median ms per step over --steps after --warmup, the same per-rank batch each step; every row
+is the step ``fseg train`` builds, ``_rows.library_steps``, flip augmentation inside, CE, Adam):
 
-  plain     ``make_train_step`` with no world (what a single process runs: no collective at all)
+  plain     the library's step with no world (what a single process runs: no collective at all)
   flat      the distributed step, gradients + BN statistics in one flat all-reduce per dtype
   per-leaf  the distributed step, one all-reduce per tensor
 
@@ -28,13 +29,11 @@ import time
 
 import torch
 
-from functional_seg.core import random as jr  # noqa: E402
-from functional_seg.core.tree import tree_bytes  # noqa: E402
-from functional_seg.data import augment_preset  # noqa: E402
-from functional_seg.losses import get_loss  # noqa: E402
-from functional_seg.models import create_model  # noqa: E402
-from functional_seg.train import OptimizerConfig, init_train_state, make_optimizer, make_train_step  # noqa: E402
-from functional_seg.train.distributed import World, world_from_env  # noqa: E402
+from benchmarks._rows import library_steps
+from functional_seg.core import random as jr
+from functional_seg.core.tree import tree_bytes
+from functional_seg.models import create_model
+from functional_seg.train.distributed import World, world_from_env
 
 
 class _Forced(World):
@@ -80,20 +79,20 @@ def main() -> None:
     device = base.device(args.device)
     widths = tuple(int(w) for w in args.widths.split(","))
     model = create_model("segnet", widths=widths, convs_per_stage=(1,) * len(widths))
-    opt = make_optimizer(OptimizerConfig(lr=1e-3))
     g = torch.Generator().manual_seed(base.rank)
     batch = (torch.randint(0, 256, (args.batch_size, 3, args.size, args.size), dtype=torch.uint8,
                            generator=g).to(device),
              torch.randint(0, 3, (args.batch_size, args.size, args.size), generator=g).to(device))
-    ts = init_train_state(model, opt, jr.key(0), device=device)
-    kw = {"augment_cfg": augment_preset("flip"), "compile": args.compile}
+    ts = None
     cls = _Forced if base.size == 1 else World
     rows = {}
     for name, world in (("plain", None), ("flat", cls(base.rank, base.size, base.local_rank, bucket=True)),
                         ("per-leaf", cls(base.rank, base.size, base.local_rank, bucket=False))):
         if name == "plain" and base.size > 1:
             world = None  # each rank alone: the per-device compute without any communication
-        step = make_train_step(model, get_loss("ce"), opt, world=world, **kw)
+        lib = library_steps(model, device, size=args.size, compile=args.compile, augment="flip", world=world)
+        ts = lib.init(jr.key(0)) if ts is None else ts  # every row starts from the same state
+        step = lib.steps.train_step
         rows[name] = round(_time(step, ts, batch, args.warmup, args.steps, device), 3)
     if base.is_main:
         leaves = len(torch.utils._pytree.tree_leaves(ts.params))

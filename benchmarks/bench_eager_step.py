@@ -5,7 +5,7 @@ Command (CPU, quick):   python -m benchmarks.bench_eager_step --quick
 Command (CPU, glibc's allocator instead of fseg's setting):  add --malloc system
 
 Rows (``benchmarks/_rows.py``, one fixed uint8 batch on the device, no augmentation, CE, Adam
-lr 1e-3): a' the library's ``make_train_step(..., compile=False)`` (what ``fseg train`` runs on
+lr 1e-3): a' the library's step uncompiled (``_rows.library_steps``, what ``fseg train`` runs on
 CPU) and b the series' ``nn.Module`` + ``torch.optim.Adam``. Both are built and warmed up, then
 their steps alternate in ABBA order (a', b, b, a', a', b, ...) so that both see the same machine load and
 neither always follows the other (the heap and caches one step leaves favour the next); the table gives

@@ -112,7 +112,7 @@ def cli_command(args, run_dir: Path, data_root: Path, n_source: int) -> list[str
            "--out", str(run_dir), "--augment", "flip_jitter", "--loss", "ce", "--seed", str(args.seed),
            "--val-split", args.val_split, "--test-split", args.test_split, "--no-progress"]
     if args.model_cfg:
-        cmd += ["--model-cfg", args.model_cfg]
+        cmd += ["--model-cfg", *args.model_cfg.split()]
     if n_source > args.repeat_to:
         cmd += ["--limit", str(args.repeat_to)]
     return cmd + args.extra.split()
@@ -145,9 +145,15 @@ def prepare_data(args, work: Path) -> tuple[Path, int, float]:
     for split in ("trainval", "test"):
         prepare(data_root, split, args.size)  # the CLI then loads this cache
     prepare_s = time.perf_counter() - t0
-    print(f"data: {n_source} trainval images cycled to {args.repeat_to} under {data_root}, "
+    print(f"data: {n_source} trainval images, {_how_many(args, n_source)} under {data_root}, "
           f"decoded and cached in {prepare_s:.1f} s (not timed)", flush=True)
     return data_root, n_source, prepare_s
+
+
+def _how_many(args, n_source: int | None) -> str:
+    if n_source is not None and n_source >= args.repeat_to:
+        return f"its first {args.repeat_to} images (fseg train --limit)"
+    return f"cycled to {args.repeat_to} images (symbolic links)"
 
 
 def run(args, work: Path, data: tuple[Path, int, float], cache: str, timeout: float | None) -> dict:
@@ -242,7 +248,7 @@ def main(argv=None) -> int:
     md = C.md_header(
         f"End to end: `fseg train`, {args.model} at {args.size}x{args.size}, {args.epochs} epochs, "
         f"{args.repeat_to} training images", prov,
-        notes=[f"data: `{args.data}` trainval cycled to {args.repeat_to} images (symbolic links), decoded and "
+        notes=[f"data: `{args.data}` trainval, {_how_many(args, result.get('source_images'))}, decoded and "
                f"cached before the clock starts ({fmt_s(result.get('prepare_s_untimed'))}); the CLI's protocol: "
                f"validation `--val-split {args.val_split}` after every epoch (on cycled data the carved images are "
                f"copies of training images: timing only), `--test-split {args.test_split}` once at the end with the "

@@ -4,10 +4,12 @@ Command (GPU, ~40 s eager; --compile adds ~1-2 min):  python -m benchmarks.bench
 Command (CPU, ~1 min):                                python -m benchmarks.bench_ensemble --quick
 
 K = 8 members of SegNet with widths (16, 32, 64, 64) (quick: (8, 16, 16, 16)), each with its
-own init and train key, all seeing the same batch (``ensemble_step`` = ``torch.func.vmap(train_step,
-in_dims=(0, None))``). Both sides use the same step (augmentation inside, CE, Adam, bf16 autocast
-on CUDA) and the same compile setting; "sequential" calls the single step K times per ensemble
-step, "vmapped" calls the vmapped step once on the stacked states. Time per ensemble step after
+own init and train key, all seeing the same batch. Both sides are the library's steps as ``fseg
+train`` builds them (``_rows.library_steps``: flip + jitter inside the step, CE, Adam lr 1e-3, the
+runtime's precision and layout: bf16 and channels-last on CUDA) with the same compile setting;
+"sequential" calls the single step K times per ensemble step, "vmapped" calls the ensemble step
+(``FitConfig(ensemble=K)``: the members vmapped inside the one step)
+once on the stacked states. Time per ensemble step after
 warm-up, and the speed-up sequential / vmapped (target on a GPU: >= 3x; on CPU: >= 1x).
 
 Writes ``<out>/bench_ensemble_<device-kind>.{json,md}``.
@@ -46,36 +48,33 @@ def parse_args(argv=None):
     return args
 
 
-def build(args, *, compile: bool):
+def build(args, data, *, compile: bool):
+    """The library's single step and its K-member ensemble step (``FitConfig(ensemble=K)``, as
+    ``fseg train --ensemble K`` runs it), K single states from ``split(key, K)`` and the stacked state.
+
+    Returns (single step, ensemble step, single states, stacked state, whether the single states
+    stacked equal the ensemble's own init).
+    """
+    from benchmarks import _rows as R
     from functional_seg.core import random as jr
     from functional_seg.core.tree import stack
-    from functional_seg.data import augment_preset
-    from functional_seg.losses import get_loss
     from functional_seg.models import create_model
-    from functional_seg.train import ensemble_step, init_ensemble, init_train_state, make_optimizer, make_train_step
 
-    device = args.device
     model = create_model(args.model, widths=args.widths)
-    optimizer = make_optimizer(name="adam", lr=1e-3)
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    aug = augment_preset("flip_jitter")
-    single = make_train_step(model, get_loss("ce"), optimizer, augment_cfg=aug, precision=precision,
-                             compile=compile)
-    raw = make_train_step(model, get_loss("ce"), optimizer, augment_cfg=aug, precision=precision, compile=False)
-    vmapped = ensemble_step(raw, compile=compile)
-    keys = jr.split(jr.key(args.seed), args.members)
-    singles = [init_train_state(model, optimizer, k, device=device) for k in keys]
-    stacked = stack(singles)
-    # the stacked state must equal init_ensemble's (member i from split(key, K)[i])
-    ref = init_ensemble(model, optimizer, jr.key(args.seed), args.members, device=device)
-    same = all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(ref.params),
-                                                   torch.utils._pytree.tree_leaves(stacked.params)))
-    return single, vmapped, singles, stacked, same
+    common = {"size": args.size, "compile": compile, "augment": "flip_jitter", "data": data}
+    single = R.library_steps(model, args.device, **common)
+    ensemble = R.library_steps(model, args.device, ensemble=args.members, **common)
+    key = jr.key(args.seed)
+    singles = [single.init(k) for k in jr.split(key, args.members)]
+    stacked = ensemble.init(key)
+    same = all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(stacked.params),
+                                                   torch.utils._pytree.tree_leaves(stack(singles).params)))
+    return single.steps.train_step, ensemble.steps.train_step, singles, stacked, same
 
 
 def time_pair(args, data, *, compile: bool) -> dict:
     device = args.device
-    single, vmapped, singles, stacked, same_init = build(args, compile=compile)
+    single, vmapped, singles, stacked, same_init = build(args, data, compile=compile)
     batches = _batches(args, data)
 
     def seq_step(batch):
@@ -121,6 +120,13 @@ def _batches(args, data):
         epoch += 1
 
 
+def _runtime_note(device) -> str:
+    from functional_seg.runtime import resolve_runtime
+
+    rt = resolve_runtime(device)
+    return f"{rt.precision}{', channels-last' if rt.channels_last else ''}"
+
+
 COLUMNS = [("mode", "mode"), ("sequential_ms", "K sequential steps, ms"), ("vmapped_ms", "one vmapped step, ms"),
            ("speedup", "speed-up"), ("vmapped_images_per_s", "vmapped images/s (all members)"),
            ("sequential_warmup_s", "seq warm-up s"), ("vmapped_warmup_s", "vmap warm-up s")]
@@ -132,7 +138,8 @@ def render(args, prov, results, target) -> tuple[dict, str]:
         f"vmap ensemble: K = {args.members} {args.model} {args.widths} at {args.size}x{args.size}, "
         f"batch {args.batch_size}", prov,
         notes=[f"{args.warmup} warm-up + {args.steps} timed ensemble steps; every member sees the same batch; "
-               f"CE, Adam, flip + jitter inside the step, {'bf16 autocast' if args.device.type == 'cuda' else 'fp32'}",
+               "CE, Adam, flip + jitter inside the step; the library's steps as fseg train builds them "
+               f"(runtime: {_runtime_note(args.device)})",
                f"target speed-up: >= {target}x"],
     )
     md += "\n" + C.md_table(rows, COLUMNS) + "\n"

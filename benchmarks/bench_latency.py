@@ -52,11 +52,13 @@ def onnx_runner(model, params, state, size: int):
     """The model exported as ``fseg export --format onnx`` does, as ``x -> logits`` on onnxruntime's CPU."""
     import onnxruntime as ort
 
-    from functional_seg.data.preprocess import Preprocess
+    from benchmarks._rows import contract
     from functional_seg.export import ExportModule, to_onnx_bytes, trace
+    from functional_seg.train import FitConfig
 
     params, state = tree_map(lambda t: t.detach().cpu(), (params, state))
-    module = ExportModule(model, params, state, Preprocess(size=size)).eval()
+    _, pre = contract(model, FitConfig(device="cpu"), size=size)  # a CPU run's contract: fp32, NCHW
+    module = ExportModule(model, params, state, pre).eval()
     program, _, _ = trace(module, size)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()

@@ -15,7 +15,9 @@ Runtime: a few seconds on a GPU, ~10-30 s on a small CPU.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -45,7 +47,7 @@ def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeat: int, war
     return statistics.median(times), out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=64)
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -90,6 +92,7 @@ def main() -> None:
         runs["ours, torch.compile(fullgraph=True)"] = compiled
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"command: python -m benchmarks.bench_metrics {shlex.join(sys.argv[1:] if argv is None else argv)}")
     print(f"batch [{args.batch}, {c}, {args.size}, {args.size}] on {device} ({name}), torch {torch.__version__}")
     results = {label: _time(fn, device, args.repeat, args.warmup) for label, fn in runs.items()}
     reference = results["ours (confusion_matrix + mean_iou)"]

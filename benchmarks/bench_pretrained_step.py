@@ -3,14 +3,19 @@
 Command (CPU, ~4 min):  python -m benchmarks.bench_pretrained_step --threads 2
 Command (CPU, quick):   python -m benchmarks.bench_pretrained_step --threads 2 --quick
 
+Command (GPU, issue 24):  python -m benchmarks.bench_pretrained_step --device cuda --rows a,c --skip-memory
+
 Rows, same architecture and maths (``unet(encoder="efficientnet_lite0")``: timm's ``features_only``
 EfficientNet-Lite0 and SMP's U-Net decoder, decoder channels 256..16), same initial weights, same
-fixed uint8 batch normalised by the same ``Preprocess``, CE, AdamW lr 1e-3, weight decay 1e-2:
+fixed uint8 batch normalised by the same ``Preprocess``, precision and layout from the same
+``Runtime`` (bf16 autocast and channels-last on CUDA), CE, AdamW lr 1e-3, weight decay 1e-2:
 
-  a'  the library: ``make_train_step(..., compile=False)`` + ``make_optimizer(name="adamw")``; the
-      encoder lifted with ``functional_call`` (``models.base.LiftedModule``)
+  a   the library's step as ``fseg train`` builds it (``_rows.library_steps``: ``build_steps``),
+      compiled (inductor); the encoder lifted with ``functional_call`` (``models.base.LiftedModule``)
+  a'  the same, eager (it donates the old state, as ``fit``'s eager step does)
   b   ``benchmarks.reference_modules.EncoderUNet`` (the timm module + an nn.Module decoder) +
-      ``torch.optim.AdamW`` (forward, CE, zero_grad, backward, step)
+      ``torch.optim.AdamW`` (forward, CE, zero_grad, backward, step), eager
+  c   ``torch.compile(EncoderUNet)`` + ``torch.optim.AdamW(fused=True)`` (fused on CUDA)
 
 Time: both rows are built and warmed up in this process, then their steps alternate ABBA; the
 table gives medians of wall time and of process CPU time (steadier on a shared machine) and
@@ -28,13 +33,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 EXPERIMENT = "bench_pretrained_step"
 MARK = "BENCH_PRETRAINED_RESULT "
-ROWS = ("a_eager", "b")
-LABELS = {"a_eager": "a': library, lifted encoder, eager + AdamW",
-          "b": "b: nn.Module (timm encoder) + torch.optim.AdamW"}
+ROWS = ("a", "a_eager", "b", "c")
+LABELS = {"a": "a: library, lifted encoder, compiled + AdamW",
+          "a_eager": "a': library, lifted encoder, eager + AdamW",
+          "b": "b: nn.Module (timm encoder) + torch.optim.AdamW",
+          "c": "c: torch.compile(nn.Module) + fused AdamW"}
 LR, WEIGHT_DECAY = 1e-3, 1e-2
 
 
@@ -50,12 +56,17 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     p.add_argument("--mem-steps", type=int, default=3, help="steps per row in its own process (memory)")
     p.add_argument("--skip-memory", action="store_true", help="time only")
-    p.add_argument("--donate", action="store_true",
-                   help="a': make_train_step(donate=True), the old train state's tensors reused for the new one")
+    p.add_argument("--rows", default=None, help="comma-separated rows (default: a_eager,b on the CPU, a,c on CUDA)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of rows a and c")
     p.add_argument("--child", default=None, help=_hidden())
     R.add_malloc_option(p)
     args = C.finish_args(p.parse_args(argv), quick_size=64, quick_batch=8)
     args.widths, args.model = None, "unet"  # read by write_report (its setting line is ours)
+    default = ("a", "c") if args.device.type == "cuda" else ("a_eager", "b")
+    args.rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else default
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {', '.join(unknown)}; expected some of {', '.join(ROWS)}")
     return args
 
 
@@ -66,56 +77,53 @@ def _hidden():
 
 
 def build(row: str, args, data):
-    """``step()`` for ``row`` on the fixed batch; both rows start from the library's init of key(seed)."""
+    """``step()`` for ``row`` on the fixed batch; every row starts from the library's init of key(seed)."""
+    from benchmarks import _rows as R
     from benchmarks.reference_modules import build_reference, load_pure
     from functional_seg.core import random as jr
-    from functional_seg.data.preprocess import Preprocess
-    from functional_seg.losses import get_loss
     from functional_seg.models import create_model
-    from functional_seg.train import init_train_state, make_optimizer, make_train_step
+    from functional_seg.train import OptimizerConfig
 
-    device = args.device
     images, masks = data
     model = create_model("unet", encoder=args.encoder)
-    pre = Preprocess()
-    if row == "a_eager":
-        optimizer = (make_optimizer(name="adamw", lr=LR, weight_decay=WEIGHT_DECAY) if args.optimizer == "adamw"
-                     else make_optimizer(name="sgd", lr=LR, momentum=0.0))
-        train_step = make_train_step(model, get_loss("ce"), optimizer, preprocess=pre, donate=args.donate)
-        holder = [init_train_state(model, optimizer, jr.key(args.seed), device=device)]
+    opt_cfg = (OptimizerConfig(name="adamw", lr=LR, weight_decay=WEIGHT_DECAY) if args.optimizer == "adamw"
+               else OptimizerConfig(name="sgd", lr=LR, momentum=0.0))
+    lib = R.library_steps(model, args.device, size=args.size, compile=row == "a", optimizer=opt_cfg,
+                          backend=args.backend)
+    if row in ("a", "a_eager"):
+        holder = [lib.init(jr.key(args.seed))]
 
         def step():
-            holder[0], metrics = train_step(holder[0], (images, masks))
+            holder[0], metrics = lib.steps.train_step(holder[0], (images, masks))
             return metrics["loss"]
 
         return step
     params, state = model.init(jr.key(args.seed))
-    module = load_pure(build_reference("unet", model.cfg), params, state).to(device).train()
-    opt = (torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY) if args.optimizer == "adamw"
-           else torch.optim.SGD(module.parameters(), lr=LR, momentum=0.0))
-
-    def step():
-        loss = F.cross_entropy(module(pre.model_input(images)), masks)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step
+    module = load_pure(build_reference("unet", model.cfg), params, state).to(args.device).train()
+    if lib.runtime.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    fused = {"fused": True} if row == "c" and args.device.type == "cuda" else {}
+    opt = (torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **fused)
+           if args.optimizer == "adamw" else torch.optim.SGD(module.parameters(), lr=LR, momentum=0.0))
+    forward = torch.compile(module, backend=args.backend) if row == "c" else module
+    module_step = R.module_step(forward, opt, lib.runtime)
+    x = lib.preprocess.model_input(images)
+    return lambda: module_step(x, masks)
 
 
 def _times(args, data) -> dict:
     from experiments import harness as C
 
-    steps = {row: build(row, args, data) for row in ROWS}
-    for row in ROWS:
+    rows = args.rows
+    steps = {row: build(row, args, data) for row in rows}
+    for row in rows:
         for _ in range(args.warmup):
             steps[row]()
         C.sync(args.device)
-    times: dict[str, list[float]] = {row: [] for row in ROWS}
-    cpu: dict[str, list[float]] = {row: [] for row in ROWS}
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    cpu: dict[str, list[float]] = {row: [] for row in rows}
     for i in range(args.steps):
-        for row in ROWS if i % 2 == 0 else ROWS[::-1]:  # ABBA: neither row always runs right after the other
+        for row in rows if i % 2 == 0 else rows[::-1]:  # ABBA: neither row always runs right after the other
             t0, c0 = time.perf_counter(), time.process_time()
             steps[row]()
             C.sync(args.device)
@@ -124,9 +132,10 @@ def _times(args, data) -> dict:
     medians = {row: statistics.median(t) for row, t in times.items()}
     cpu_medians = {row: statistics.median(t) for row, t in cpu.items()}
     # process CPU time: what the step computed, less sensitive than wall time to other jobs on a shared box
+    ref = "b" if "b" in rows else rows[-1]  # the nn.Module row the library is compared with
     return {row: {"median_s": medians[row], "min_s": min(times[row]), "max_s": max(times[row]),
-                  "time_x_b": medians[row] / medians["b"], "cpu_s": cpu_medians[row],
-                  "cpu_x_b": cpu_medians[row] / cpu_medians["b"]} for row in ROWS}
+                  "time_x_ref": medians[row] / medians[ref], "cpu_s": cpu_medians[row],
+                  "cpu_x_ref": cpu_medians[row] / cpu_medians[ref], "ref": ref} for row in rows}
 
 
 def child(args) -> dict:
@@ -174,20 +183,20 @@ def main(argv=None) -> int:
     data = R.batch(args.batch_size, args.size, 3, args.device, args.seed)
     results = _times(args, data)
     if not args.skip_memory:
-        for row in ROWS:
+        for row in args.rows:
             r, _ = R.run_row_process("benchmarks.bench_pretrained_step", [*argv, "--child", row], MARK)
             results[row]["peak_above_baseline_mb"] = r.get("peak_above_baseline_mb")
             results[row]["status"] = r.get("status", "ok")
-        ref = results["b"]["peak_above_baseline_mb"]
         for r in results.values():
+            ref = results[r["ref"]].get("peak_above_baseline_mb")
             if ref and r["peak_above_baseline_mb"] is not None:
-                r["memory_x_b"] = r["peak_above_baseline_mb"] / ref
+                r["memory_x_ref"] = r["peak_above_baseline_mb"] / ref
     R.write_report(args, prov, stem, EXPERIMENT, f"Pretrained-encoder U-Net ({args.encoder}) train step", results,
-                   [("median_s", "median step s"), ("time_x_b", "time x b"), ("cpu_s", "median CPU s"),
-                    ("cpu_x_b", "CPU x b"), ("peak_above_baseline_mb", "peak MB"), ("memory_x_b", "memory x b"),
-                    ("min_s", "min s"), ("max_s", "max s")],
-                   notes=["a' donates the old train state (make_train_step(donate=True))" if args.donate
-                          else "a' keeps the train state it is given (pure step)",
+                   [("median_s", "median step s"), ("time_x_ref", "time x ref"), ("cpu_s", "median CPU s"),
+                    ("cpu_x_ref", "CPU x ref"), ("peak_above_baseline_mb", "peak MB"),
+                    ("memory_x_ref", "memory x ref"), ("ref", "ref row"), ("min_s", "min s"), ("max_s", "max s")],
+                   notes=["ref: b (nn.Module eager) when measured, else the last row (c); targets: a'/b <= 1.05 "
+                          "(time and memory, CPU), a/c <= 1.0 (GPU, issue 24)",
                           f"{args.warmup} warm-up steps each, then {args.steps} steps per row interleaved ABBA; "
                           f"memory: {args.mem_steps} steps per row, each in its own process",
                           allocator],

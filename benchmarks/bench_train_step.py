@@ -6,16 +6,19 @@ Command (CPU, ~1 min):                 python -m benchmarks.bench_train_step --q
 Rows, all on the same prepared uint8 data (the sample's trainval, repeated so no epoch boundary
 falls inside the timed window), the same architecture and loss (cross-entropy), Adam lr 1e-3:
 
-  a   this library: ``make_train_step(..., compile=True)``, augmentation (flip + contrast jitter)
-      inside the one compiled step, batches gathered on the device from resident uint8 tensors.
-  a'  the same step in eager mode (``compile=False``).
+  a   this library: the step ``fseg train`` runs (``_rows.library_steps``: ``build_steps`` over a
+      ``FitConfig`` under the device's resolved ``Runtime``: bf16 autocast and channels-last on
+      CUDA), compiled, augmentation (flip + contrast jitter) inside the one compiled step, batches
+      gathered on the device from resident uint8 tensors.
+  a'  the same step in eager mode.
   b   the articles' way: the reference ``torch.nn.Module`` SegNet, ``torch.optim.Adam``, eager,
       fp32, fed by a ``DataLoader`` whose workers run ``transforms.v2`` (RandomHorizontalFlip +
       ColorJitter(contrast=0.3) on a paired ``tv_tensors.Image`` / ``tv_tensors.Mask``).
-  b16 as b under bf16 autocast (CUDA only): separates precision from the rest.
+  b16 as b under the library's precision (bf16 autocast; CUDA only): separates precision from the rest.
   bin b's input pipeline alone (DataLoader iteration + copy to the device, no model).
-  c   ``torch.compile(module)`` + ``torch.optim.Adam(fused=True)`` (fused on CUDA only), bf16 on
-      CUDA, with a's on-device augmentation (compiled separately) and resident data.
+  c   ``torch.compile(module)`` + ``torch.optim.Adam(fused=True)`` (fused on CUDA only) under a's
+      runtime (precision, layout) and ``Preprocess``, with a's on-device augmentation (compiled
+      separately) and resident data.
 
 cuDNN autotuning (``torch.backends.cudnn.benchmark``) is on for a, a' and c (``fit`` turns it
 on for CUDA runs) and left at torch's default (off) for b and b16, the articles' loop.
@@ -26,7 +29,11 @@ a/b >= 1.0). On CUDA each row also gets its MFU: model FLOPs per second over the
 peak, the model FLOPs of a training step being 3 x the forward's (2 FLOPs a multiply-add, the
 forward's count from ``functional_seg.summary``; the backward taken as twice the forward, the
 usual convention). The peak comes from a table of data-sheet figures by device name, or from
-``--peak-tflops``. ``--profile`` adds a torch.profiler table of the top ops of a, b and c.
+``--peak-tflops``. On CUDA each row also reports its peak memory: ``max_memory_allocated`` over the
+timed steps above what was allocated before the row was built (its parameters, optimizer state,
+activations and, for a, a' and c, the resident data; the ratio "mem a/c", target <= 1).
+``--profile`` adds a torch.profiler table of the top ops of a, b and c. ``--backend aot_eager``
+captures a and c without code generation (a quick CPU run of the script).
 Writes ``<out>/bench_train_step_<device-kind>.{json,md}``.
 """
 
@@ -38,10 +45,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks import _rows as R
 from experiments import harness as C
-from functional_seg.runtime import autocast
 
 EXPERIMENT = "bench_train_step"
 QUICK_WIDTHS = (8, 16, 32, 32)
@@ -58,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="also profile a few steps of a, b and c")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's dense bf16 peak for the MFU column (default: looked up by device name)")
+    p.add_argument("--backend", choices=("inductor", "aot_eager"), default="inductor",
+                   help="torch.compile backend of a and c (aot_eager: dynamo + AOTAutograd, no code generation)")
     p.add_argument("--compile-report-steps", type=int, default=None,
                    help="steps for compile_report on a (default 100 on CUDA, 0 on CPU)")
     args = C.finish_args(p.parse_args(argv), quick_batch=8)
@@ -155,60 +163,60 @@ def _resident_batches(data, batch_size: int, device: torch.device, seed: int):
         epoch += 1
 
 
-def _time_steps(step, batches, device, warmup: int, steps: int, batch_size: int) -> dict:
-    """Run ``warmup`` then ``steps`` calls of ``step(batch)``; images/s over the timed ones."""
+def _time_steps(step, batches, device, warmup: int, steps: int, batch_size: int, base_bytes: int = 0) -> dict:
+    """Run ``warmup`` then ``steps`` calls of ``step(batch)``; images/s over the timed ones, and on CUDA
+    the peak allocated over the timed steps above ``base_bytes`` (what was allocated before the row)."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         step(next(batches))
     C.sync(device)
     warm_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step(next(batches))
     C.sync(device)
     dt = time.perf_counter() - t0
-    return {"images_per_s": steps * batch_size / dt, "ms_per_step": dt / steps * 1e3, "warmup_s": warm_s,
-            "steps": steps}
+    out = {"images_per_s": steps * batch_size / dt, "ms_per_step": dt / steps * 1e3, "warmup_s": warm_s,
+           "steps": steps}
+    if device.type == "cuda":
+        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base_bytes) / 2**20
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Rows: each builder returns (step, batches, info); step(batch) runs one training step.
 
 
-def reference_module(args) -> torch.nn.Module:
-    from benchmarks.reference_modules import build_reference
+def library(args, data, *, compile: bool) -> R.LibraryRow:
+    """The library's row for ``args.model``: fseg train's step with flip + jitter inside."""
     from functional_seg.models import create_model
 
-    return build_reference(args.model, create_model(args.model, **model_cfg(args)).cfg)
-
-
-def module_update(module, opt, images, masks, device: torch.device, bf16: bool) -> torch.Tensor:
-    """One stateful step as the articles write it (b, b16 and c share it): forward, CE in fp32,
-    backward, optimizer step; ``bf16`` adds autocast on CUDA."""
-    with autocast("bf16" if bf16 and device.type == "cuda" else "fp32", device.type):
-        logits = module(images)
-        loss = F.cross_entropy(logits.float(), masks)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss
+    model = create_model(args.model, **model_cfg(args))
+    return R.library_steps(model, args.device, size=args.size, compile=compile, augment="flip_jitter", data=data,
+                           backend=args.backend)
 
 
 def build_b(args, data, *, bf16: bool):
+    """The articles' loop: fp32 (b16: the library's precision), NCHW, eager, DataLoader + transforms.v2."""
+    from functional_seg.models import create_model
+    from functional_seg.runtime import resolve_runtime
+
     device = args.device
-    module = reference_module(args).to(device).train()
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    precision = resolve_runtime(device).precision if bf16 else "fp32"
+    runtime = resolve_runtime(device, precision=precision, compile=False, channels_last=False)
+    module = R.reference_module(args.model, create_model(args.model, **model_cfg(args)), runtime, args.seed)
+    update = R.module_step(module, torch.optim.Adam(module.parameters(), lr=1e-3), runtime)
     loader, workers, prefetch = make_dataloader(data, args.batch_size, args.workers, device)
     batches = _forever(loader)
 
     def step(batch):
         images, masks = batch
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        return module_update(module, opt, images, masks, device, bf16)
+        return update(images.to(device, non_blocking=True), masks.to(device, non_blocking=True))
 
-    precision = "bf16" if bf16 and device.type == "cuda" else "fp32"
-    return step, batches, {"precision": precision, "workers": workers, "prefetch_factor": prefetch}
+    return step, batches, {"precision": runtime.precision, "layout": "NCHW", "workers": workers,
+                           "prefetch_factor": prefetch}
 
 
 def build_b_input(args, data):
@@ -225,64 +233,49 @@ def build_b_input(args, data):
 
 
 def build_c(args, data):
+    """The strongest stateful baseline under a's runtime and contract: compiled module, fused Adam
+    (on CUDA), a's augmentation compiled on the device, resident data."""
     from functional_seg.core import random as jr
-    from functional_seg.data import augment, augment_preset, normalize, to_float
+    from functional_seg.data import augment, augment_preset, to_float
 
     device = args.device
-    module = reference_module(args).to(device).train()
-    channels_last = device.type == "cuda"
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    lib = library(args, data, compile=True)  # its runtime and Preprocess only: c runs as a does
+    pre, runtime = lib.preprocess, lib.runtime
+    module = R.reference_module(args.model, lib.model, runtime, args.seed)
     fused = device.type == "cuda"
     opt = torch.optim.Adam(module.parameters(), lr=1e-3, fused=fused)
-    cmodule = torch.compile(module)
+    update = R.module_step(torch.compile(module, backend=args.backend), opt, runtime)
     aug_cfg = augment_preset("flip_jitter")
 
-    @torch.compile
+    @torch.compile(backend=args.backend)
     def aug(key, images, masks):
         x, masks = augment(key, to_float(images), masks, aug_cfg)
-        x = normalize(x)
-        return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), masks
+        return pre.model_input(x), masks
 
     key = jr.key(args.seed).to(device)
     batches = _resident_batches(data, args.batch_size, device, args.seed)
     counter = [0]
 
     def step(batch):
-        images, masks = batch
-        images, masks = aug(jr.fold_in(key, counter[0]), images, masks)
+        images, masks = aug(jr.fold_in(key, counter[0]), *batch)
         counter[0] += 1
-        return module_update(cmodule, opt, images, masks, device, bf16=True)
+        return update(images, masks)
 
-    return step, batches, {"precision": "bf16" if device.type == "cuda" else "fp32", "fused_adam": fused}
+    return step, batches, {"precision": runtime.precision, "layout": _layout(runtime), "fused_adam": fused}
 
 
-def _library_step(args, *, compile: bool):
-    """The library's train step and a fresh train state for ``args.model``."""
-    from functional_seg.core import random as jr
-    from functional_seg.data import augment_preset
-    from functional_seg.data.preprocess import Preprocess
-    from functional_seg.losses import get_loss
-    from functional_seg.models import create_model
-    from functional_seg.train import init_train_state, make_optimizer, make_train_step
-
-    device = args.device
-    model = create_model(args.model, **model_cfg(args))
-    optimizer = make_optimizer(name="adam", lr=1e-3)
-    pre = Preprocess(precision="bf16" if device.type == "cuda" else "fp32",
-                     channels_last=device.type == "cuda")  # as fit does on CUDA
-    train_step = make_train_step(model, get_loss("ce"), optimizer, preprocess=pre, compile=compile,
-                                 augment_cfg=augment_preset("flip_jitter"))
-    train_state = init_train_state(model, optimizer, jr.key(args.seed), device=device)
-    return train_step, train_state
+def _layout(runtime) -> str:
+    return "channels-last" if runtime.channels_last else "NCHW"
 
 
 def build_a(args, data, *, compile: bool):
-    device = args.device
-    train_step, train_state = _library_step(args, compile=compile)
-    batches = _resident_batches(data, args.batch_size, device, args.seed)
-    holder = [train_state]
-    info = {"precision": "bf16" if device.type == "cuda" else "fp32", "compiled": compile}
+    from functional_seg.core import random as jr
+
+    lib = library(args, data, compile=compile)
+    train_step = lib.steps.train_step
+    batches = _resident_batches(data, args.batch_size, args.device, args.seed)
+    holder = [lib.init(jr.key(args.seed))]
+    info = {"precision": lib.runtime.precision, "layout": _layout(lib.runtime), "compiled": compile}
     if compile and args.compile_report_steps > 0:
         # The report's steps double as the warm-up (one compile, not two).
         info["compile_report"] = C.guarded("compile_report", lambda: _compile_report(train_step, holder, batches,
@@ -308,11 +301,12 @@ def _compile_report(train_step, holder, batches, n_steps: int) -> dict:
 
 def run_row(builder, args, device) -> tuple[dict, tuple | None]:
     """Build, warm up and time one row; returns (result, (step, batches)) for profiling."""
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     t0 = time.perf_counter()
     step, batches, info = builder()
     build_s = time.perf_counter() - t0
     n = args.steps * 2 if info.get("precision") == "-" else args.steps
-    out = _time_steps(step, batches, device, args.warmup, n, args.batch_size)
+    out = _time_steps(step, batches, device, args.warmup, n, args.batch_size, base)
     out["warmup_s"] += build_s
     out.update(info)
     return out, (step, batches)
@@ -402,10 +396,41 @@ def add_mfu(args, results: dict) -> str:
     if peak is None:
         return source
     per_image = train_flops_per_image(args)
-    for r in results.values():
-        if r.get("images_per_s"):
+    for name, r in results.items():
+        if r.get("images_per_s") and name != "b_input":  # the input-only row trains no model
             r["mfu"] = r["images_per_s"] * per_image / peak
     return (f"MFU = images/s x {per_image / 1e9:.2f} GFLOP/image (3 x forward) / peak; peak: {source}")
+
+
+THROUGHPUT_PAIRS = (("a", "b"), ("a", "c"), ("a", "a_eager"), ("c", "b"), ("b16", "b"))
+
+
+def targets_for(device: torch.device) -> dict[str, tuple[str, float]]:
+    """Issue 12's targets: {ratio: (">=" or "<=", value)}; "mem" ratios are of peak memory."""
+    if device.type == "cuda":
+        return {"a/b": (">=", 3.5), "a/c": (">=", 1.15), "mem a/c": ("<=", 1.0)}
+    return {"a/b": (">=", 1.0)}
+
+
+def compute_ratios(results: dict, targets: dict) -> tuple[dict[str, float], dict[str, bool | None]]:
+    """Throughput ratios (images/s) and, where measured, memory ratios ("mem a/c": peak MB), with
+    each target met (True/False) or not measured (None)."""
+    ratios = {}
+    for figure, prefix in (("images_per_s", ""), ("peak_mb", "mem ")):
+        values = {n: r.get(figure) for n, r in results.items()}
+        for num, den in THROUGHPUT_PAIRS:
+            if values.get(num) and values.get(den):
+                ratios[f"{prefix}{num}/{den}"] = values[num] / values[den]
+    met = {k: None if k not in ratios else (ratios[k] >= v if op == ">=" else ratios[k] <= v)
+           for k, (op, v) in targets.items()}
+    return ratios, met
+
+
+def _goal(name: str, targets: dict, met: dict) -> str:
+    if name not in targets:
+        return ""
+    op, value = targets[name]
+    return f"{op} {value}: {'met' if met[name] else 'MISSED'}"
 
 
 def render(args, prov, train_n, data_n, results, ratios, targets, met, profile_md) -> tuple[dict, str]:
@@ -416,18 +441,20 @@ def render(args, prov, train_n, data_n, results, ratios, targets, met, profile_m
         notes=[f"model cfg: {model_cfg(args) or 'series widths'}; loss CE; Adam lr 1e-3; "
                f"{args.warmup} warm-up + {args.steps} timed steps per row (input-only row: twice as many); "
                f"data: {train_n} trainval images from `{args.data.name}` cycled to {data_n}",
-               "a, a', b16, c run bf16 autocast on CUDA (a, a', c also channels-last there); b is the "
-               "articles' fp32 eager loop; cudnn.benchmark on for a, a', c, off (torch's default) for b, b16; "
-               "warm-up s includes building the row (and compiling)", mfu_note],
+               "a, a', c: the library's runtime for the device (functional_seg.runtime; c takes a's); b: the "
+               "articles' fp32 NCHW eager loop; b16: b under the library's precision; cudnn.benchmark on for a, "
+               "a', c, off (torch's default) for b, b16; warm-up s includes building the row (and compiling); "
+               "peak MB (CUDA): max allocated over the timed steps above what was allocated before the row "
+               "(resident data included for a, a', c)", mfu_note],
     )
     md += "\n" + C.md_table(table_rows, [("row", "row"), ("images_per_s", "images/s"), ("ms_per_step", "ms/step"),
-                                         ("mfu", "MFU"), ("warmup_s", "warm-up s"), ("precision", "precision"),
+                                         ("mfu", "MFU"), ("peak_mb", "peak MB"), ("warmup_s", "warm-up s"),
+                                         ("precision", "precision"), ("layout", "layout"),
                                          ("workers", "loader workers")])
     if ratios:
         md += "\n\n| ratio | value | target |\n|---|---|---|\n"
         for k, v in ratios.items():
-            goal = f">= {targets[k]}: {'met' if met[k] else 'MISSED'}" if k in targets else ""
-            md += f"| {k} | {v:.2f} | {goal} |\n"
+            md += f"| {k} | {v:.2f} | {_goal(k, targets, met)} |\n"
     cr = results.get("a", {}).get("compile_report")
     if cr:
         md += f"\ncompile_report over {args.compile_report_steps} steps of a: `{cr}`\n"
@@ -459,20 +486,11 @@ def main(argv=None) -> int:
         "b_input": lambda: build_b_input(args, data),
         "c": lambda: build_c(args, data),
     }
-    targets = {"a/b": 3.5, "a/c": 1.15} if device.type == "cuda" else {"a/b": 1.0}
+    targets = targets_for(device)
     results: dict[str, dict] = {}
     live: dict[str, tuple] = {}
     ratios: dict[str, float] = {}
     met: dict[str, bool | None] = {}
-
-    def compute_ratios():
-        ratios.clear()
-        ips = {n: r.get("images_per_s") for n, r in results.items()}
-        for num, den in (("a", "b"), ("a", "c"), ("a", "a_eager"), ("c", "b"), ("b16", "b")):
-            if ips.get(num) and ips.get(den):
-                ratios[f"{num}/{den}"] = ips[num] / ips[den]
-        met.clear()
-        met.update({k: (ratios[k] >= v if k in ratios else None) for k, v in targets.items()})
 
     for name in rows_wanted:
         if budget.over(reserve=10):
@@ -491,13 +509,13 @@ def main(argv=None) -> int:
         r = results[name]
         shown = f"{r['images_per_s']:.1f} images/s" if "images_per_s" in r else r["status"]
         print(f"  {ROW_LABELS[name]}: {shown} ({time.perf_counter() - t0:.1f} s incl. build and warm-up)", flush=True)
-        compute_ratios()
+        ratios, met = compute_ratios(results, targets)
         C.write_results(args.out, stem, *render(args, prov, len(train), len(data), results, ratios, targets, met,
                                                 None))
 
     for k, v in ratios.items():
-        goal = f" (target >= {targets[k]}: {'met' if met[k] else 'MISSED'})" if k in targets else ""
-        print(f"  ratio {k}: {v:.2f}{goal}", flush=True)
+        goal = _goal(k, targets, met)
+        print(f"  ratio {k}: {v:.2f}{f' (target {goal})' if goal else ''}", flush=True)
     if args.profile and live:
         profile_md = profile_rows(live, device)
         C.write_results(args.out, stem, *render(args, prov, len(train), len(data), results, ratios, targets, met,
