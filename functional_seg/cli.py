@@ -331,7 +331,7 @@ def _member(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected all, auto or a member index, got {value!r}") from None
 
 
-_CACHE_FLAGS = ("cache_dir", "workers", "skip_bad")
+_CACHE_FLAGS = ("cache_dir", "workers", "skip_bad", "binary_255")
 _WEIGHTS_HELP = ("auto: the raw or EMA weights, whichever validated higher (recorded in the checkpoint); params: "
                  "the trained weights; ema: their moving average (runs trained with --ema)")
 
@@ -497,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except SettingError as err:  # a setting refused past parsing (e.g. a split the dataset lacks): name its flag
+        print(f"fseg: error: {_flag_name(err.field)}: {' '.join(err.message.split())}", file=sys.stderr)
+        return 2
     except TrainingDiverged as err:
         print(f"fseg: error: {err}", file=sys.stderr)
         return 1

@@ -22,13 +22,21 @@ of the model's stride where the model allows it, else fixed at the training size
     lifted       dynamic  tried dynamic, else static   (torchvision modules; see EXPORT_NOTES)
 
 :func:`export_model` tries dynamic H, W first and falls back to the static training size when
-tracing refuses it, saying so in ``ExportResult.note`` (``fseg export`` prints it).
+tracing refuses it, saying why in words in ``ExportResult.note`` (``fseg export`` prints it); e.g.
+a model trained at ``--size`` equal to its stride has a 1 x 1 coarsest feature map, and
+``torch.export`` fixes every dimension of size 1.
+
+The output path is checked before anything is loaded or traced (:func:`check_target`): a folder
+at ``out``, a file in the way of its folder, or a folder that cannot be written is one line
+naming ``out``, not an internal temporary file's name after the whole export has run.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +47,7 @@ from .core.tree import flatten_with_names, unflatten_names
 from .data.preprocess import Preprocess
 
 __all__ = ["FORMATS", "ExportModule", "ExportResult", "ExportError", "export_model", "export_checkpoint",
-           "to_pt2_bytes", "to_onnx_bytes"]
+           "to_pt2_bytes", "to_onnx_bytes", "check_target"]
 
 FORMATS = ("onnx", "pt2")
 # H and W may go up to this many multiples of the stride in a dynamic export (a bound keeps the
@@ -141,6 +149,21 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
+def _in_words(err: BaseException, model, size: int) -> str:
+    """Why H, W could not stay symbolic, in words (torch's own text is a constraint dump)."""
+    text = str(err)
+    cells = size // model.stride
+    if "Constraints violated" in text or "specializ" in text.lower():
+        if cells == 1:
+            return (f"at the training size {size} px the model's coarsest feature map is 1 x 1 (stride "
+                    f"{model.stride}), and torch.export fixes every dimension of size 1; a model trained at --size "
+                    f"{2 * model.stride} or more exports with dynamic H, W")
+        return "tracing fixed H and W to the example's size (the model computes with them as plain numbers)"
+    if "Guard failed" in text or isinstance(err, AssertionError):
+        return "the traced graph holds only at its example size (the model branches on the input size)"
+    return f"tracing with symbolic H, W failed ({_first_line(err)})"
+
+
 def _probe(program: torch.export.ExportedProgram, model, size: int) -> None:
     """Run the program at another H and W: a graph that guards on its example size fails here.
 
@@ -167,8 +190,9 @@ def trace(module: ExportModule, size: int, *, dynamic_hw: bool | None = None
             return program, True, ""
         except Exception as err:  # torch raises many kinds here; any of them means "not dynamic"
             if dynamic_hw:
-                raise ExportError(f"{module.model.name}: cannot export with dynamic H, W: {_first_line(err)}") from err
-            reason = _first_line(err)
+                raise ExportError(f"{module.model.name}: cannot export with dynamic H, W: "
+                                  f"{_in_words(err, module.model, size)}") from err
+            reason = _in_words(err, module.model, size)
     else:
         reason = "static export asked for"
     try:
@@ -213,6 +237,35 @@ def to_onnx_bytes(program: torch.export.ExportedProgram) -> bytes:
     return onnx_program.model_proto.SerializeToString()
 
 
+_REASONS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device"}
+
+
+def check_target(out: str | os.PathLike) -> Path:
+    """``out`` as a Path, once it is known that the export can be written there.
+
+    Raises:
+        ExportError: ``out`` is a folder, a file stands where one of its folders should be, or its
+            folder (the nearest existing one, when it is still to be created) cannot take a file.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; expected a file path, e.g. {out / 'model.onnx'}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ExportError(f"cannot write {out}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
+    except OSError as err:
+        reason = _REASONS.get(err.errno, err.strerror or str(err))
+        raise ExportError(f"cannot write {out}: {reason} ({folder})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
+
+
 def export_model(model, params: dict, state: dict, preprocess: Preprocess, out: str | os.PathLike, *,
                  format: str, dynamic_hw: bool | None = None) -> ExportResult:
     """Export ``model`` with one member's ``params``/``state`` to ``out`` (written atomically).
@@ -225,6 +278,7 @@ def export_model(model, params: dict, state: dict, preprocess: Preprocess, out: 
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
+    check_target(out)
     size = preprocess.size or 8 * model.stride
     if size % model.stride:
         raise ExportError(f"{model.name}: size {size} is not a multiple of the model's stride {model.stride}")
@@ -241,5 +295,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     ensemble member that validated best) and export it; see :func:`export_model`."""
     from .models.saved import load_checkpoint
 
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
+    check_target(out)
     loaded = load_checkpoint(checkpoint, device="cpu", weights=weights, member=member)
     return export_model(loaded.model, loaded.params, loaded.state, loaded.preprocess, out, format=format)

@@ -53,6 +53,27 @@ class LabelMap:
         lut = np.arange(256, dtype=np.uint8)
         return cls(tuple(class_names), lut, valid, f"class indices 0..{c - 1} or {IGNORE_INDEX} (ignore)")
 
+    @classmethod
+    def binary_255(cls, class_names: tuple[str, ...] | None = None) -> LabelMap:
+        """Binary masks saved 0/255 (the usual export of a binary mask): 0 is class 0 and 255 is
+        class 1, not "ignore"; nothing is ignored, and any other value is refused per file."""
+        names = unnamed(2) if class_names is None else tuple(class_names)
+        if len(names) != 2:
+            raise DataError(f"binary masks (0 and 255) have 2 classes, but {len(names)} are named "
+                            f"({', '.join(names)})")
+        valid = np.zeros(256, dtype=bool)
+        valid[[0, IGNORE_INDEX]] = True
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        lut[0], lut[IGNORE_INDEX] = 0, 1
+        return cls(names, lut, valid, f"0 ({names[0]}) or {IGNORE_INDEX} ({names[1]}: binary masks)")
+
+    def key(self) -> object:
+        """What identifies this map in a cache key: the class names, plus the value table when it is
+        not the identity (so 0/255 read as binary and as ignore are cached apart)."""
+        if np.array_equal(self.lut, np.arange(256, dtype=np.uint8)):
+            return list(self.class_names)
+        return {"class_names": list(self.class_names), "lut": self.lut.tolist(), "valid": self.valid.tolist()}
+
     def apply(self, values: np.ndarray, path: str | os.PathLike, what: str = "mask") -> np.ndarray:
         """Stored values (any integer dtype, [H, W]) -> uint8 labels [H, W].
 

@@ -54,7 +54,17 @@ def detect(root: str | os.PathLike, *, download: bool = False) -> tuple[str, Pat
     raise DataError(f"dataset root {root} holds no known layout (it has {shown}); expected {LAYOUT_HELP}")
 
 
-def open_source(root: str | os.PathLike, split: str, *, seed: int = 0, download: bool = False) -> Source:
-    """The ``Source`` of one split of the dataset at ``root``, whatever its layout."""
+def open_source(root: str | os.PathLike, split: str, *, seed: int = 0, download: bool = False,
+                binary_255: bool = False) -> Source:
+    """The ``Source`` of one split of the dataset at ``root``, whatever its layout.
+
+    ``binary_255``: a generic layout's masks are binary, saved 0/255 (255 = class 1, not ignore);
+    refused for the Oxford and VOC layouts, whose values are defined by the dataset.
+    """
     name, found = detect(root, download=download)
-    return LAYOUTS[name].source(found, split, seed=seed)
+    if not binary_255:
+        return LAYOUTS[name].source(found, split, seed=seed)
+    if name != "generic":
+        raise DataError(f"--binary-255 reads 0/255 masks of an images/ + masks/ folder, but {found} is a {name} "
+                        "dataset whose mask values the dataset defines; drop --binary-255")
+    return generic.source(found, split, seed=seed, binary_255=True)

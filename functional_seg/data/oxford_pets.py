@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import sample
-from .errors import DataError, DataWarning
+from .errors import DataError, DataWarning, MissingSplit
 from .labels import IGNORE_INDEX, POLICIES, LabelMap
 from .sample import SampleResult, SampleTask
 from .source import IMAGE_EXTENSIONS, Source, read_names, seeded_partition
@@ -140,7 +140,8 @@ def read_split(root: str | os.PathLike, split: str = "trainval", *, seed: int = 
         Names (file stems) in file order for official splits, sorted for seeded ones.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise MissingSplit(f"unknown split {split!r} for the Oxford-IIIT Pet layout; expected one of "
+                           f"{', '.join(SPLITS)}")
     root = find_root(root)
     if split in OFFICIAL_SPLITS:
         return read_names(split_file(root, split), _LINE_EXAMPLE)
@@ -190,7 +191,8 @@ def source(root: str | os.PathLike, split: str = "trainval", *, seed: int = 0, d
         DataError: no layout at ``root``, a missing split file, or a split that lists nothing.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise MissingSplit(f"unknown split {split!r} for the Oxford-IIIT Pet layout; expected one of "
+                           f"{', '.join(SPLITS)}")
     layout = find_root(root, download=download)
     names = read_split(layout, split, seed=seed)
     seeded = split in SEEDED_SPLITS

@@ -37,11 +37,12 @@ from safetensors.torch import save
 from ..core.files import user_cache_dir as default_cache_dir  # the library's one cache directory
 from ..core.files import write_atomic
 from .errors import DataError, DataWarning
-from .labels import IGNORE_INDEX, POLICIES, LabelMap, unnamed
+from .label_sets import infer_labels
+from .labels import IGNORE_INDEX, POLICIES, LabelMap
 from .layouts import open_source
 from .pool import cpu_count, parallel_map
 from .progress import Progress
-from .sample import SampleTask, load_sample, mask_max_label
+from .sample import SampleTask, load_sample
 from .source import Source, seeded_order
 
 __all__ = ["PreparedData", "prepare", "overlap", "default_cache_dir", "cache_path"]
@@ -276,16 +277,9 @@ def _bad_summary(bad: list[str], total: int, split: str) -> str:
     return f"{len(bad)} of {total} samples of split {split!r} {'is' if len(bad) == 1 else 'are'} bad: {shown}"
 
 
-def _infer_labels(src: Source, workers: int) -> LabelMap:
-    """C = the largest label in any of the dataset's masks + 1, named class_0, class_1, ..."""
-    paths = [str(p) for p in src.infer_from]
-    top = max(parallel_map(mask_max_label, paths, max(1, min(workers, len(paths)))), default=-1)
-    return LabelMap.indices(unnamed(max(top + 1, 1)))
-
-
 def _cache_key(src: Source, size: int, policy: str, seed: int, strict: bool) -> dict:
     if src.labels is not None:
-        classes: object = list(src.labels.class_names)
+        classes: object = src.labels.key()
     else:  # inferred from every mask: any of them changing changes the key
         classes = {"inferred_from": [[p.name, _stat(p)] for p in src.infer_from]}
     return {
@@ -346,6 +340,7 @@ def prepare(
     seed: int = 0,
     download: bool = False,
     progress: bool | None = None,
+    binary_255: bool = False,
 ) -> PreparedData:
     """Decode, check and resize one split, or load it from the cache.
 
@@ -365,6 +360,7 @@ def prepare(
         workers: decoding processes (default: all usable cores; 1 decodes in this process).
         seed: seed of the seeded splits (unused for split files).
         download: let torchvision fetch Oxford-IIIT Pet if ``root`` holds no layout.
+        binary_255: a generic layout's masks are binary, saved 0/255: 255 is class 1, not ignore.
         progress: while decoding (never on a cache hit), report on stderr: a tqdm bar on a
             terminal, else a plain line every ~10%. None: only when stderr is a terminal.
 
@@ -379,7 +375,7 @@ def prepare(
         raise ValueError(f"prepare: unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"prepare: size must be a positive int, got {size!r}")
-    src = open_source(root, split, seed=seed, download=download)
+    src = open_source(root, split, seed=seed, download=download, binary_255=binary_255)
     key = _cache_key(src, size, policy, seed, strict)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = cache_path(cache_dir, split, size, policy, key)
@@ -393,7 +389,7 @@ def prepare(
             return cached
 
     n_workers = max(1, workers if workers is not None else cpu_count())
-    labels = src.labels if src.labels is not None else _infer_labels(src, n_workers)
+    labels = src.labels if src.labels is not None else infer_labels(src, n_workers)
     images, masks, kept_names, bad = _decode(src, key["files"], labels, size, policy, n_workers, progress)
     if bad and strict:
         raise DataError(f"{_bad_summary(bad, len(src.names), split)}; strict=False (fseg --skip-bad) skips them")

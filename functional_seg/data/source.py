@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, MissingSplit
 from .labels import LabelMap
 
 __all__ = ["Source", "read_names", "seeded_order", "seeded_partition", "image_index", "IMAGE_EXTENSIONS"]
@@ -34,7 +34,9 @@ class Source:
         names: sample names (file stems) in data order.
         images, masks: one path per name (they may not exist: ``prepare`` reports that).
         labels: what the mask values mean; None to infer C from the masks in ``infer_from``.
-        infer_from: every mask of the dataset, when ``labels`` is None.
+        infer_from: every mask of the dataset that has an image, when ``labels`` is None.
+        unpaired: masks without an image (a stray file): never counted, named when their values
+            would have changed the inferred classes.
         seeded: the split is a seeded partition (the seed is part of the cache key).
         mask_what, mask_expected: how messages name a mask and say what it should be.
         example: what a split-file line should look like, for messages.
@@ -49,6 +51,7 @@ class Source:
     masks: tuple[Path, ...]
     labels: LabelMap | None
     infer_from: tuple[Path, ...] = ()
+    unpaired: tuple[Path, ...] = ()
     seeded: bool = False
     mask_what: str = "mask"
     mask_expected: str = "an 8-bit single-channel PNG of class indices"
@@ -71,12 +74,13 @@ def read_names(path: Path, example: str, *, first_field: bool = True) -> list[st
             after the name); otherwise the whole stripped line is the name.
 
     Raises:
-        DataError: the file is missing or unreadable, or a line holds a path instead of a name.
+        MissingSplit: the file is missing.
+        DataError: the file is unreadable, or a line holds a path instead of a name.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of a name
     except FileNotFoundError:
-        raise DataError(f"split file {path} is missing; expected {example}") from None
+        raise MissingSplit(f"split file {path} is missing; expected {example}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"split file {path} cannot be read as text ({e})") from None
     names: dict[str, None] = {}

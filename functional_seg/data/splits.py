@@ -8,6 +8,10 @@ none; ``test`` is ``test_split`` (first ``test_limit`` images) or none. A traini
 images with the validation or test split is warned about, naming one. ``root=None`` is the built-in
 synthetic dataset (Oxford layout), generated once into a temporary folder.
 
+Every named split is looked up before any is prepared: a split the dataset lacks (VOC publishes
+no ``test`` masks) is refused at once as a bad value of its setting (``--test-split: ...``, naming
+the split file and the splits there are), not after minutes of decoding the training split.
+
 ``fseg train`` builds its ``--data``-side flags from ``DataConfig``'s fields (``core.settings``),
 and the experiments call ``split_data`` too, so both see the same images for the same settings.
 """
@@ -22,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.settings import invalid, setting
+from ..core.settings import flag_of, invalid, setting
 from .labels import POLICIES
 
-__all__ = ["DataConfig", "Splits", "split_data", "parse_size", "synthetic_root", "fold_ids"]
+__all__ = ["DataConfig", "Splits", "split_data", "check_splits", "parse_size", "synthetic_root", "fold_ids"]
 
 # The built-in dataset: enough images that a small SegNet learns visibly in 3 CPU epochs at 64 px
 # (about 0.6 mean IoU), generated in seconds.
@@ -70,6 +74,8 @@ class DataConfig:
     workers: int | None = setting(None, help="decoding processes (default: all cores)")
     skip_bad: bool = setting(False, help="skip unreadable or inconsistent samples and summarise them in one warning "
                              "(default: stop, counting the bad files and naming the first few)")
+    binary_255: bool = setting(False, help="binary masks saved 0/255 (images/ + masks/ layout): read 255 as class 1, "
+                               "not as ignore")
 
     def __post_init__(self):
         size = parse_size(self.size)
@@ -89,7 +95,7 @@ class DataConfig:
     def prepare_kwargs(self) -> dict[str, Any]:
         """The keywords ``prepare`` takes from this config."""
         return {"policy": self.policy, "cache_dir": self.cache_dir, "workers": self.workers,
-                "strict": not self.skip_bad}
+                "strict": not self.skip_bad, "binary_255": self.binary_255}
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,31 @@ def _head(data, n: int | None):
     return data if n is None or n >= len(data) else data.subset(range(n))
 
 
+def check_splits(root: str | os.PathLike, cfg: DataConfig, *, seed: int = 0) -> None:
+    """Refuse, before anything is prepared, a named split the dataset at ``root`` does not have.
+
+    Raises:
+        SettingError: naming the setting (``test_split`` -> ``--test-split``), the missing split
+            file and what to pass instead.
+        DataError: no dataset at ``root`` (as ``prepare`` would).
+    """
+    from .errors import MissingSplit
+    from .layouts import open_source
+
+    named = {"train_split": cfg.train_split, "val_split": cfg.val_split, "test_split": cfg.test_split}
+    for field, split in named.items():
+        if split in ("carve", "none") and field != "train_split":
+            continue
+        try:
+            open_source(root, split, seed=seed, binary_255=cfg.binary_255)
+        except MissingSplit as err:
+            held = " with --train-split train (trainval holds val)" if cfg.train_split == "trainval" else ""
+            instead = {"train_split": "name a split the dataset has",
+                       "val_split": f"pass {flag_of(field)} carve (a share of the training split) or none",
+                       "test_split": f"pass {flag_of(field)} none, or {flag_of(field)} val{held}"}[field]
+            raise invalid(field, f"{err}; {instead}") from None
+
+
 def split_data(root: str | os.PathLike | None, cfg: DataConfig | None = None, *, seed: int = 0,
                progress: bool | None = None) -> Splits:
     """Prepare the run's splits as ``cfg`` says (see the module docstring).
@@ -141,6 +172,7 @@ def split_data(root: str | os.PathLike | None, cfg: DataConfig | None = None, *,
 
     cfg = cfg or DataConfig()
     root = Path(root) if root is not None else synthetic_root()
+    check_splits(root, cfg, seed=seed)
 
     def load(split: str, limit: int | None = None):
         return _head(prepare(root, split, cfg.size, progress=progress, **cfg.prepare_kwargs()), limit)

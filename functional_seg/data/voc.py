@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, MissingSplit
 from .labels import LabelMap
 from .source import Source, read_names
 
@@ -47,15 +47,20 @@ def source(root: str | os.PathLike, split: str = "train", *, seed: int = 0) -> S
     """The files of one VOC split, for ``prepare`` (``seed`` is unused: VOC's splits are files).
 
     Raises:
-        ValueError: an unknown split.
-        DataError: no layout, a missing split file, or a split that lists nothing.
+        MissingSplit: an unknown split, or a split file this copy lacks (VOC2012 publishes no test masks).
+        DataError: no layout, or a split that lists nothing.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} for a VOC layout; expected one of {', '.join(SPLITS)}")
+        raise MissingSplit(f"unknown split {split!r} for a VOC layout; expected one of {', '.join(SPLITS)}")
     found = find(Path(root).expanduser())
     if found is None:
         raise DataError(f"{root}: expected JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/")
     listed = found / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not listed.is_file():
+        present = sorted(p.stem for p in listed.parent.glob("*.txt")) if listed.parent.is_dir() else []
+        why = "; VOC publishes no test masks" if split == "test" else ""
+        raise MissingSplit(f"split file {listed} is missing; expected {_EXAMPLE} (this VOC copy lists "
+                           f"{', '.join(present) or 'no split'}{why})")
     names = read_names(listed, _EXAMPLE, first_field=False)
     return Source(
         layout="voc",

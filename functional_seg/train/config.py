@@ -14,7 +14,9 @@ fields split in two:
   These may change between a run and its resume. The world size (``torchrun`` processes) is not
   in the config: a run resumed on another number of processes continues the same maths (the
   global batch and every draw are the same) up to float reduction order, and batch-norm
-  statistics unless ``sync_bn``.
+  statistics unless ``sync_bn``; training can amplify that rounding (Adam: up to ~2 lr per step
+  for a gradient element within rounding of 0), and a model that draws dropout from its key
+  changes its draws with the world size (``distributed`` states the bound and the measurements).
 """
 
 from __future__ import annotations

@@ -21,6 +21,26 @@ What crosses processes, and where:
 - decisions about the run directory: rank 0 takes them, the others get the outcome or the same
   error (:func:`agree`).
 
+Joining: a process that waits for the rendezvous (``MASTER_ADDR:MASTER_PORT``) longer than a few
+seconds says so on stderr (its rank, the address, and how long it will wait:
+``FSEG_DIST_TIMEOUT``), and one that cannot join in that time ends with one
+:class:`RendezvousError` line naming the address, not torch's traceback.
+
+World-size invariance, and its true bound: the global batch, its order, every augmentation and
+(with ``sync_bn``) every batch statistic are the same for any number of processes; what changes
+is float summation order (conv weight gradients summed over B images or over slices of B/size,
+batch-norm moments from a two-pass kernel in one process or summed across ranks). Those
+rounding differences (~1e-7) stay ~1e-7 in small models (tested: <= 1e-4 after 2 epochs), but
+max-pool switches and ReLUs near 0 can amplify them, and Adam normalises each gradient element,
+so an element whose gradient is within rounding of 0 takes a step of about +lr in one run and
+-lr in the other: up to ~2 lr per step apart. Measured with the default SegNet at 32 px, batch
+8, lr 1e-2 under ``--sync-bn``: 1 vs 2 processes differ by 0.020 (= 2 lr) after ONE step, and one
+process with the two batch-norm formulas differs the same way; resuming 2 -> 1 process 6e-3
+after 6 steps (the fault report's 2.6e-3 is ~2.6 lr at lr 1e-3). Resume itself is exact on the
+same world size. Models whose apply draws from its key (dropout, drop-path: segformer, vit)
+are NOT world-size invariant: each process draws its slice's masks from ``fold_in(key, rank)``,
+so a 2-process run equals ``accumulate=2`` instead (measured: segformer 0.078 apart after 4 steps).
+
 Shapes: a ``World(rank, size, ...)`` splits each global batch of B images into ``size``
 contiguous slices of B / size; rank r holds images ``r*B/size .. (r+1)*B/size - 1``.
 """
@@ -32,6 +52,7 @@ import contextlib
 import datetime
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,7 +62,14 @@ import torch.distributed as dist
 from ..core.tree import tree_map
 
 __all__ = ["World", "SINGLE", "world_from_env", "all_reduce_sum", "all_reduce_sum_autograd",
-           "broadcast_tree", "agree", "failure_report", "shutdown"]
+           "broadcast_tree", "agree", "failure_report", "shutdown", "RendezvousError", "join"]
+
+# A process still waiting for its peers after this many seconds (or half its timeout) says so.
+NOTICE_AFTER_S = 5.0
+
+
+class RendezvousError(ValueError):
+    """This process could not join the job (address unreachable, peers absent, bad variables)."""
 
 
 @dataclass(frozen=True)
@@ -100,13 +128,88 @@ def world_from_env(device: str | torch.device = "cpu", *, bucket: bool = True) -
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(local)
-        timeout = datetime.timedelta(seconds=float(os.environ.get("FSEG_DIST_TIMEOUT", "600")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        join("nccl" if cuda else "gloo", rank, size)
         atexit.register(_leave_at_exit)
     if dist.get_world_size() != size or dist.get_rank() != rank:
         raise RuntimeError(f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees "
                            f"with RANK={rank} WORLD_SIZE={size}")
     return World(rank=rank, size=size, local_rank=local, bucket=bucket)
+
+
+def _timeout_s() -> float:
+    text = os.environ.get("FSEG_DIST_TIMEOUT", "600")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise RendezvousError(f"FSEG_DIST_TIMEOUT must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def join(backend: str, rank: int, size: int) -> None:
+    """``init_process_group`` (env:// rendezvous), saying what it waits for and failing in one line.
+
+    A notice goes to stderr after ``min(NOTICE_AFTER_S, timeout / 2)`` seconds still waiting:
+    rank, ``MASTER_ADDR:MASTER_PORT`` and the timeout (``FSEG_DIST_TIMEOUT``, default 600 s).
+
+    Raises:
+        RendezvousError: the variables are missing, or joining failed or timed out (torch's
+            DistNetworkError / DistStoreError), naming the address, the rank and what to check.
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    who = f"rank {rank} of {size}"
+    if not addr or not port:
+        raise RendezvousError(f"{who}: MASTER_ADDR and MASTER_PORT must name the rendezvous (torchrun sets them), "
+                              f"got MASTER_ADDR={addr!r} MASTER_PORT={port!r}")
+    timeout = _timeout_s()
+    where = f"{addr}:{port}"
+    text = (f"fseg: {who} is waiting for the job's other processes at {where} (MASTER_ADDR:MASTER_PORT); it gives "
+            f"up after {timeout:g} s (FSEG_DIST_TIMEOUT)\n")
+    with _native_log_held() as stderr_fd:
+        notice = threading.Timer(min(NOTICE_AFTER_S, timeout / 2), lambda: os.write(stderr_fd, text.encode()))
+        notice.daemon = True
+        notice.start()
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        except (RuntimeError, TimeoutError, ValueError) as err:  # torch's DistNetworkError, DistStoreError, ...
+            raise RendezvousError(f"{who} could not join the job at {where} within {timeout:g} s "
+                                  f"({_first_line(err)}); check that rank 0 is running and that this machine "
+                                  f"reaches {where} (MASTER_ADDR, MASTER_PORT), or wait longer with "
+                                  "FSEG_DIST_TIMEOUT") from None
+        finally:
+            notice.cancel()
+
+
+@contextlib.contextmanager
+def _native_log_held():
+    """While joining, torch's C++ layer logs every retry with ~40 lines of stack frames straight to
+    file descriptor 2; hold them in a temporary file: replayed if the join succeeds, dropped if it
+    fails (the RendezvousError line says it all). Yields the real stderr's descriptor."""
+    import tempfile
+
+    sys.stderr.flush()
+    real = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield real
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(real, 2)
+            os.close(real)
+            if not failed:
+                held.seek(0)
+                os.write(2, held.read())
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:160] if lines else ''}"
 
 
 def shutdown() -> None:

@@ -36,6 +36,7 @@ from ..compile_cache import use_user_cache_dir
 from ..core import random as jr
 from ..core.files import jsonable
 from ..core.tree import unstack
+from ..data.label_sets import check_present
 from ..data.loader import Loader
 from ..data.preprocess import Preprocess
 from ..data.splits import Splits, fold_ids, split_data
@@ -140,7 +141,12 @@ def plan_run(model, splits: Splits, config: FitConfig) -> Plan:
     Under ``torchrun`` this process joins the job (``distributed.world_from_env``): its train
     loader yields its slice of each global batch, and only rank 0 gets a validation loader (it
     alone evaluates and writes).
+
+    Raises:
+        DataError: the training split holds fewer than 2 classes (nothing to learn), before any
+            process joins the job.
     """
+    check_present(splits.train)
     world, runtime = _runtime(config)
     train_data, b = splits.train, config.batch_size
     pre = preprocess_for(model, train_data, runtime)
@@ -373,18 +379,30 @@ def _default_out(model) -> Path:
     return Path("runs") / f"{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _best_step(extra: dict, steps_per_epoch: int) -> int | None:
+    """The step best.safetensors holds, as the last checkpoint records it (runs before ``best_step``
+    was recorded: from a whole ``best_epoch``)."""
+    if extra.get("best_step") is not None:
+        return int(extra["best_step"])
+    epoch = extra.get("best_epoch")
+    return epoch * steps_per_epoch if isinstance(epoch, int) else None
+
+
 def _train(plan: Plan, run: RunDir, model, meta: dict, resume: bool, hooks) -> tuple[TrainState, list, dict]:
     """The epochs: ``(train_state, history, best)`` with ``best`` = best_mean_iou / best_epoch."""
     config = plan.config
     ts, extra = _open_run(plan, run, model, {"model": model_metadata(model), **meta}, resume)
     history = run.history(_step_of(ts)) if resume else []
-    best = {"best_mean_iou": extra.get("best_mean_iou"), "best_epoch": extra.get("best_epoch")}
+    best = {"best_mean_iou": extra.get("best_mean_iou"), "best_epoch": extra.get("best_epoch"),
+            "best_step": _best_step(extra, plan.steps_per_epoch)}
     last_selection = extra.get("selection")
 
     def save(which, state, more=None, sel=None):
         metadata = {**meta, "selection": sel} if sel else meta
         run.save(which, state, model=model, metadata=metadata, extra={**best, **(more or {}), "selection": sel})
 
+    if resume and best["best_step"] == _step_of(ts):  # killed between last and best: best is last's state
+        save("best", ts, None, last_selection)
     for epoch in range(_step_of(ts) // plan.steps_per_epoch, config.epochs):
         if _step_of(ts) >= plan.total_steps:
             break
@@ -403,7 +421,7 @@ def _train(plan: Plan, run: RunDir, model, meta: dict, resume: bool, hooks) -> t
         improved = sel is not None and sel["score"] == sel["score"] and (
             best["best_mean_iou"] is None or sel["score"] > best["best_mean_iou"])
         if improved:
-            best = {"best_mean_iou": sel["score"], "best_epoch": record["epoch"]}
+            best = {"best_mean_iou": sel["score"], "best_epoch": record["epoch"], "best_step": _step_of(ts)}
         last_selection = sel or last_selection
         # last first: a kill between the two writes leaves a run that resumes (best is re-derived)
         save("last", ts, None if whole else {"epoch_acc": sums.to_dict(0.0)}, last_selection)
