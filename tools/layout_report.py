@@ -3,7 +3,7 @@
     python tools/layout_report.py [--limit 60] [ROOT]
 
 Prints every function (library, tests, experiments, benchmarks, tools) longer than ``--limit``
-lines, then each top folder's imports of the others (``functional_seg``, ``experiments``,
+lines of code (its docstring not counted), then each top folder's imports of the others (``functional_seg``, ``experiments``,
 ``benchmarks``, ``tests``; a test module importing another test module counts), with the files
 that make each edge. Standard library only, so it runs on any checkout (before/after a change).
 """
@@ -23,14 +23,26 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for top in TOPS if (root / top).is_dir() for p in (root / top).rglob("*.py"))
 
 
-def long_functions(root: Path, limit: int) -> list[tuple[int, str]]:
+def _code_lines(node) -> int:
+    """A function's lines without its docstring (an Args section is not complexity)."""
+    n = node.end_lineno - node.lineno + 1
+    first = node.body[0] if node.body else None
+    if isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant) \
+            and isinstance(first.value.value, str):
+        n -= first.end_lineno - first.lineno + 1
+    return n
+
+
+def long_functions(root: Path, limit: int) -> list[tuple[int, int, str]]:
+    """(code lines, lines with the docstring, where) of every function over ``limit`` code lines."""
     out = []
     for path in _files(root):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                n = node.end_lineno - node.lineno + 1
-                if n > limit:
-                    out.append((n, f"{path.relative_to(root)}:{node.lineno} {node.name}"))
+                code = _code_lines(node)
+                if code > limit:
+                    out.append((code, node.end_lineno - node.lineno + 1, f"{path.relative_to(root)}:{node.lineno} "
+                                                                          f"{node.name}"))
     return sorted(out, reverse=True)
 
 
@@ -70,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=60)
     args = p.parse_args(argv)
     longs = long_functions(args.root, args.limit)
-    print(f"functions over {args.limit} lines: {len(longs)}")
-    for n, where in longs:
-        print(f"  {n:4d}  {where}")
+    print(f"functions over {args.limit} lines of code (docstrings not counted): {len(longs)}")
+    for code, total, where in longs:
+        print(f"  {code:4d}  ({total} with the docstring)  {where}")
     print("imports between top folders (importer -> imported: files):")
     for (a, b), files in sorted(folder_imports(args.root).items()):
         shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")

@@ -146,21 +146,11 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preproce
         ``train_step``; batch is ``(images uint8 [b, 3, S, S], masks int64 [b, S, S])`` on the
         state's device, b = B / world size.
     """
-    has_encoder = _has_encoder(model)
-    if (frozen_encoder or encoder_lr != 1.0) and not has_encoder:
-        raise ValueError(f"{model.name} has no pretrained-style encoder (set encoder=... in the model cfg): "
-                         "--encoder-lr and --freeze-encoder-epochs apply to encoder-decoder models only")
-    if frozen_encoder:
-        model = _frozen(model)
-    spec = _StepSpec(model, loss_fn, optimizer, preprocess or _DEFAULT, augment_cfg, int(accumulate), ema,
-                     world or SINGLE, folds is not None, 0.0 if frozen_encoder else float(encoder_lr))
-    if spec.k_micro < 1:
-        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
-    if ema is not None and not 0.0 < ema < 1.0:
-        raise ValueError(f"ema is a decay in (0, 1), got {ema!r}")
+    spec = _StepSpec.checked(model, loss_fn, optimizer, preprocess, augment_cfg, accumulate, ema, world, folds,
+                             encoder_lr, frozen_encoder)
 
     def train_step(train_state: TrainState, batch) -> tuple[TrainState, dict]:
-        if ema is not None and not train_state.ema:
+        if spec.ema is not None and not train_state.ema:
             raise ValueError("the step keeps an EMA but train_state.ema is empty; start from state.with_ema(...)")
         local, update = functools.partial(_local, spec), functools.partial(_update, spec)
         if ensemble:
@@ -204,6 +194,21 @@ class _StepSpec:
     world: World
     folds: bool = False
     encoder_lr: float = 1.0
+
+    @classmethod
+    def checked(cls, model, loss_fn, optimizer, preprocess, augment_cfg, accumulate, ema, world, folds, encoder_lr,
+                frozen_encoder) -> _StepSpec:
+        """The spec of ``make_train_step``'s arguments, each checked (one line naming what is wrong)."""
+        if (frozen_encoder or encoder_lr != 1.0) and not _has_encoder(model):
+            raise ValueError(f"{model.name} has no pretrained-style encoder (set encoder=... in the model cfg): "
+                             "--encoder-lr and --freeze-encoder-epochs apply to encoder-decoder models only")
+        if not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
+        if ema is not None and not 0.0 < ema < 1.0:
+            raise ValueError(f"ema is a decay in (0, 1), got {ema!r}")
+        return cls(_frozen(model) if frozen_encoder else model, loss_fn, optimizer, preprocess or _DEFAULT,
+                   augment_cfg, accumulate, ema, world or SINGLE, folds is not None,
+                   0.0 if frozen_encoder else float(encoder_lr))
 
     @property
     def parts(self) -> int:
