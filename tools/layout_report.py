@@ -5,7 +5,8 @@
 Prints every function (library, tests, experiments, benchmarks, tools) longer than ``--limit``
 lines of code (its docstring not counted), then each top folder's imports of the others
 (``functional_seg``, ``experiments``, ``benchmarks``, ``tests``; a test module importing another
-test module counts), with the files that make each edge. Standard library only, so it runs on any checkout (before/after a change).
+test module counts), with the files that make each edge. Standard library only, so it runs on
+any checkout (before/after a change).
 """
 
 from __future__ import annotations
