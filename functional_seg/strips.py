@@ -133,7 +133,8 @@ def blended_strips(windows: Callable[[Sequence[tuple[int, int]]], Tensor], plan:
 
     Args:
         windows: boxes [(y, x), ...] -> logits float [P, B, C, h, w] of those windows (the caller
-            crops and runs the model); called with up to ``batch_size`` boxes, in row-major order.
+            crops and runs the model); called with up to ``batch_size`` boxes, in row-major order,
+            a call never mixing part of a band with another band.
         plan: from :func:`tiling`.
         rows: the most rows per yielded strip.
         weight: float [h, w] per-window weight (default :func:`window_weight`).
@@ -142,14 +143,14 @@ def blended_strips(windows: Callable[[Sequence[tuple[int, int]]], Tensor], plan:
         (first row, float [P, C, r, W]) for consecutive rows of the image (canvas padding cut off):
         sum_k weight_k logits_k / sum_k weight_k over the windows k covering each pixel, added in
         row-major window order. Rows are emitted once every window that touches them is in, so
-        the sums held span about one window height (plus a chunk's extra bands) by W.
+        the sums held span one window height (plus, for bands narrower than a batch, the other
+        bands of that batch) by W: ~C x T x W floats for T x T tiles, whatever the image height.
     """
     (h, w), (win_h, win_w), full_w = plan.size, plan.window, plan.canvas[1]
-    boxes, per_band = plan.boxes, len(plan.xs)
+    per_band = len(plan.xs)
     acc = norm = None
-    top = 0  # acc holds canvas rows [top, top + acc.shape[-2])
-    for first in range(0, len(boxes), batch_size):
-        chunk = boxes[first:first + batch_size]
+    top, done = 0, 0  # acc holds canvas rows [top, top + acc.shape[-2]); done: windows blended so far
+    for chunk in _band_chunks(plan.boxes, per_band, batch_size):
         logits = windows(chunk)
         if weight is None:
             weight = window_weight(win_h, win_w, logits.device)
@@ -157,13 +158,32 @@ def blended_strips(windows: Callable[[Sequence[tuple[int, int]]], Tensor], plan:
         for (y, x), one in zip(chunk, logits.unbind(1)):
             acc[:, :, y - top:y - top + win_h, x:x + win_w] += one * weight
             norm[y - top:y - top + win_h, x:x + win_w] += weight
-        bands_done = (first + len(chunk)) // per_band
+        done += len(chunk)
+        bands_done = done // per_band
         final = min(plan.ys[bands_done] if bands_done < len(plan.ys) else h, h)  # no later window reaches above
         for row in range(top, final, rows):
             end = min(row + rows, final)
             yield row, acc[:, :, row - top:end - top, :w] / norm[row - top:end - top, :w]
         acc, norm = _drop(acc, norm, final - top)
         top = final
+
+
+def _band_chunks(boxes: list[tuple[int, int]], per_band: int, batch_size: int) -> Iterator[list[tuple[int, int]]]:
+    """Row-major chunks of at most ``batch_size`` boxes that cross no band boundary, except that whole
+    bands narrower than a batch share one (so the sums held span one window height plus the extra
+    bands of one batch, and narrow images still run full batches)."""
+    chunk: list[tuple[int, int]] = []
+    for first in range(0, len(boxes), per_band):
+        band = boxes[first:first + per_band]
+        if chunk and len(chunk) + len(band) > batch_size:
+            yield chunk
+            chunk = []
+        if len(band) >= batch_size:
+            yield from (band[i:i + batch_size] for i in range(0, len(band), batch_size))
+        else:
+            chunk += band
+    if chunk:
+        yield chunk
 
 
 def _cover(acc: Tensor | None, norm: Tensor | None, top: int, bottom: int, like: Tensor, width: int
@@ -181,13 +201,17 @@ def _cover(acc: Tensor | None, norm: Tensor | None, top: int, bottom: int, like:
 
 
 def _drop(acc: Tensor, norm: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Shift out the first ``n`` (emitted) rows in place, zeroing the rows freed at the bottom."""
+    """Shift out the first ``n`` (emitted) rows in place, zeroing the rows freed at the bottom.
+
+    Rows move up in blocks of ``n``, so no block overlaps its destination and nothing is copied twice.
+    """
     if n <= 0:
         return acc, norm
-    keep = acc.shape[-2] - n
-    if keep > 0:
-        acc[:, :, :keep] = acc[:, :, n:].clone()
-        norm[:keep] = norm[n:].clone()
-    acc[:, :, max(keep, 0):] = 0
-    norm[max(keep, 0):] = 0
+    rows = acc.shape[-2]
+    for dst in range(0, rows - n, n):
+        size = min(n, rows - n - dst)
+        acc[:, :, dst:dst + size] = acc[:, :, dst + n:dst + n + size]
+        norm[dst:dst + size] = norm[dst + n:dst + n + size]
+    acc[:, :, max(rows - n, 0):] = 0
+    norm[max(rows - n, 0):] = 0
     return acc, norm

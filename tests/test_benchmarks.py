@@ -60,3 +60,11 @@ def test_compile_cache_runs_its_eager_row(tmp_path, monkeypatch):
     assert _bench("bench_compile_cache").main([*TINY, "--rows", "eager", "--steps", "2", "--out", str(tmp_path)]) == 0
     eager = _results(tmp_path, "bench_compile_cache")["results"]["eager"]
     assert eager["step_s"] > 0 and eager["first_train_s"] > 0 and eager["x_eager_step"] == 1.0
+
+
+def test_predict_memory_measures_a_row_in_its_own_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = ["--quick", "--image", "160x120", "--rows", "after", "--cases", "0", "--size", "32", "--out", str(tmp_path)]
+    assert _bench("bench_predict_memory").main(argv) == 0
+    (row,) = _results(tmp_path, "bench_predict_memory")["results"].values()
+    assert row["peak_above_baseline_mb"] > 0 and row["seconds"] > 0 and row["version"] == "after", row

@@ -92,6 +92,9 @@ def test_band_by_band_blend_equals_the_full_canvas_blend(h, w, tile, overlap, ba
     got = _joined(list(blended_strips(windows, plan, batch_size=batch, rows=rows)), rows)
     torch.testing.assert_close(got, _canvas_blend(field, plan, weight), rtol=1e-6, atol=1e-6)
     assert [b for c in calls for b in c] == plan.boxes and all(len(c) <= batch for c in calls)
+    for c in calls:  # one band's windows, or whole bands: the sums held stay about one window high
+        rows = {y for y, _ in c}
+        assert len(rows) == 1 or len(c) == len(rows) * len(plan.xs)
 
 
 def test_rows_are_emitted_before_the_last_windows_run():
