@@ -245,6 +245,18 @@ def mask_of(logits: torch.Tensor) -> torch.Tensor:
 # Full-size maps of one image, filled strip by strip
 
 
+def _new_rgb(width: int, height: int):
+    from PIL import Image
+
+    return Image.new("RGB", (width, height))
+
+
+def _rgb(pixels: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(pixels)
+
+
 class _Maps:
     """The full-size outputs of one image, filled strip by strip: the uint8 mask, class counts and,
     with ``uncertainty``, entropy and mutual-information units (uint16) and the heat-map overlay."""
@@ -256,7 +268,7 @@ class _Maps:
         self.counts = torch.zeros(num_classes, dtype=torch.int64)
         self.entropy = np.empty((h, w), np.uint16) if uncertainty else None
         self.mutual_info = np.empty((h, w), np.uint16) if uncertainty and mutual_info else None
-        self.heat = np.empty((h, w, 3), np.uint8) if uncertainty and heat else None
+        self.heat = _new_rgb(w, h) if uncertainty and heat else None  # a PIL image, pasted into strip by strip
 
     def add(self, row: int, logits: torch.Tensor) -> None:
         """Rows ``row ..`` from logits float [P, C, r, W] (on any device)."""
@@ -273,7 +285,7 @@ class _Maps:
         if self.heat is not None:
             pixels = torch.from_numpy(np.array(self.image[rows])).to(logits.device)  # a writable copy
             colours = heatmap(entropy, vmax=math.log(self.num_classes))
-            self.heat[rows] = overlay(pixels, colours, alpha=0.5).cpu().numpy()
+            self.heat.paste(_rgb(overlay(pixels, colours, alpha=0.5).cpu().numpy()), (0, row))
 
     @property
     def fractions(self) -> tuple[float, ...]:
@@ -426,9 +438,7 @@ def _write(path: Path, image: np.ndarray, maps: _Maps, targets: dict[str, Path],
     if "mutual_info" in targets:
         write_uint16_png(targets["mutual_info"], torch.from_numpy(maps.mutual_info))
     if "uncertainty" in targets:
-        from PIL import Image
-
-        write_atomic(targets["uncertainty"], png_bytes(Image.fromarray(maps.heat)))
+        write_atomic(targets["uncertainty"], png_bytes(maps.heat))
     return PredictResult(path=path, mask_path=targets["mask"], overlay_path=targets.get("overlay"),
                          size=maps.mask.shape, fractions=fractions, outputs=dict(targets))
 

@@ -70,8 +70,9 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, class_names: Sequence[str
                   *, alpha: float = 0.45):
     """The image with the mask's colours blended in, above a legend of colour, class name and share.
 
-    Pixel = floor((1 - alpha) image + alpha colour) in float64, computed in row strips straight
-    into the canvas (uint8 [H + legend, max(W, legend width), 3]).
+    Pixel = floor((1 - alpha) image + alpha colour) in float64, computed in row strips pasted
+    straight into the PIL canvas (H + legend rows, max(W, legend width) columns), so a big image
+    costs the canvas and one strip, not float64 copies of itself.
     """
     from PIL import Image, ImageDraw
 
@@ -81,13 +82,11 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, class_names: Sequence[str
     labels = [f"{name} {frac:.1%}" for name, frac in zip(class_names, fractions)]
     draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max(int(draw_probe.textlength(t)) for t in labels)
-    canvas = np.full((h + pad * 2 + row * len(labels), max(w, pad * 3 + row + text_w), 3), 255, np.uint8)
+    img = Image.new("RGB", (max(w, pad * 3 + row + text_w), h + pad * 2 + row * len(labels)), (255, 255, 255))
     step = max(1, _BLEND_PIXELS // max(w, 1))
     for top in range(0, h, step):
         part = slice(top, min(top + step, h))
-        canvas[part, :w] = ((1 - alpha) * image[part] + alpha * colours[mask[part]]).astype(np.uint8)
-    img = Image.fromarray(canvas)
-    del canvas
+        img.paste(Image.fromarray(((1 - alpha) * image[part] + alpha * colours[mask[part]]).astype(np.uint8)), (0, top))
     draw = ImageDraw.Draw(img)
     for i, text in enumerate(labels):
         top = h + pad + i * row
