@@ -65,7 +65,7 @@ from .strips import blended_strips, resized_strips, strip_rows, tiling
 from .uncertainty import flip_views, heatmap, mean_probs, overlay, to_uint16, uncertainty_maps, write_uint16_png
 
 __all__ = ["IMAGE_SUFFIXES", "Predictor", "PredictResult", "PredictReport", "output_names", "output_paths",
-           "expand_inputs", "find_inputs", "predict_files", "format_result", "MAX_BATCH_PIXELS"]
+           "expand_inputs", "find_inputs", "predict_files", "format_result", "mask_of", "MAX_BATCH_PIXELS"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TTA_MODES = ("none", "flip")
