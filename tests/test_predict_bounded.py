@@ -96,7 +96,7 @@ def _predict_mask(base: Predictor, tmp_path, image: np.ndarray, **kwargs) -> np.
 
 
 @given(h=st.integers(4, 48), w=st.integers(4, 48), rows=st.sampled_from([1, 4, 9, 24]), seed=st.integers(0, 1000))
-@settings(max_examples=8)
+@settings(max_examples=6)
 def test_whole_image_masks_from_strips_equal_the_full_size_argmax(saved, base, tmp_path_factory, h, w, rows, seed):
     image = _image(h, w, seed)
     mask = _predict_mask(base, tmp_path_factory.mktemp("p"), image, strip_bytes=rows * 3 * w * 4)
@@ -106,7 +106,7 @@ def test_whole_image_masks_from_strips_equal_the_full_size_argmax(saved, base, t
 @given(h=st.integers(4, 48), w=st.integers(4, 48), rows=st.sampled_from([1, 4, 9, 24]),
        tile=st.sampled_from([16, 24, 32]), overlap=st.sampled_from([0.0, 0.25, 0.5]), batch=st.integers(1, 5),
        seed=st.integers(0, 1000))
-@settings(max_examples=8)
+@settings(max_examples=6)
 def test_tiled_masks_from_bands_equal_the_full_canvas_argmax(saved, base, tmp_path_factory, h, w, rows, tile,
                                                             overlap, batch, seed):
     image = _image(h, w, seed)
