@@ -225,21 +225,25 @@ def cmd_predict(args) -> int:
     from .predict import Predictor, format_result, predict_files
 
     runtime = _runtime(args)
-    member = "auto" if args.member is None else args.member
+    # --uncertainty runs every member of an ensemble (their disagreement is the point); otherwise the best one
+    member = args.member if args.member is not None else "all" if args.uncertainty else "auto"
     loaded = load_checkpoint(args.checkpoint, device=runtime.device, weights=args.weights, member=member)
     if args.size:
         loaded = dataclasses.replace(loaded, preprocess=dataclasses.replace(loaded.preprocess, size=args.size))
     predictor = Predictor.from_checkpoint(loaded, runtime, tile=args.tile, tile_overlap=args.tile_overlap,
-                                          tta=args.tta, batch_size=args.batch_size)
+                                          tta=args.tta, batch_size=args.batch_size, uncertainty=args.uncertainty)
 
     def show(result) -> None:
         print(format_result(result, predictor.class_names), file=sys.stderr if result.error else sys.stdout,
               flush=True)
 
-    results = predict_files(predictor, args.images, args.out, overlay=not args.no_overlay, on_result=show)
+    report = predict_files(predictor, args.images, args.out, overlay=not args.no_overlay, on_result=show)
+    if report.skipped:
+        print(f"fseg: skipped {len(report.skipped)} PNG file(s) that fseg wrote (earlier outputs, marked "
+              "Software: functional_seg)", file=sys.stderr)
+    results, failed = report.results, report.failed
     if not results:
         raise CliError(f"no images found in {', '.join(args.images)}")
-    failed = sum(r.error is not None for r in results)
     if failed:
         print(f"fseg: error: {failed} of {len(results)} images failed; the other {len(results) - failed} "
               f"were written to {args.out}", file=sys.stderr)
@@ -410,7 +414,8 @@ def _add_predict(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files and/or folders (every image in a folder, sorted, not recursive)")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="writes DIR/<name>_mask.png (palette PNG, pixel = class index) and <name>_overlay.png; "
+                   help="writes DIR/<name>_mask.png (palette PNG, pixel = class index) and <name>_overlay.png, "
+                        "never over a file fseg did not write (its PNGs are marked; marked inputs are skipped); "
                         "<name> keeps each input's path relative to the inputs' common folder (a/cat.jpg and "
                         "b/cat.jpg -> a/cat_mask.png, b/cat_mask.png), plus _<suffix> when two inputs in one "
                         "folder share a stem (cat.jpg, cat.png -> cat_jpg, cat_png)")
@@ -418,7 +423,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--member", type=_member, default=None,
-                   help="member of an ensemble checkpoint (default: auto, the best validated)")
+                   help="member of an ensemble checkpoint (default: auto, the best validated; all with "
+                        "--uncertainty)")
     p.add_argument("--weights", default="auto", choices=("auto", "params", "ema"), help=_WEIGHTS_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images (or tiles) per forward pass")
     p.add_argument("--tile", type=_positive_int, default=None, metavar="T",
@@ -426,7 +432,12 @@ def _add_predict(sub) -> None:
     p.add_argument("--tile-overlap", type=float, default=0.25, help="fraction of a tile its neighbours share")
     p.add_argument("--tta", default="none", choices=("none", "flip"),
                    help="flip: average the logits with those of the horizontally flipped image")
-    p.add_argument("--no-overlay", action="store_true", help="write the masks only")
+    p.add_argument("--no-overlay", action="store_true", help="write the masks (and uncertainty maps) only")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <name>_entropy.png (predictive entropy) and, for an ensemble checkpoint, "
+                        "<name>_mutual_info.png (the members' disagreement), 16-bit PNGs in units of 1e-4 nats "
+                        "(value / 10000 = nats), and <name>_uncertainty.png (entropy heat map over the image); "
+                        "runs every member of an ensemble, needs an ensemble or --tta flip")
     p.set_defaults(func=cmd_predict)
 
 

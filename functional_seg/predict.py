@@ -1,7 +1,8 @@
-"""Inference on image files: masks at each input's own resolution, tiled or whole, with flip TTA.
+"""Inference on image files: masks (and uncertainty maps) at each input's own resolution, in bounded memory.
 
 An image (uint8 [H, W, 3], EXIF orientation applied by ``data.decode.read_rgb``) becomes logits
-float32 [C, H, W] at its ORIGINAL size in one of two ways:
+float32 [P, C, H, W] at its ORIGINAL size, P predictions per pixel (ensemble members and/or flip
+views, below), in one of two ways:
 
     whole  (default)  fitted to the training square S as training did (``Preprocess.policy``:
                       "resize" stretches to S x S; "pad" keeps the aspect ratio and pads, and the
@@ -12,12 +13,33 @@ float32 [C, H, W] at its ORIGINAL size in one of two ways:
                       average taken, so seams do not show; a side shorter than T gets one window
                       of that side (rounded up to the stride, edge pixels replicated)
 
-The mask is the argmax of those logits (resizing logits, not labels, keeps boundaries smooth).
-``tta="flip"`` averages the logits with those of the horizontally flipped input, flipped back.
+Those full-size logits are never held at once: :meth:`Predictor.strips` yields them in horizontal
+strips of at most ``strip_bytes`` (``strips.resized_strips`` / ``strips.blended_strips``), and
+each strip becomes rows of the uint8 mask (and of the uncertainty maps) at once. A 48 MP photo
+costs its decoded pixels, its uint8 mask and one strip, not 4 bytes x C per pixel.
 
-:func:`predict_files` runs a list of files (or folders) in batches of same-size inputs, writes a
-palette mask PNG (mode "P": pixel value = class index) and an overlay PNG with a legend for
-each, and reports failures per file instead of stopping at the first.
+The mask is the argmax of the logits (resizing logits, not labels, keeps boundaries smooth);
+with several predictions (P > 1) the argmax of their mean softmax. ``tta="flip"`` adds the
+horizontally mirrored input, its logits flipped back: averaged with the plain ones (P stays 1 per
+model), or, with ``uncertainty=True``, kept as a second view. An ensemble checkpoint loaded with
+``member="all"`` gives its K members (``members=K``).
+
+:func:`predict_files` runs files and folders (hidden files such as macOS ``._x.jpg`` are not
+images; PNGs this library wrote are skipped and counted), decoding at most ``batch_size`` images
+or ``max_batch_pixels`` pixels at a time, and writes per image, atomically, under OUT:
+
+    <name>_mask.png         palette PNG (mode "P"), pixel value = class index
+    <name>_overlay.png      the image with the mask blended in, above a legend of class shares
+    <name>_entropy.png      (uncertainty) 16-bit greyscale: predictive entropy in units of 1e-4 nats
+                            (``uncertainty.UINT16_PER_NAT`` = 10 000 per nat; 0 .. log C)
+    <name>_mutual_info.png  (uncertainty, ensembles) 16-bit, same scale: mutual information between
+                            the members (and views), their disagreement
+    <name>_uncertainty.png  (uncertainty, with overlays) the entropy as an inferno-like heat map from
+                            0 (black) to log C (pale yellow), blended half over the image
+
+Every PNG carries the mark ``render.MARK`` (text chunk Software: functional_seg). An existing
+output file without it is someone else's: that image fails with one line naming the file, and
+nothing of it is written; the other images go on.
 """
 
 from __future__ import annotations
@@ -25,26 +47,32 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .core.files import write_atomic
 from .core.tree import tree_map
 from .data.preprocess import Preprocess
 from .data.sample import fit_image
-from .render import mask_image, overlay_image, png_bytes
+from .render import is_ours, mask_image, overlay_image, png_bytes
 from .runtime import Runtime, resolve_runtime
+from .strips import blended_strips, resized_strips, strip_rows, tiling
+from .uncertainty import flip_views, heatmap, mean_probs, overlay, to_uint16, uncertainty_maps, write_uint16_png
 
-__all__ = ["IMAGE_SUFFIXES", "Predictor", "PredictResult", "output_names", "expand_inputs", "predict_files"]
+__all__ = ["IMAGE_SUFFIXES", "Predictor", "PredictResult", "PredictReport", "output_names", "output_paths",
+           "expand_inputs", "find_inputs", "predict_files", "format_result", "mask_of", "MAX_BATCH_PIXELS"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TTA_MODES = ("none", "flip")
+#: Decoded pixels a batch may hold before it is predicted (~100 MB of uint8 RGB); one image always fits.
+MAX_BATCH_PIXELS = 1 << 25
+_UNCERTAINTY_NEEDS = ("--uncertainty needs several predictions per pixel: an ensemble checkpoint (all its "
+                      "members) or --tta flip")
 
 
 def _fit(image: np.ndarray, size: int, policy: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -56,16 +84,9 @@ def _fit(image: np.ndarray, size: int, policy: str) -> tuple[np.ndarray, tuple[i
     return np.asarray(fitted), box
 
 
-def _window_1d(n: int) -> torch.Tensor:
-    """Positive weights that fall smoothly towards both ends: sin(pi (t + 0.5) / n), t = 0..n-1."""
-    return torch.sin(math.pi * (torch.arange(n, dtype=torch.float32) + 0.5) / n)
-
-
-def _starts(length: int, window: int, step: int) -> list[int]:
-    if length <= window:
-        return [0]
-    starts = list(range(0, length - window, step)) + [length - window]
-    return sorted(set(starts))
+def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:
+    for first in range(0, len(items), n):
+        yield items[first:first + n]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +95,7 @@ def _starts(length: int, window: int, step: int) -> list[int]:
 
 @dataclass
 class Predictor:
-    """One model ready for inference: ``logits(images) -> [C, H, W]`` per image.
+    """One model (or ensemble) ready for inference: full-size logits per image, strip by strip.
 
     Args:
         tile: window side T for tiled inference (rounded down to the stride), or None (whole image).
@@ -82,6 +103,11 @@ class Predictor:
         tta: "none" or "flip".
         batch_size: images (whole mode) or windows (tiled mode) per forward pass.
         runtime: device, precision and layout (``runtime.resolve_runtime()``'s "auto" if None).
+        members: K when params and state are stacked over K ensemble members (each leaf [K, ...]),
+            all of them run (``vmap``); None for one model.
+        uncertainty: keep flip views as separate predictions (for uncertainty maps) instead of
+            averaging their logits; needs members or tta="flip".
+        strip_bytes: the most bytes of float32 logits [P, C, rows, W] held per strip.
     """
 
     model: Any
@@ -93,10 +119,14 @@ class Predictor:
     tile_overlap: float = 0.25
     tta: str = "none"
     batch_size: int = 8
+    members: int | None = None
+    uncertainty: bool = False
+    strip_bytes: int = 32 << 20
 
     @classmethod
     def from_checkpoint(cls, loaded, runtime: Runtime | None = None, **kwargs) -> Predictor:
-        """From ``models.load_checkpoint(...)``'s result (one member)."""
+        """From ``models.load_checkpoint(...)``'s result: one member, or all (``member="all"``)."""
+        kwargs.setdefault("members", loaded.members)
         return cls(loaded.model, loaded.params, loaded.state, loaded.preprocess, runtime, **kwargs)
 
     def __post_init__(self):
@@ -108,6 +138,8 @@ class Predictor:
             raise ValueError(f"unknown tta {self.tta!r}; expected one of {', '.join(TTA_MODES)}")
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"tile overlap must be in [0, 1), got {self.tile_overlap}")
+        if self.uncertainty and self.members is None and self.tta != "flip":
+            raise ValueError(_UNCERTAINTY_NEEDS)
         stride = self.model.stride
         if self.tile is not None:
             if self.tile < stride:
@@ -123,72 +155,141 @@ class Predictor:
     def class_names(self) -> tuple[str, ...]:
         return self.preprocess.class_names
 
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def predictions_per_pixel(self) -> int:
+        """P: members (1 for one model) x views (2 with flip TTA kept apart for uncertainty, else 1)."""
+        return (self.members or 1) * (2 if self.uncertainty and self.tta == "flip" else 1)
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        """float [N, 3, h, w] -> logits [K, N, C, h, w] (K = 1 for one model)."""
+        if self.members is None:
+            return self.model.apply(self.params, self.state, x, train=False)[0][None]
+        return torch.func.vmap(lambda p, s: self.model.apply(p, s, x, train=False)[0])(self.params, self.state)
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float [N, 3, h, w] -> float32 logits [N, C, h, w] (flip TTA included)."""
+        """Normalised float [N, 3, h, w] -> float32 logits [P, N, C, h, w] (flip TTA included)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), self.runtime.autocast():
-            logits, _ = self.model.apply(self.params, self.state, x, train=False)
-            if self.tta == "flip":
-                flipped, _ = self.model.apply(self.params, self.state, x.flip(-1), train=False)
-                logits = (logits + flipped.flip(-1)) / 2
-        return logits.float()
+            if self.tta != "flip":
+                return self._apply(x).float()
+            views = flip_views(self._apply, x)  # [2K, ...]: the members on x, then on its mirror
+            if not self.uncertainty:
+                k = views.shape[0] // 2
+                views = (views[:k] + views[k:]) / 2
+        return views.float()
 
-    def _model_input(self, uint8_hwc: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-        batch = np.stack([uint8_hwc] if isinstance(uint8_hwc, np.ndarray) else list(uint8_hwc))  # a copy
+    def _model_input(self, uint8_hwc: Sequence[np.ndarray]) -> torch.Tensor:
+        batch = np.stack(list(uint8_hwc))  # a copy
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
         return dataclasses.replace(self.preprocess, channels_last=False).model_input(x)
 
-    def logits(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """uint8 [H_i, W_i, 3] each -> float32 logits [C, H_i, W_i] each, on the CPU."""
+    def _rows(self, width: int) -> int:
+        return strip_rows(self.strip_bytes, self.predictions_per_pixel * self.num_classes * width * 4)
+
+    def strips(self, images: Sequence[np.ndarray]) -> Iterator[Iterator[tuple[int, torch.Tensor]]]:
+        """Per image (uint8 [H_i, W_i, 3]), an iterator of (first row, logits float32 [P, C, r, W_i])
+        strips on the device, top to bottom. Consume each image's strips before asking for the next
+        image's: whole-image forward passes are batched, tiles run lazily."""
         if self.tile is not None:
-            return [self._tiled(image) for image in images]
+            for image in images:
+                yield self._tiled(image)
+            return
         size, policy = self.preprocess.size, self.preprocess.policy
-        out: list[torch.Tensor] = []
-        for first in range(0, len(images), self.batch_size):
-            chunk = images[first:first + self.batch_size]
+        for chunk in _chunks(images, self.batch_size):
             fitted = [_fit(image, size, policy) for image in chunk]
             logits = self._forward(self._model_input([f for f, _ in fitted]))
-            for image, (_, (x0, y0, w, h)), one in zip(chunk, fitted, logits):
-                one = one[:, y0:y0 + h, x0:x0 + w]
-                out.append(_resize_logits(one, image.shape[:2]).cpu())
-        return out
+            for i, (image, (_, (x0, y0, w, h))) in enumerate(zip(chunk, fitted)):
+                small = logits[:, i, :, y0:y0 + h, x0:x0 + w]
+                yield resized_strips(small, image.shape[:2], self._rows(image.shape[1]))
 
-    def _tiled(self, image: np.ndarray) -> torch.Tensor:
+    def _tiled(self, image: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
+        plan = tiling(image.shape[:2], self.tile, self.tile_overlap, self.model.stride)
+        (h, w), (full_h, full_w), (win_h, win_w) = plan.size, plan.canvas, plan.window
+
+        def windows(boxes: Sequence[tuple[int, int]]) -> torch.Tensor:
+            crops = [image[y:y + win_h, x:x + win_w] for y, x in boxes]
+            if full_h > h or full_w > w:  # a side shorter than one window: replicate its edge pixels
+                crops = [np.pad(c, ((0, win_h - c.shape[0]), (0, win_w - c.shape[1]), (0, 0)), mode="edge")
+                         for c in crops]
+            return self._forward(self._model_input(crops))
+
+        return blended_strips(windows, plan, batch_size=self.batch_size, rows=self._rows(full_w))
+
+    def predictions(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """uint8 [H_i, W_i, 3] each -> float32 logits [P, C, H_i, W_i] each, on the CPU. Holds every
+        full-size logit: for small images and tests; :func:`predict_files` streams instead."""
+        return [torch.cat([s.cpu() for _, s in strips], dim=-2) for strips in self.strips(images)]
+
+    def logits(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """uint8 [H_i, W_i, 3] each -> float32 logits [C, H_i, W_i] each, on the CPU (one prediction
+        per pixel; see :meth:`predictions` for several). For small images and tests."""
+        if self.predictions_per_pixel != 1:
+            raise ValueError(f"this predictor makes {self.predictions_per_pixel} predictions per pixel; "
+                             "use predictions()")
+        return [p[0] for p in self.predictions(images)]
+
+
+def mask_of(logits: torch.Tensor) -> torch.Tensor:
+    """Logits float [P, C, r, W] -> uint8 labels [r, W]: argmax of the logits (P = 1) or of the mean
+    softmax (P > 1); the first maximum wins ties."""
+    scores = logits[0] if logits.shape[0] == 1 else mean_probs(logits[:, None])[0]
+    return scores.max(0).indices.to(torch.uint8)  # max(0).indices: faster than argmax on the CPU
+
+
+# ----------------------------------------------------------------------------------------------
+# Full-size maps of one image, filled strip by strip
+
+
+def _new_rgb(width: int, height: int):
+    from PIL import Image
+
+    return Image.new("RGB", (width, height))
+
+
+def _rgb(pixels: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(pixels)
+
+
+class _Maps:
+    """The full-size outputs of one image, filled strip by strip: the uint8 mask, class counts and,
+    with ``uncertainty``, entropy and mutual-information units (uint16) and the heat-map overlay."""
+
+    def __init__(self, image: np.ndarray, num_classes: int, *, uncertainty: bool, mutual_info: bool, heat: bool):
         h, w = image.shape[:2]
-        stride = self.model.stride
-        win_h = min(self.tile, _round_up(h, stride))
-        win_w = min(self.tile, _round_up(w, stride))
-        x = self._model_input(image)
-        pad_h, pad_w = max(win_h - h, 0), max(win_w - w, 0)
-        if pad_h or pad_w:  # a side shorter than one window: replicate its edge pixels
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        full_h, full_w = h + pad_h, w + pad_w
-        step_h = max(stride, int(win_h * (1 - self.tile_overlap)))
-        step_w = max(stride, int(win_w * (1 - self.tile_overlap)))
-        boxes = [(y, x0) for y in _starts(full_h, win_h, step_h) for x0 in _starts(full_w, win_w, step_w)]
-        weight = (_window_1d(win_h)[:, None] * _window_1d(win_w)[None, :]).to(self.device)
-        total = torch.zeros(self.model.num_classes, full_h, full_w, device=self.device)
-        norm = torch.zeros(1, full_h, full_w, device=self.device)
-        for first in range(0, len(boxes), self.batch_size):
-            chunk = boxes[first:first + self.batch_size]
-            windows = torch.cat([x[:, :, y:y + win_h, x0:x0 + win_w] for y, x0 in chunk])
-            logits = self._forward(windows)
-            for (y, x0), one in zip(chunk, logits):
-                total[:, y:y + win_h, x0:x0 + win_w] += one * weight
-                norm[:, y:y + win_h, x0:x0 + win_w] += weight
-        return (total / norm)[:, :h, :w].cpu()
+        self.image, self.num_classes = image, num_classes
+        self.mask = np.empty((h, w), np.uint8)
+        self.counts = torch.zeros(num_classes, dtype=torch.int64)
+        self.entropy = np.empty((h, w), np.uint16) if uncertainty else None
+        self.mutual_info = np.empty((h, w), np.uint16) if uncertainty and mutual_info else None
+        self.heat = _new_rgb(w, h) if uncertainty and heat else None  # a PIL image, pasted into strip by strip
 
+    def add(self, row: int, logits: torch.Tensor) -> None:
+        """Rows ``row ..`` from logits float [P, C, r, W] (on any device)."""
+        rows = slice(row, row + logits.shape[-2])
+        mask = mask_of(logits)
+        self.counts += torch.bincount(mask.reshape(-1), minlength=self.num_classes).cpu()
+        self.mask[rows] = mask.cpu().numpy()
+        if self.entropy is None:
+            return
+        entropy, mutual_info = (m[0] for m in uncertainty_maps(logits[:, None]))
+        self.entropy[rows] = to_uint16(entropy).cpu().numpy()
+        if self.mutual_info is not None:
+            self.mutual_info[rows] = to_uint16(mutual_info).cpu().numpy()
+        if self.heat is not None:
+            pixels = torch.from_numpy(np.array(self.image[rows])).to(logits.device)  # a writable copy
+            colours = heatmap(entropy, vmax=math.log(self.num_classes))
+            self.heat.paste(_rgb(overlay(pixels, colours, alpha=0.5).cpu().numpy()), (0, row))
 
-def _round_up(n: int, k: int) -> int:
-    return -(-n // k) * k
-
-
-def _resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[C, h, w] -> [C, H, W] bilinearly (align_corners=False); unchanged when already that size."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        return tuple(float(c) / self.mask.size for c in self.counts.tolist())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,20 +299,31 @@ def _resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; a folder becomes its image files (by suffix), sorted, not recursive.
 
-    Duplicates (the same file named twice) are dropped. Missing paths are kept, so the run
+    Hidden files in a folder (names starting with "."; macOS writes ``._x.jpg`` AppleDouble
+    files beside copies on foreign disks) are not images and are left out, as the dataset readers
+    do. Duplicates (the same file named twice) are dropped. Missing paths are kept, so the run
     reports them as failures along with unreadable files.
     """
     out: list[Path] = []
     seen: set[Path] = set()
     for p in map(Path, paths):
-        found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) \
-            if p.is_dir() else [p]
+        found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                       and f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
         for f in found:
             key = f.resolve()
             if key not in seen:
                 seen.add(key)
                 out.append(f)
     return out
+
+
+def find_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """(images to predict, files skipped): :func:`expand_inputs` without the PNGs this library wrote
+    (``render.is_ours``: earlier outputs written into the input folder are not photos)."""
+    images, ours = [], []
+    for path in expand_inputs(paths):
+        (ours if path.suffix.lower() == ".png" and is_ours(path) else images).append(path)
+    return images, ours
 
 
 def output_names(paths: Sequence[Path]) -> list[Path]:
@@ -233,6 +345,17 @@ def output_names(paths: Sequence[Path]) -> list[Path]:
             for s, r in zip(stems, resolved)]
 
 
+def output_paths(out_dir: str | os.PathLike, name: str | os.PathLike, *, overlay: bool = True,
+                 uncertainty: bool = False, mutual_info: bool = False) -> dict[str, Path]:
+    """The files written for one input, by kind: mask, overlay, entropy, mutual_info, uncertainty
+    (see the module docstring). The suffixes end in distinct words, so no input's file can be
+    another input's (``x`` + ``_uncertainty`` is never ``y`` + ``_mask``)."""
+    kinds = ["mask"] + ["overlay"] * overlay
+    if uncertainty:
+        kinds += ["entropy"] + ["mutual_info"] * mutual_info + ["uncertainty"] * overlay
+    return {kind: Path(out_dir) / f"{name}_{kind}.png" for kind in kinds}
+
+
 @dataclass(frozen=True)
 class PredictResult:
     path: Path
@@ -241,6 +364,20 @@ class PredictResult:
     size: tuple[int, int] | None = None  # (H, W)
     fractions: tuple[float, ...] | None = None
     error: str | None = None
+    outputs: dict[str, Path] = field(default_factory=dict)  # every file written, by kind
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    """What :func:`predict_files` did: one result per image tried, and the inputs it skipped
+    because this library wrote them (marked PNGs)."""
+
+    results: list[PredictResult]
+    skipped: tuple[Path, ...] = ()
+
+    @property
+    def failed(self) -> int:
+        return sum(r.error is not None for r in self.results)
 
 
 def _read(path: Path) -> np.ndarray:
@@ -249,20 +386,89 @@ def _read(path: Path) -> np.ndarray:
     return read_rgb(path)
 
 
-def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-                  overlay: bool = True, on_result: Callable[[PredictResult], None] | None = None
-                  ) -> list[PredictResult]:
-    """Predict every image in ``inputs`` (files or folders) and write ``OUT/<name>_mask.png`` and
-    ``OUT/<name>_overlay.png`` for each (names from :func:`output_names`), atomically.
+def _refusal(path: Path, targets: dict[str, Path], claimed: set[Path]) -> str | None:
+    """Why ``path``'s outputs must not be written, or None: a file there that we did not write, or
+    one another input of this run writes."""
+    for target in targets.values():
+        if target in claimed:
+            return f"{path}: not written: {target} is also the output of another input in this run"
+        if os.path.lexists(target) and not is_ours(target):
+            return (f"{path}: not overwriting {target}: it exists and fseg did not write it (its PNGs carry "
+                    "the text chunk Software: functional_seg); move it or choose another --out")
+    return None
 
-    An image that cannot be read gives a result with ``error`` set and the rest go on. Images
-    are decoded and predicted ``predictor.batch_size`` at a time.
-    """
+
+def _decoded(items: Iterable[tuple[Path, dict[str, Path]]], batch_size: int, max_pixels: int,
+             report: Callable[[PredictResult], None]) -> Iterator[list[tuple[Path, dict[str, Path], np.ndarray]]]:
+    """Batches of decoded images: up to ``batch_size`` images or ``max_pixels`` pixels (a big image
+    forms a batch alone), so a folder of 48 MP photos never holds more than about one of them.
+    Outputs that must not be written and unreadable files are reported and skipped, in order."""
     from .data import DataError
 
-    paths = expand_inputs(inputs)
-    names = output_names(paths)
-    out_dir = Path(out_dir)
+    batch, pixels, claimed = [], 0, set()
+    for path, targets in items:
+        problem = _refusal(path, targets, claimed)
+        if problem is None:
+            try:
+                image = _read(path)
+            except (DataError, OSError) as err:
+                problem = " ".join(str(err).split()) or type(err).__name__
+        if problem is not None:
+            report(PredictResult(path=path, error=problem))
+            continue
+        claimed.update(targets.values())
+        batch.append((path, targets, image))
+        pixels += image.shape[0] * image.shape[1]
+        del image  # held by the batch alone, freed with it
+        if len(batch) >= batch_size or pixels >= max_pixels:
+            yield batch
+            batch, pixels = [], 0
+    if batch:
+        yield batch
+
+
+def _write(path: Path, image: np.ndarray, maps: _Maps, targets: dict[str, Path], class_names: Sequence[str]
+           ) -> PredictResult:
+    fractions = maps.fractions
+    write_atomic(targets["mask"], png_bytes(mask_image(maps.mask, len(class_names))))
+    if "overlay" in targets:
+        write_atomic(targets["overlay"], png_bytes(overlay_image(image, maps.mask, class_names, fractions)))
+    if "entropy" in targets:
+        write_uint16_png(targets["entropy"], torch.from_numpy(maps.entropy))
+    if "mutual_info" in targets:
+        write_uint16_png(targets["mutual_info"], torch.from_numpy(maps.mutual_info))
+    if "uncertainty" in targets:
+        write_atomic(targets["uncertainty"], png_bytes(maps.heat))
+    return PredictResult(path=path, mask_path=targets["mask"], overlay_path=targets.get("overlay"),
+                         size=maps.mask.shape, fractions=fractions, outputs=dict(targets))
+
+
+def _predict_batch(predictor: Predictor, batch, report: Callable[[PredictResult], None]) -> None:
+    uncertainty, mutual_info = predictor.uncertainty, predictor.members is not None
+    for (path, targets, image), strips in zip(batch, predictor.strips([b[2] for b in batch])):
+        maps = _Maps(image, predictor.num_classes, uncertainty=uncertainty, mutual_info=mutual_info,
+                     heat="uncertainty" in targets)
+        for row, logits in strips:
+            maps.add(row, logits)
+        report(_write(path, image, maps, targets, predictor.class_names))
+        del maps  # before the next image's maps are made
+
+
+def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+                  overlay: bool = True, on_result: Callable[[PredictResult], None] | None = None,
+                  max_batch_pixels: int = MAX_BATCH_PIXELS) -> PredictReport:
+    """Predict every image in ``inputs`` (files or folders) and write its files under ``out_dir``
+    (names from :func:`output_names`, files from :func:`output_paths`; uncertainty maps when
+    ``predictor.uncertainty``), atomically, each image's in bounded memory.
+
+    An image that cannot be read, or whose output path holds a file this library did not write,
+    gives a result with ``error`` set, and the rest go on. PNGs this library wrote are not inputs
+    (``PredictReport.skipped``).
+    """
+    paths, skipped = find_inputs(inputs)
+    uncertainty, mutual_info = predictor.uncertainty, predictor.members is not None
+    items = [(path, output_paths(out_dir, name, overlay=overlay, uncertainty=uncertainty, mutual_info=mutual_info))
+             for path, name in zip(paths, output_names(paths))]
     results: list[PredictResult] = []
 
     def report(result: PredictResult) -> None:
@@ -270,29 +476,10 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
         if on_result is not None:
             on_result(result)
 
-    for first in range(0, len(paths), predictor.batch_size):
-        batch: list[tuple[Path, Path, np.ndarray]] = []
-        for path, name in zip(paths[first:first + predictor.batch_size], names[first:first + predictor.batch_size]):
-            try:
-                batch.append((path, name, _read(path)))
-            except (DataError, OSError) as err:
-                report(PredictResult(path=path, error=" ".join(str(err).split()) or type(err).__name__))
-        if not batch:
-            continue
-        for (path, name, image), logits in zip(batch, predictor.logits([b[2] for b in batch])):
-            mask = logits.max(0).indices.to(torch.uint8).numpy()  # argmax (first maximum), faster on CPU
-            counts = np.bincount(mask.reshape(-1), minlength=predictor.model.num_classes)
-            fractions = tuple(float(c) / mask.size for c in counts)
-            mask_path = out_dir / f"{name}_mask.png"
-            write_atomic(mask_path, png_bytes(mask_image(mask, predictor.model.num_classes)))
-            overlay_path = None
-            if overlay:
-                overlay_path = out_dir / f"{name}_overlay.png"
-                img = overlay_image(image, mask, predictor.class_names, fractions)
-                write_atomic(overlay_path, png_bytes(img))
-            report(PredictResult(path=path, mask_path=mask_path, overlay_path=overlay_path, size=mask.shape,
-                                 fractions=fractions))
-    return results
+    for batch in _decoded(items, predictor.batch_size, max_batch_pixels, report):
+        _predict_batch(predictor, batch, report)
+        del batch  # before the next batch is decoded
+    return PredictReport(results, tuple(skipped))
 
 
 def format_result(result: PredictResult, class_names: Sequence[str]) -> str:

@@ -18,7 +18,6 @@ is a pure tensor function (vmap- and compile-safe) except the PNG writer.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Callable
@@ -150,15 +149,16 @@ def from_uint16(units: Tensor) -> Tensor:
 
 
 def write_uint16_png(path: str | os.PathLike, units: Tensor) -> Path:
-    """Write one map of :func:`to_uint16` units, uint16 [H, W], as a 16-bit greyscale PNG, atomically."""
+    """Write one map of :func:`to_uint16` units, uint16 [H, W], as a 16-bit greyscale PNG, atomically,
+    with the library's PNG mark (``render.MARK``)."""
     from PIL import Image
+
+    from .render import png_bytes
 
     if not isinstance(units, Tensor) or units.ndim != 2 or units.dtype != torch.uint16:
         got = f"dtype={units.dtype}, shape={list(units.shape)}" if isinstance(units, Tensor) else type(units)
         raise ValueError(f"units must be a torch.uint16 tensor [H, W] from to_uint16; got {got}")
-    buffer = io.BytesIO()
-    Image.fromarray(units.cpu().numpy()).save(buffer, format="PNG")
-    return write_atomic(path, buffer.getvalue())
+    return write_atomic(path, png_bytes(Image.fromarray(units.cpu().numpy())))  # marked as ours (render.MARK)
 
 
 def heatmap(values: Tensor, *, vmax: float, vmin: float = 0.0) -> Tensor:

@@ -211,3 +211,10 @@ def test_pretrained_step_times_both_rows_and_measures_a_row(in_repo):
     assert results["a_eager"]["time_x_ref"] == pytest.approx(results["a_eager"]["median_s"] / results["b"]["median_s"])
     row = bench.child(bench.parse_args([*argv, "--child", "a_eager"]))  # in this process: the heap may not grow
     assert row["peak_above_baseline_mb"] >= 0 and 0 < row["loss"] < 10
+
+
+def test_predict_memory_measures_a_row_in_its_own_process(in_repo):
+    argv = ["--quick", "--image", "160x120", "--rows", "after", "--cases", "0", "--size", "32", "--out", str(in_repo)]
+    assert _bench("bench_predict_memory").main(argv) == 0
+    (row,) = _results(in_repo, "bench_predict_memory")["results"].values()
+    assert row["peak_above_baseline_mb"] > 0 and row["seconds"] > 0 and row["version"] == "after", row

@@ -22,6 +22,7 @@ from functional_seg.data.preprocess import Preprocess
 from functional_seg.models import load_checkpoint
 from functional_seg.models.saved import preprocess_of
 from functional_seg.predict import Predictor, output_names
+from functional_seg.render import is_ours
 from functional_seg.runtime import resolve_runtime
 
 S = 32
@@ -216,3 +217,57 @@ def test_cli_options_reach_the_predictor(ck, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(ck), str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
                  "--device", "cpu"]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_input_folder_skips_our_outputs_and_never_touches_the_users(ck, tmp_path, capsys):
+    folder = tmp_path / "pets"
+    folder.mkdir()
+    Image.fromarray(_image(36, 44, 0)).save(folder / "x.jpg")
+    Image.fromarray(_image(30, 40, 1)).save(folder / "y.jpg")
+    Image.fromarray(np.full((36, 44), 1, np.uint8), mode="L").save(folder / "x_mask.png")  # the user's own mask
+    users = (folder / "x_mask.png").read_bytes()
+    argv = ["predict", "--checkpoint", str(ck), str(folder), "--out", str(folder), "--device", "cpu"]
+    assert main(argv) == 2
+    first = capsys.readouterr()
+    refused = [line for line in first.err.splitlines() if "x_mask.png" in line and "not overwriting" in line]
+    assert len(refused) == 1 and str(folder / "x.jpg") in refused[0]
+    assert (folder / "x_mask.png").read_bytes() == users
+    ours = {"y_mask.png", "y_overlay.png", "x_mask_mask.png", "x_mask_overlay.png"}  # the user's PNG is an image
+    assert ours <= {p.name for p in folder.iterdir()} and all(is_ours(folder / name) for name in ours)
+    assert main(argv) == 2
+    second = capsys.readouterr()
+    assert f"fseg: skipped {len(ours)} PNG file(s) that fseg wrote" in second.err
+    assert [line.split(" -> ")[0] for line in second.out.splitlines()] == [str(folder / "x_mask.png"),
+                                                                          str(folder / "y.jpg")]
+    assert (folder / "x_mask.png").read_bytes() == users and not is_ours(folder / "x_mask.png")
+    assert second.err.splitlines()[-1] == f"fseg: error: 1 of 3 images failed; the other 2 were written to {folder}"
+
+
+def test_hidden_files_in_a_folder_are_not_images(ck, tmp_path, capsys):
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    Image.fromarray(_image(30, 30, 2)).save(folder / "x.jpg")
+    (folder / "._x.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")  # AppleDouble
+    Image.fromarray(_image(30, 30, 3)).save(folder / ".hidden.png")  # readable, but hidden all the same
+    assert main(["predict", "--checkpoint", str(ck), str(folder), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--no-overlay"]) == 0
+    assert [line.split(" -> ")[0] for line in capsys.readouterr().out.splitlines()] == [str(folder / "x.jpg")]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x_mask.png"]
+
+
+def test_only_our_pngs_carry_the_mark(ck, tmp_path):
+    assert main(["predict", "--checkpoint", str(ck), str(_save(tmp_path / "a.png", _image(20, 20))), "--out",
+                 str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert is_ours(tmp_path / "out" / "a_mask.png") and is_ours(tmp_path / "out" / "a_overlay.png")
+    with Image.open(tmp_path / "out" / "a_mask.png") as im:
+        assert im.info["Software"] == "functional_seg"
+    Image.fromarray(_image(20, 20)).save(tmp_path / "b.jpg")
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    for other in ("a.png", "b.jpg", "c.png", "missing.png"):
+        assert not is_ours(tmp_path / other)
+    assert not is_ours(tmp_path)  # a folder
+
+
+def _save(path, image: np.ndarray):
+    Image.fromarray(image).save(path)
+    return path

@@ -2,7 +2,8 @@
 
 ``TINY`` holds a cfg per registry model that runs (and exports) in a few seconds on a CPU;
 ``make_checkpoint`` writes a freshly initialised one through the narrowest API
-(``init_train_state`` + ``checkpoint.save`` with the model's metadata); ``bn_free_model`` is a
+(``init_train_state`` + ``checkpoint.save`` with the model's metadata), ``make_ensemble_checkpoint``
+K of them stacked as an ensemble; ``bn_free_model`` is a
 two-conv model without batch norm, for laws that hold exactly only without it (accumulation,
 data parallelism).
 """
@@ -21,7 +22,7 @@ from functional_seg.data.preprocess import Preprocess
 from functional_seg.models import create_model
 from functional_seg.models.base import Model
 from functional_seg.models.saved import model_metadata
-from functional_seg.train import init_train_state, make_optimizer
+from functional_seg.train import init_ensemble, init_train_state, make_optimizer
 
 OXFORD_NAMES = ("pet", "background", "border")
 
@@ -55,6 +56,28 @@ def make_checkpoint(path, name: str, *, size: int = SIZE, policy: str = "resize"
     meta = {**model_metadata(model), "args": {"size": size}, "ensemble": 0}
     if preprocess:
         meta["preprocess"] = pre.to_dict()
+    checkpoint.save(path, ts, meta)
+    return model, ts.params, ts.state, pre
+
+
+def make_ensemble_checkpoint(path, name: str, members: int, *, size: int = SIZE, seed: int = 0, selection=None,
+                             class_names=OXFORD_NAMES, **cfg):
+    """Write a checkpoint of ``members`` freshly initialised ``name`` models stacked as an ensemble
+    (``init_ensemble`` + ``checkpoint.save``, meta ``ensemble`` = K, as ``fit`` writes one).
+
+    Each member gets its own init and perturbed batch-norm statistics. Returns ``(model, params,
+    state, preprocess)`` with every leaf of params and state stacked [K, ...].
+    """
+    model = create_model(name, **(cfg or TINY[name]))
+    ts = init_ensemble(model, make_optimizer(), jr.key(seed), members)
+    gen = torch.Generator().manual_seed(seed)
+    stats = tree_map(lambda t: t + 0.5 * torch.rand(t.shape, generator=gen) if t.is_floating_point() else t,
+                     ts.state)
+    ts = ts._replace(state=stats)
+    pre = Preprocess(size=size, class_names=tuple(class_names))
+    meta = {**model_metadata(model), "args": {"size": size}, "ensemble": members, "preprocess": pre.to_dict()}
+    if selection is not None:
+        meta["selection"] = selection
     checkpoint.save(path, ts, meta)
     return model, ts.params, ts.state, pre
 
