@@ -1,10 +1,11 @@
 """One sample, whatever the layout: decode the image and its mask, check them, map the mask's
-values to labels, and resize both to a square. Every reader (Oxford-IIIT Pet, generic, VOC) sends
+values to labels, and resize both to the prepared size. Every reader (Oxford-IIIT Pet, generic, VOC) sends
 its samples through ``load_sample``, so all of them fail the same way on the same bad file.
 
-A task is a plain picklable ``SampleTask``; the result is uint8 numpy arrays, image ``[3, S, S]``
-(RGB) and mask ``[S, S]`` (labels 0..C-1, ``IGNORE_INDEX`` for ignored and padded pixels), or the
-one-line error naming the file. Only PIL and numpy run here, so pool workers never touch torch.
+A task is a plain picklable ``SampleTask``; the result is uint8 numpy arrays, image ``[3, H, W]``
+(RGB) and mask ``[H, W]`` (labels 0..C-1, ``IGNORE_INDEX`` for ignored and padded pixels), or the
+one-line error naming the file; a size S means H = W = S. Only PIL and numpy run here, so pool
+workers never touch torch.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class SampleTask(NamedTuple):
     name: str
     image: str
     mask: str
-    size: int
+    size: int | tuple[int, int]  # S, or (H, W)
     policy: str
     labels: LabelMap
     mask_what: str = "mask"
@@ -42,28 +43,32 @@ class SampleResult:
 
     index: int
     name: str
-    image: np.ndarray | None = None  # uint8 [3, S, S]
-    mask: np.ndarray | None = None  # uint8 [S, S]
+    image: np.ndarray | None = None  # uint8 [3, H, W]
+    mask: np.ndarray | None = None  # uint8 [H, W]
     error: str | None = None
 
 
-def resize_pair(img: Image.Image, lab: Image.Image, size: int, policy: str) -> tuple[Image.Image, Image.Image]:
-    """Square ``size``: stretch ("resize") or fit the long side and centre-pad ("pad").
+def resize_pair(
+    img: Image.Image, lab: Image.Image, size: int | tuple[int, int], policy: str
+) -> tuple[Image.Image, Image.Image]:
+    """To ``size`` (S for S x S, or (H, W)): stretch ("resize") or fit inside and centre-pad ("pad").
 
     The image is resized bilinearly (PIL antialiases when shrinking), the labels nearest; "pad"
-    puts both on a canvas that is black in the image and ``IGNORE_INDEX`` in the labels.
+    scales by the smaller of H / h and W / w, keeping the aspect ratio, and puts both on a canvas
+    that is black in the image and ``IGNORE_INDEX`` in the labels.
     """
+    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if policy == "resize":
         return (
-            img.resize((size, size), Image.Resampling.BILINEAR),
-            lab.resize((size, size), Image.Resampling.NEAREST),
+            img.resize((out_w, out_h), Image.Resampling.BILINEAR),
+            lab.resize((out_w, out_h), Image.Resampling.NEAREST),
         )
     w, h = img.size
-    scale = size / max(w, h)
-    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
-    img_c = Image.new("RGB", (size, size), (0, 0, 0))
-    lab_c = Image.new("L", (size, size), IGNORE_INDEX)
-    x0, y0 = (size - nw) // 2, (size - nh) // 2
+    scale = min(out_w / w, out_h / h)
+    nw, nh = max(1, min(out_w, round(w * scale))), max(1, min(out_h, round(h * scale)))
+    img_c = Image.new("RGB", (out_w, out_h), (0, 0, 0))
+    lab_c = Image.new("L", (out_w, out_h), IGNORE_INDEX)
+    x0, y0 = (out_w - nw) // 2, (out_h - nh) // 2
     img_c.paste(img.resize((nw, nh), Image.Resampling.BILINEAR), (x0, y0))
     lab_c.paste(lab.resize((nw, nh), Image.Resampling.NEAREST), (x0, y0))
     return img_c, lab_c
@@ -73,7 +78,7 @@ def load_sample(task: SampleTask) -> SampleResult:
     """Decode, check and resize one sample; never raises (errors come back as messages).
 
     Returns:
-        SampleResult with uint8 image [3, S, S] and mask [S, S] (labels, ``IGNORE_INDEX`` where
+        SampleResult with uint8 image [3, H, W] and mask [H, W] (labels, ``IGNORE_INDEX`` where
         ignored or padded), or ``error``: a one-line message naming the bad file.
     """
     task = SampleTask(*task)
