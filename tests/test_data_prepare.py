@@ -157,7 +157,7 @@ def test_cache_is_reused_without_decoding(synthetic, tmp_path, monkeypatch):
     first = prepare(synthetic, "test", 16, cache_dir=tmp_path, workers=1)
     assert first.cache_path is not None and first.cache_path.parent == tmp_path
     assert first.cache_path.name.startswith("oxford_pets-test-16-resize-")
-    files = sorted(first.cache_path.iterdir())
+    files = sorted(p for p in first.cache_path.iterdir() if not p.name.startswith("."))  # not the .lock
     mtimes = [p.stat().st_mtime_ns for p in files]
 
     def no_decoding(task):
@@ -166,7 +166,8 @@ def test_cache_is_reused_without_decoding(synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_module, "load_sample", no_decoding)
     again = prepare(synthetic, "test", 16, cache_dir=tmp_path, workers=1)
     assert again.cache_path == first.cache_path
-    assert sorted(again.cache_path.iterdir()) == files and [p.stat().st_mtime_ns for p in files] == mtimes
+    assert sorted(p for p in again.cache_path.iterdir() if p.name != ".lock") == files
+    assert [p.stat().st_mtime_ns for p in files] == mtimes
     assert torch.equal(again.images, first.images) and torch.equal(again.masks, first.masks)
     assert again.names == first.names
     assert not list(tmp_path.rglob("*.tmp"))  # the atomic writes left no temporary behind

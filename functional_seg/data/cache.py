@@ -41,6 +41,7 @@ which every safetensors reader opens and ``mmap`` maps with no copy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -103,6 +104,26 @@ def cache_path(cache_dir: Path, split: str, size: int | tuple[int, int], policy:
 
 def _shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
+
+
+@contextlib.contextmanager
+def _building(directory: Path):
+    """Hold the cache folder's ``.lock`` (``flock``) while building or repairing it, so the ranks of
+    a data-parallel job that all call ``prepare`` build it once: the others wait, then read it. The
+    kernel drops the lock of a killed process. Without ``fcntl`` or a writable folder: no lock."""
+    try:
+        import fcntl
+
+        directory.mkdir(parents=True, exist_ok=True)
+        f = open(directory / ".lock", "a+b")  # noqa: SIM115 (closed below)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 _SHOWN = 5  # bad files named in a summary; the rest are counted
@@ -206,6 +227,14 @@ class _Job:
     def rebuild(self, path: Path, a: int, b: int, sha256: str) -> bool:
         """Decode source samples [a, b) again and rewrite ``path`` if the source is unchanged and the
         result hashes to ``sha256`` (decoding is deterministic); whether that worked."""
+        with _building(path.parent):
+            try:
+                open_shard(path, mapped=False, expect=sha256)
+                return True  # another process repaired it while this one waited
+            except ShardError:
+                return self._rebuild(path, a, b, sha256)
+
+    def _rebuild(self, path: Path, a: int, b: int, sha256: str) -> bool:
         for i in range(a, b):
             if [_stat(self.src.images[i]), _stat(self.src.masks[i])] != self.key["files"][i][2:]:
                 return False
@@ -282,7 +311,7 @@ def _build(job: _Job, directory: Path, workers: int, progress: bool | None) -> t
     tasks = [job.task(i) for k in todo for i in range(*ranges[k]) if job.missing(i) is None]
     sample_bytes = 4 * job.hw[0] * job.hw[1]
     n_workers = max(1, min(workers, len(tasks)))
-    chunk = max(1, min(32, _IN_FLIGHT_BYTES // (2 * n_workers * sample_bytes)))
+    chunk = max(1, min(32, len(tasks) // (4 * n_workers), _IN_FLIGHT_BYTES // (2 * n_workers * sample_bytes)))
     results = parallel_map(load_sample, tasks, n_workers, chunksize=chunk, in_flight=2 * n_workers)
     sink = _Sink(directory)
     buffers = job.buffers(job.shard_samples)
@@ -315,8 +344,9 @@ def _index(job: _Job, metas: list[dict]) -> dict:
             "params": {k: v for k, v in job.key.items() if k not in ("files", "classes")}}
 
 
-def _read_index(directory: Path, job_key: dict, hw: tuple[int, int]) -> dict | None:
-    """The cache's index if it is whole and every shard it names is there with the size it implies."""
+def _read_index(directory: Path, job_key: dict, hw: tuple[int, int], quiet: bool = False) -> dict | None:
+    """The cache's index if it is whole, for these arguments, and every shard it names is there
+    (a damaged one warns, unless ``quiet``: the caller already said so)."""
     path = directory / INDEX
     if not path.is_file():
         return None
@@ -336,7 +366,9 @@ def _read_index(directory: Path, job_key: dict, hw: tuple[int, int]) -> dict | N
             raise ValueError(f"{len(index['names'])} names for {rows} rows")
         return index
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        warnings.warn(f"prepare: ignoring unreadable cache {path} ({e}); rebuilding", RuntimeWarning, stacklevel=3)
+        if not quiet:
+            warnings.warn(f"prepare: ignoring unreadable cache {path} ({e}); rebuilding", RuntimeWarning,
+                          stacklevel=3)
         return None
 
 
@@ -425,14 +457,15 @@ def prepare(
     n_workers = max(1, workers if workers is not None else cpu_count())
     index = _read_index(directory, key, hw)
     sink = None
-    if index is not None:
-        labels = src.labels or LabelMap.indices(tuple(index["class_names"]))
-        job = _Job(src, key, labels, hw, policy)
-        where = f" (from cache {directory.name})"
-    else:
-        job = _Job(src, key, src.labels or _infer_labels(src, n_workers), hw, policy)
-        index, sink = _build(job, directory, n_workers, progress)
-        where = ""
+    if index is None:
+        with _building(directory):
+            index = _read_index(directory, key, hw, quiet=True)  # another process may have built it meanwhile
+            if index is None:
+                job = _Job(src, key, src.labels or _infer_labels(src, n_workers), hw, policy)
+                index, sink = _build(job, directory, n_workers, progress)
+    if sink is None:
+        job = _Job(src, key, src.labels or LabelMap.indices(tuple(index["class_names"])), hw, policy)
+    where = "" if sink is not None else f" (from cache {directory.name})"
     _report(index, len(src.names), split, strict, where)
     if not index["names"]:
         raise DataError(f"{src.root}: none of the {len(src.names)} samples of split {split!r} could be loaded")

@@ -143,6 +143,10 @@ def parallel_map(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int, *
         clean = True
         yield from map(fn, tasks[done:])
     finally:
-        # Stopped early (an exception, SIGTERM, the consumer closing the generator): cancel what is
-        # queued and do not wait for the chunks being decoded; the workers exit when they finish.
+        if not clean:
+            # Stopped early (an exception, SIGTERM, the consumer closing the generator): nobody
+            # wants the chunks being decoded, so the workers are stopped rather than waited for.
+            for process in list((getattr(ex, "_processes", None) or {}).values()):
+                with contextlib.suppress(OSError, AttributeError):
+                    process.terminate()
         ex.shutdown(wait=clean, cancel_futures=True)
