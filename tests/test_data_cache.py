@@ -351,3 +351,16 @@ def test_non_square_sizes_resize_pad_and_load(pets, tmp_path):
         assert rows == 12 or cols == 20  # fits inside, touching two sides
         assert rows <= 12 and cols <= 20 and abs(cols / rows - w / h) < 0.15 * max(w / h, 1)
         assert (padded.images[i][:, ~valid] == 0).all()
+
+
+def test_preprocess_size_takes_h_w_and_records_squares_as_before():
+    wide = Preprocess(size=(512, 1024), policy="pad")
+    assert wide.hw == (512, 1024) and wide.to_dict()["size"] == [512, 1024]
+    assert Preprocess.from_dict(wide.to_dict()) == wide  # through JSON metadata and back
+    square = Preprocess(size=(64, 64))
+    assert square.size == 64 and square.to_dict()["size"] == 64 and square == Preprocess(size=64)
+    assert Preprocess.from_dict({"size": 48}).hw == (48, 48)  # a checkpoint written before (H, W)
+    assert Preprocess().hw is None
+    for bad in (0, (0, 4), (4,), (4, 4, 4), True, (2.5, 4), "64"):
+        with pytest.raises(ValueError, match="preprocess size must be a positive integer S or a pair"):
+            Preprocess(size=bad)

@@ -17,6 +17,11 @@ rebuilt from the source when the store knows how (``prepare`` gives each shard's
 the rebuilt tensors hash to the recorded digest; otherwise it is refused with one line naming
 the shard file.
 
+Reads: a mapped shard is advised ``MADV_RANDOM`` (no read-around: on a disk whose read-ahead is
+8 MiB, each 64 KiB sample would otherwise pull 128 times its size into the page cache, and a
+memory-limited process thrashes), and each gather first asks for exactly its rows' bytes
+(``MADV_WILLNEED``), so a cold batch is one burst of reads the disk serves together.
+
 Resident pages: reading a mapped shard counts its pages in this process's RSS (shared, and
 reclaimable, but ``top`` shows them). After every ``RELEASE_BYTES`` gathered, the store drops
 its mapped pages (``madvise(MADV_DONTNEED)``; the page cache keeps the data, so the next read
@@ -60,6 +65,9 @@ class MemorySegment:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return self.images, self.masks
+
+    def willneed(self, rows) -> None:
+        pass
 
     def release(self) -> None:
         pass
@@ -105,6 +113,10 @@ class ShardSegment:
                              f"{self.count}")
         return shard
 
+    def willneed(self, rows) -> None:
+        self.arrays()  # opened (and checked) first
+        self._shard.willneed(rows)
+
     def release(self) -> None:
         if self._shard is not None:
             self._shard.release()
@@ -145,6 +157,7 @@ class Store:
         ``masks`` (uint8 [B, H, W]); either buffer may be None to skip it."""
         if len(self.segments) == 1:  # one call per buffer
             src_images, src_masks = self.segments[0].arrays()
+            self.segments[0].willneed(rows.tolist())
             if images is not None:
                 np.take(src_images, rows, axis=0, out=images)
             if masks is not None:
@@ -152,6 +165,9 @@ class Store:
         else:
             seg = np.searchsorted(self.starts, rows, side="right") - 1
             local = rows - self.starts[seg]
+            if self.mapped:  # every read of the batch requested before the first copy waits on one
+                for s in np.unique(seg).tolist():
+                    self.segments[s].willneed(local[seg == s].tolist())
             for j, (s, i) in enumerate(zip(seg.tolist(), local.tolist())):
                 src_images, src_masks = self.segments[s].arrays()
                 if images is not None:
