@@ -9,8 +9,9 @@ at 128 px: 2,000 generated images, and 8,000 and 32,000 samples made of them har
 new names (every sample is decoded and stored: the bytes and the work are real, the content
 repeats); plus 2,000 samples of 500 scenes at 480-640 px prepared at 512 px. Sections:
 
-1. prepare, each in a fresh process (all cores): peak RSS (VmHWM) of the process and of its
-   largest decoding worker, and time.
+1. prepare, each in a fresh process (all cores), opening the result mapped (a split held in
+   memory would add its own size): peak RSS (VmHWM) of the process and of its largest decoding
+   worker, and time.
 2. one epoch of reads (``Loader``, batch 64, shuffled, mapped shards, prefetch 2), each in a fresh
    process: peak RSS, peak anonymous RSS (sampled every 10 ms) and images/s.
 3. read throughput on the 8,000-sample split, each loader in a fresh process: the in-memory
@@ -20,8 +21,8 @@ repeats); plus 2,000 samples of 500 scenes at 480-640 px prepared at 512 px. Sec
    epoch) and into a train step (the library's eager step on SegNet widths 8,16, flip
    augmentation, batch 64; 12 batches after a warm-up step).
 4. two processes reading the same split at once: RSS and PSS (``/proc/PID/smaps_rollup``) of
-   each, after both read every sample, mapped vs in memory (release of mapped pages off, so RSS
-   shows every page each touched).
+   each, after both read every sample, mapped vs in memory (mapped pages kept after each gather,
+   ``store.RELEASE_AFTER_GATHER = False``, so RSS shows every page each touched).
 5. a split larger than the memory the process may use: 64,000 samples at 128 px (4.2 GB), their
    pages evicted from the page cache first (a cached page stays charged to whoever read it
    first), read by a process in a child memory cgroup limited to ``--cgroup-mb`` (v2
@@ -106,7 +107,7 @@ def _child_prepare(a) -> dict:
 
     base = _status()
     t0 = time.perf_counter()
-    data = prepare(a.root, "train", a.size, cache_dir=a.cache, progress=False)
+    data = prepare(a.root, "train", a.size, cache_dir=a.cache, progress=False, in_memory=False)
     seconds = time.perf_counter() - t0
     worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"n": len(data), "seconds": seconds, "images_per_s": len(data) / seconds, "base_rss_mb": base["VmRSS"],
@@ -147,9 +148,9 @@ def _batches(a, data, key):
     from functional_seg.data import Loader
 
     if a.loader == "tensors":  # the Loader before shards: whole-split tensors, index_select per batch
-        images, masks = data.images, data.masks
-        order = jr.permutation(key, len(data))
-        for i in range(len(data) // a.batch_size):
+        images, masks = data  # (images, masks), made before the timing starts
+        order = jr.permutation(key, len(images))
+        for i in range(len(images) // a.batch_size):
             idx = order[i * a.batch_size:(i + 1) * a.batch_size]
             yield images.index_select(0, idx), masks.index_select(0, idx).to(torch.int64)
         return
@@ -164,7 +165,7 @@ def _child_read(a) -> dict:
     from functional_seg.data import prepare
 
     if a.no_release:
-        store.RELEASE_BYTES = 1 << 62
+        store.RELEASE_AFTER_GATHER = False
     step = _step_fn(a.size) if a.step else None
     if step is not None:  # the first steps allocate; time the ones after
         import torch
@@ -176,10 +177,11 @@ def _child_read(a) -> dict:
     data = prepare(a.root, "train", a.size, cache_dir=a.cache, in_memory=in_memory, progress=False)
     if a.cold:
         _evict(data.cache_path)
+    source = (data.images, data.masks) if a.loader == "tensors" else data
     sampler = _Sampler()
     t0 = time.perf_counter()
     n = 0
-    for i, (images, masks) in enumerate(_batches(a, data, jr.key(0))):
+    for i, (images, masks) in enumerate(_batches(a, source, jr.key(0))):
         if step is not None:
             if i == a.step_batches:
                 break
@@ -518,8 +520,9 @@ def main(argv=None) -> int:
     notes = [f"children: {args.threads} torch threads each; prepare uses all {os.cpu_count()} cores",
              "datasets: generic synthetic scenes, 5 classes; bigger splits are hard links to the generated ones "
              "under new names (decoded and stored like any sample)",
-             "RSS of a mapped reader counts the shard pages it touched until the store drops them "
-             "(every 128 MiB gathered); they stay in the page cache, shared by every process"]
+             "a mapped reader drops its mappings of the shards each gather touched (the pages stay in the "
+             "page cache, shared by every process), except in section 4",
+             "a 2-core machine shared with other jobs (load 4-7): times vary by +-20% between runs"]
     md = C.md_header(f"{EXPERIMENT}: the sharded cache as the split grows", prov, notes=notes)
     md += "\n" + "\n".join(_tables(args, results)) + "\n"
     stem = f"{EXPERIMENT}_{C.device_kind(torch.device('cpu'), args.quick)}"

@@ -286,16 +286,17 @@ def _mapped_rss_kb(folder: Path) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-def test_mapped_pages_leave_the_rss_after_release(pets, tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "RELEASE_BYTES", 1 << 40)
+def test_mapped_pages_leave_the_rss_after_each_gather(pets, tmp_path, monkeypatch):
     data = _prepare(pets, tmp_path, in_memory=False)
     data.gather(range(N))
+    assert _mapped_rss_kb(data.cache_path) == 0  # copied out, then the mappings were dropped
+    monkeypatch.setattr(store_module, "RELEASE_AFTER_GATHER", False)
+    images, _ = data.gather(range(N))
     assert _mapped_rss_kb(data.cache_path) > 0
     data._store.release()
     assert _mapped_rss_kb(data.cache_path) == 0
-    monkeypatch.setattr(store_module, "RELEASE_BYTES", 1)  # every gather releases
-    data.gather(range(N))
-    assert _mapped_rss_kb(data.cache_path) == 0
+    monkeypatch.setattr(store_module, "RELEASE_AFTER_GATHER", True)
+    assert torch.equal(data.gather(range(N))[0], images)  # the page cache still had every byte
 
 
 def test_strict_failure_then_skip_bad_decodes_nothing_again(pets, tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ from .pool import cpu_count, parallel_map
 from .prepared import PreparedData
 from .progress import Progress
 from .sample import SampleTask, load_sample, mask_max_label
-from .shards import ShardError, encode_meta, open_shard, tensor_digest, write_shard
+from .shards import ShardError, encode_meta, open_shard, read_header, tensor_digest, write_shard
 from .source import Source
 from .store import MemorySegment, ShardSegment, Store, keep_in_memory
 
@@ -263,14 +263,14 @@ def _kept_shard(path: Path, job: _Job, a: int, b: int) -> dict | None:
     if not path.is_file():
         return None
     try:
-        shard = open_shard(path, mapped=True)
-        meta = shard.header.meta
-        ok = (shard.header.hw == job.hw and json.loads(meta["sources"]) == [a, b]
-              and tensor_digest(shard.images, shard.masks) == meta["sha256"])
-        shard.release()
+        header = read_header(path)
+        meta = header.meta
+        if header.hw != job.hw or json.loads(meta["sources"]) != [a, b]:
+            return None
+        open_shard(path, mapped=True, expect=meta["sha256"])  # its tensors are the ones it recorded
     except (ShardError, KeyError, ValueError):
         return None
-    return meta if ok else None
+    return meta
 
 
 class _Sink:

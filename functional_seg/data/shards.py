@@ -77,6 +77,20 @@ def tensor_digest(images: np.ndarray, masks: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _file_digest(f, start: int, length: int, path: Path) -> str:
+    """sha256 of ``length`` bytes of the open file ``f`` from ``start``, read in 4 MiB pieces."""
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(min(length, 4 << 20)))
+    f.seek(start)
+    while length:
+        n = f.readinto(buf[: min(len(buf), length)])
+        if not n:
+            raise ShardError(f"{path}: prepared shard is truncated")
+        h.update(buf[:n])
+        length -= n
+    return h.hexdigest()
+
+
 def encode_meta(names, skipped, sources: tuple[int, int], masks: np.ndarray) -> dict:
     """The metadata of a shard of ``masks`` (uint8 [k, H, W]) holding ``names`` (all but ``sha256``)."""
     counts = np.bincount(masks.reshape(-1), minlength=256) if masks.size else np.zeros(256, dtype=np.int64)
@@ -208,10 +222,12 @@ def open_shard(path: str | os.PathLike, *, mapped: bool, expect: str | None = No
     header = read_header(path)
     n_img, n_mask = header.image_bytes, header.mask_bytes
     shape_i, shape_m = (header.count, 3, *header.hw), (header.count, *header.hw)
-    mapping = None
+    mapping, got = None, None
     try:
         with open(path, "rb") as f:
             if mapped and header.count:
+                if expect is not None:  # hashed through read(): a mapping would pull the whole shard into RSS
+                    got = _file_digest(f, header.data_start, n_img + n_mask, path)
                 mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 data = np.frombuffer(mapping, dtype=np.uint8, count=n_img + n_mask, offset=header.data_start)
             else:
@@ -222,14 +238,11 @@ def open_shard(path: str | os.PathLike, *, mapped: bool, expect: str | None = No
     except OSError as e:
         raise ShardError(f"{path}: cannot read prepared shard ({e.strerror or e})") from None
     shard = OpenShard(header, data[:n_img].reshape(shape_i), data[n_img:].reshape(shape_m), mapping)
-    if expect is not None:
-        shard._advise("MADV_SEQUENTIAL")  # hashing reads it front to back
-        got = tensor_digest(shard.images, shard.masks)
-        shard.release()  # hashing touched every page
     # Samples are then read at random: without this every page fault reads the device's whole
     # read-ahead window around it (8 MiB on some virtual disks: 128 times a 64 KiB sample).
     shard._advise("MADV_RANDOM")
     if expect is not None:
+        got = got if got is not None else tensor_digest(shard.images, shard.masks)
         if got != expect:
             raise ShardError(f"{path}: prepared shard is damaged (the sha256 of its tensors is {got[:16]}..., "
                              f"the index says {expect[:16]}...)")

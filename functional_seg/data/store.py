@@ -10,22 +10,24 @@ the loader's background thread.
 
 Integrity: a shard's tensors are checked against the sha256 its index recorded the first time
 this process opens it (the first gather that touches it, on the loader's prefetch thread; all
-of them up front when the split is loaded into memory). Hashing runs at about 1.5-2 GB/s on one
-core (``benchmarks/bench_data_scale.py`` measures it), so a 64 MiB shard costs ~40 ms once per
-process: ~1 s for every 2,000 images at 512 px, before their first use. A damaged shard is
-rebuilt from the source when the store knows how (``prepare`` gives each shard's rebuild) and
-the rebuilt tensors hash to the recorded digest; otherwise it is refused with one line naming
-the shard file.
+of them up front when the split is loaded into memory), reading the file in 4 MiB pieces so the
+check maps nothing. sha256 runs at 0.6-1 GB/s on one core of the shared 2-core machine this was
+measured on (``benchmarks/bench_data_scale.py``), so a 64 MiB shard costs 70-100 ms once per
+process: a few seconds spread over the first batches of a 4 GB split, before any of it is used.
+A damaged shard is rebuilt from the source when the store knows how (``prepare`` gives each
+shard's rebuild) and the rebuilt tensors hash to the recorded digest; otherwise it is refused
+with one line naming the shard file.
 
 Reads: a mapped shard is advised ``MADV_RANDOM`` (no read-around: on a disk whose read-ahead is
 8 MiB, each 64 KiB sample would otherwise pull 128 times its size into the page cache, and a
 memory-limited process thrashes), and each gather first asks for exactly its rows' bytes
 (``MADV_WILLNEED``), so a cold batch is one burst of reads the disk serves together.
 
-Resident pages: reading a mapped shard counts its pages in this process's RSS (shared, and
-reclaimable, but ``top`` shows them). After every ``RELEASE_BYTES`` gathered, the store drops
-its mapped pages (``madvise(MADV_DONTNEED)``; the page cache keeps the data, so the next read
-costs a page-table fill, not a disk read), so RSS stays bounded whatever the split's size.
+Resident pages: reading a mapped shard counts the pages it maps in this process's RSS (shared
+and reclaimable, but ``top`` shows them, and on kernels whose page cache holds large folios one
+64 KiB read can map up to 2 MiB). So after each gather the store drops its mappings of the shards
+that gather touched (``madvise(MADV_DONTNEED)``; the page cache keeps the data, so the next read
+costs a page-table fill, not a disk read): RSS holds about one batch of the split, whatever its size.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ import numpy as np
 from ..runtime import host_memory_available
 from .shards import OpenShard, ShardError, open_shard
 
-__all__ = ["Store", "MemorySegment", "ShardSegment", "keep_in_memory", "RESIDENT_MAX_BYTES", "RELEASE_BYTES"]
+__all__ = ["Store", "MemorySegment", "ShardSegment", "keep_in_memory", "RESIDENT_MAX_BYTES", "RELEASE_AFTER_GATHER"]
 
 RESIDENT_MAX_BYTES = 1 << 30  # splits up to 1 GiB (and 1/8 of the free memory) are held in memory
-RELEASE_BYTES = 128 << 20  # mapped pages dropped from RSS after this many bytes gathered
+RELEASE_AFTER_GATHER = True  # drop mapped pages from RSS after each gather (False: keep them, to measure sharing)
 
 
 def keep_in_memory(nbytes: int, available: int | None = None) -> bool:
@@ -137,8 +139,6 @@ class Store:
         self.hw = (int(hw[0]), int(hw[1]))
         self.starts = np.cumsum([0, *(s.count for s in self.segments)]).astype(np.int64)
         self.label_counts = label_counts
-        self._gathered = 0
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -156,6 +156,7 @@ class Store:
         """Copy ``rows`` (int64 [B], each in [0, N)) into ``images`` (uint8 [B, 3, H, W]) and
         ``masks`` (uint8 [B, H, W]); either buffer may be None to skip it."""
         if len(self.segments) == 1:  # one call per buffer
+            touched = [0]
             src_images, src_masks = self.segments[0].arrays()
             self.segments[0].willneed(rows.tolist())
             if images is not None:
@@ -165,8 +166,9 @@ class Store:
         else:
             seg = np.searchsorted(self.starts, rows, side="right") - 1
             local = rows - self.starts[seg]
+            touched = np.unique(seg).tolist()
             if self.mapped:  # every read of the batch requested before the first copy waits on one
-                for s in np.unique(seg).tolist():
+                for s in touched:
                     self.segments[s].willneed(local[seg == s].tolist())
             for j, (s, i) in enumerate(zip(seg.tolist(), local.tolist())):
                 src_images, src_masks = self.segments[s].arrays()
@@ -174,16 +176,9 @@ class Store:
                     images[j] = src_images[i]
                 if masks is not None:
                     masks[j] = src_masks[i]
-        if self.mapped:
-            self._count(len(rows) * self.sample_bytes)
-
-    def _count(self, nbytes: int) -> None:
-        with self._lock:
-            self._gathered += nbytes
-            if self._gathered < RELEASE_BYTES:
-                return
-            self._gathered = 0
-        self.release()
+        if RELEASE_AFTER_GATHER:
+            for s in touched:
+                self.segments[s].release()
 
     def release(self) -> None:
         """Drop the mapped pages this process holds (see the module docstring)."""
