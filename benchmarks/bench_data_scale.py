@@ -9,20 +9,20 @@ at 128 px: 2,000 generated images, and 8,000 and 32,000 samples made of them har
 new names (every sample is decoded and stored: the bytes and the work are real, the content
 repeats); plus 2,000 samples of 500 scenes at 480-640 px prepared at 512 px. Sections:
 
-1. prepare, each in a fresh process (all cores), opening the result mapped (a split held in
-   memory would add its own size): peak RSS (VmHWM) of the process and of its largest decoding
-   worker, and time.
-2. one epoch of reads (``Loader``, batch 64, shuffled, mapped shards, prefetch 2), each in a fresh
-   process: peak RSS, peak anonymous RSS (sampled every 10 ms) and images/s.
+1. prepare, each in a fresh process (all cores), opening the result on its shards (a split
+   held in memory would add its own size): peak RSS (VmHWM) of the process and of its largest
+   decoding worker, and time.
+2. one epoch of reads (``Loader``, batch 64, shuffled, from the shards, prefetch 2), each in a
+   fresh process: peak RSS, peak anonymous RSS (sampled every 10 ms) and images/s.
 3. read throughput on the 8,000-sample split, each loader in a fresh process: the in-memory
    loader (``index_select`` on whole-split tensors, as the Loader was before shards), the Loader
-   on a split held in memory, and on mapped shards with the page cache warm and cold (this
+   on a split held in memory, and on its shards with the page cache warm and cold (this
    split's files evicted first with ``posix_fadvise(DONTNEED)``); the loader alone (a whole
    epoch) and into a train step (the library's eager step on SegNet widths 8,16, flip
    augmentation, batch 64; 12 batches after a warm-up step).
 4. two processes reading the same split at once: RSS and PSS (``/proc/PID/smaps_rollup``) of
-   each, after both read every sample, mapped vs in memory (mapped pages kept after each gather,
-   ``store.RELEASE_AFTER_GATHER = False``, so RSS shows every page each touched).
+   each after both read every sample, from shards vs in memory, and the page cache's share
+   (``Cached`` in /proc/meminfo before and after): one copy for both readers.
 5. a split larger than the memory the process may use: 64,000 samples at 128 px (4.2 GB), their
    pages evicted from the page cache first (a cached page stays charged to whoever read it
    first), read by a process in a child memory cgroup limited to ``--cgroup-mb`` (v2
@@ -160,12 +160,9 @@ def _batches(a, data, key):
 def _child_read(a) -> dict:
     import torch
 
-    import functional_seg.data.store as store
     from functional_seg.core import random as jr
     from functional_seg.data import prepare
 
-    if a.no_release:
-        store.RELEASE_AFTER_GATHER = False
     step = _step_fn(a.size) if a.step else None
     if step is not None:  # the first steps allocate; time the ones after
         import torch
@@ -173,7 +170,7 @@ def _child_read(a) -> dict:
         warm = torch.zeros((a.batch_size, 3, a.size, a.size), dtype=torch.uint8)
         step(warm, torch.zeros((a.batch_size, a.size, a.size), dtype=torch.int64))
     base = _status()
-    in_memory = {"memory": True, "mapped": False, "auto": None}[a.storage]
+    in_memory = {"memory": True, "shards": False, "auto": None}[a.storage]
     data = prepare(a.root, "train", a.size, cache_dir=a.cache, in_memory=in_memory, progress=False)
     if a.cold:
         _evict(data.cache_path)
@@ -192,9 +189,10 @@ def _child_read(a) -> dict:
     seconds = time.perf_counter() - t0
     peak = sampler.stop()
     out = {"n": n, "seconds": seconds, "images_per_s": n / seconds, "storage": data.storage,
+           "cache_path": str(data.cache_path),
            "base_rss_mb": base["VmRSS"], "peak_rss_mb": _status()["VmHWM"], "peak_anon_mb": peak["RssAnon"],
            "peak_file_mb": peak["RssFile"], "threads": torch.get_num_threads()}
-    if a.hold:  # wait (mapped pages in place) until the parent has read /proc/PID/smaps_rollup
+    if a.hold:  # wait until the parent has read /proc/PID/smaps_rollup
         print(MARK + json.dumps(out), flush=True)
         sys.stdin.read()
     return out
@@ -212,7 +210,7 @@ def _child_fit(a) -> dict:
     from functional_seg.train import FitConfig, OptimizerConfig, fit
 
     available = host_memory_available()
-    in_memory = {"memory": True, "mapped": False, "auto": None}[a.storage]
+    in_memory = {"memory": True, "shards": False, "auto": None}[a.storage]
     data = prepare(a.root, "train", a.size, cache_dir=a.cache, in_memory=in_memory, progress=False)
     if a.cold:
         _evict(data.cache_path)  # pages still cached are charged to whoever read them first, not to this cgroup
@@ -295,19 +293,43 @@ def _smaps_rollup(pid: int) -> dict[str, float]:
 
 def _two_readers(args, root: Path, size: int, cache: Path, storage: str) -> dict:
     common = ["--root", str(root), "--size", str(size), "--cache", str(cache), "--storage", storage,
-              "--batch-size", "64", "--hold", "--no-release"]
+              "--batch-size", "64", "--hold"]
+    for folder in cache.iterdir():
+        _evict(folder)
     procs = [_run("read", args, *common, hold=True) for _ in range(2)]
     results = []
-    for p in procs:  # each prints its result, then waits with its pages in place
+    for p in procs:  # each prints its result, then waits, its memory as it was
         line = p.stdout.readline()
         results.append(json.loads(line[len(MARK):]) if line.startswith(MARK) else {})
     smaps = [_smaps_rollup(p.pid) for p in procs]
     for p in procs:
         p.stdin.close()
         p.wait()
+    folder = Path(results[0]["cache_path"]) if results[0].get("cache_path") else None
     return {"storage": storage, "rss_mb": [s["Rss"] for s in smaps], "pss_mb": [s["Pss"] for s in smaps],
             "pss_file_mb": [s.get("Pss_File") for s in smaps], "sum_rss_mb": sum(s["Rss"] for s in smaps),
-            "sum_pss_mb": sum(s["Pss"] for s in smaps), "images_per_s": [r.get("images_per_s") for r in results]}
+            "sum_pss_mb": sum(s["Pss"] for s in smaps), "images_per_s": [r.get("images_per_s") for r in results],
+            "page_cache_mb": _page_cache_mb(folder) if folder else None}
+
+
+def _page_cache_mb(folder: Path) -> float:
+    """MB of ``folder``'s shard files in the page cache (``mincore`` over a private mapping of each,
+    which faults nothing in): the one copy every reader shares."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    resident = 0
+    for path in folder.glob("shard-*.safetensors"):
+        size = path.stat().st_size
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+            buf = (ctypes.c_char * size).from_buffer(mm)
+            vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) == 0:
+                resident += sum(v & 1 for v in vec) * page
+            del buf
+    return resident / MB
 
 
 def _own_cgroup() -> tuple[Path, str] | None:
@@ -392,7 +414,7 @@ def _tables(args, results: dict) -> list[str]:
                              ("peak_rss_mb", "peak RSS MB"), ("worker_peak_rss_mb", "largest worker peak MB")]),
            "", f"Peak RSS growth {small} -> {large}: {C.fmt(_growth(results['prepare'], 'peak_rss_mb', small, large))} "
                "(target < 0.10)", "",
-           "## 2. one epoch of reads (mapped shards, Loader batch 64, prefetch 2; fresh process each)", "",
+           "## 2. one epoch of reads (from the shards, Loader batch 64, prefetch 2; fresh process each)", "",
            C.md_table(read, [("split", "split"), ("storage", "storage"), ("images_per_s", "images/s"),
                              ("base_rss_mb", "RSS after imports MB"), ("peak_rss_mb", "peak RSS MB"),
                              ("peak_anon_mb", "peak anon MB"), ("peak_file_mb", "peak file-backed MB")]),
@@ -410,7 +432,7 @@ def _tables(args, results: dict) -> list[str]:
             "pss": " + ".join(C.fmt(x) for x in v.get("pss_mb", [])), **v} for k, v in results["pss"].items()]
     out += [f"## 4. two processes reading the same {args.sizes[1]}@128 split at once (after both read all of it)", "",
             C.md_table(pss, [("storage", "storage"), ("rss", "RSS MB (each)"), ("pss", "PSS MB (each)"),
-                             ("sum_pss_mb", "sum of PSS MB")]), ""]
+                             ("sum_pss_mb", "sum of PSS MB"), ("page_cache_mb", "split in the page cache MB")]), ""]
     cg = [{"row": k, **v} for k, v in results["cgroup"].items()]
     out += [f"## 5. a {args.cgroup_n}@128 split larger than the memory the process may use (its pages evicted "
             f"first; one Loader epoch over every sample, then fit for {args.max_steps} steps: SegNet 4,8, batch 32)",
@@ -439,7 +461,7 @@ def parse_args(argv=None):
                      ("--loader", {"default": "loader"}), ("--max-steps", {"type": int, "default": 40}),
                      ("--step-batches", {"type": int, "default": 12})):
         p.add_argument(name, help=argparse.SUPPRESS, **kw)
-    for flag in ("--step", "--cold", "--hold", "--no-release"):
+    for flag in ("--step", "--cold", "--hold"):
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sizes = [200, 400, 800] if args.quick else [2000, 8000, 32000]
@@ -464,25 +486,25 @@ def _sections(args, datasets: dict, cache: Path) -> dict:
             if name == f"{args.cgroup_n}@128" and args.cgroup_n not in args.sizes:
                 continue
             print(f"read {name}", flush=True)
-            results["read"][name] = _run("read", args, *common[name], "--storage", "mapped")
+            results["read"][name] = _run("read", args, *common[name], "--storage", "shards")
     mid = common[f"{args.sizes[1]}@128"]
     if "throughput" in todo:
         for row, extra in (("tensors", ["--storage", "memory", "--loader", "tensors"]),
                            ("Loader, in memory, prefetch 0", ["--storage", "memory", "--prefetch", "0"]),
                            ("Loader, in memory, prefetch 2", ["--storage", "memory"]),
-                           ("Loader, mapped, warm", ["--storage", "mapped"]),
-                           ("Loader, mapped, cold", ["--storage", "mapped", "--cold"])):
+                           ("Loader, shards, warm", ["--storage", "shards"]),
+                           ("Loader, shards, cold", ["--storage", "shards", "--cold"])):
             print(f"throughput {row}", flush=True)
             results["throughput"][row] = {"alone": _run("read", args, *mid, *extra),
                                           "step": _run("read", args, *mid, *extra, "--step")}
     if "pss" in todo:
-        for storage in ("mapped", "memory"):
+        for storage in ("shards", "memory"):
             print(f"two readers, {storage}", flush=True)
             root, size, _ = datasets[f"{args.sizes[1]}@128"]
             results["pss"][storage] = _two_readers(args, root, size, cache, storage)
     if "cgroup" in todo:
         big = common[f"{args.cgroup_n}@128"] + ["--batch-size", "32", "--cold"]
-        for row, storage in (("auto (decides mapped)", "auto"), ("control: forced into memory", "memory")):
+        for row, storage in (("auto (decides: shards)", "auto"), ("control: forced into memory", "memory")):
             print(f"cgroup {row}", flush=True)
             results["cgroup"][row] = _in_cgroup(args, args.cgroup_mb, *big, "--storage", storage)
     if "sha" in todo:
@@ -520,8 +542,8 @@ def main(argv=None) -> int:
     notes = [f"children: {args.threads} torch threads each; prepare uses all {os.cpu_count()} cores",
              "datasets: generic synthetic scenes, 5 classes; bigger splits are hard links to the generated ones "
              "under new names (decoded and stored like any sample)",
-             "a mapped reader drops its mappings of the shards each gather touched (the pages stay in the "
-             "page cache, shared by every process), except in section 4",
+             "a reader from shards reads each batch's rows with pread through the page cache, shared by every "
+             "process: its RSS holds none of the split",
              "a 2-core machine shared with other jobs (load 4-7): times vary by +-20% between runs"]
     md = C.md_header(f"{EXPERIMENT}: the sharded cache as the split grows", prov, notes=notes)
     md += "\n" + "\n".join(_tables(args, results)) + "\n"

@@ -1,5 +1,5 @@
-"""The sharded cache: resume after a kill (byte for byte), integrity, storage in memory or mapped,
-non-square sizes, and the loader reading mapped shards through its prefetch thread.
+"""The sharded cache: resume after a kill (byte for byte), integrity, storage in memory or in shards,
+non-square sizes, and the loader reading shards through its prefetch thread.
 
 Data: 30 synthetic Oxford-layout samples at 16 px in shards of 4 (8 shards, the last of 2), so
 every batch crosses shards; a whole prepare takes well under a second.
@@ -177,7 +177,7 @@ def test_a_damaged_shard_is_rebuilt_from_the_source(pets, reference, tmp_path):
     shard = folder / "shard-00002.safetensors"
     good = _damage(shard)
     data = _prepare(pets, tmp_path, in_memory=False)
-    assert data.storage == "mapped"
+    assert data.storage == "shards"
     batches = list(Loader(data, 6, shuffle=False).epoch())
     assert torch.equal(torch.cat([b[1] for b in batches]), want_masks.long())
     assert torch.equal(torch.cat([b[0] for b in batches]), want_images)
@@ -208,26 +208,27 @@ def test_a_damaged_shard_whose_source_changed_is_refused_in_one_line(pets, tmp_p
 
 @pytest.fixture(scope="module")
 def both(pets, tmp_path_factory):
-    """The same split held in memory and mapped (their own caches, so their stores share nothing)."""
+    """The same split held in memory and read from shards (their own caches: their stores share nothing)."""
     return (_prepare(pets, tmp_path_factory.mktemp("memory"), in_memory=True),
-            _prepare(pets, tmp_path_factory.mktemp("mapped"), in_memory=False))
+            _prepare(pets, tmp_path_factory.mktemp("shards"), in_memory=False))
 
 
 @given(local=st.integers(1, 4), world=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1),
        drop_last=st.booleans(), prefetch=st.integers(0, 3), cycled=st.booleans())
-def test_mapped_prefetched_batches_equal_in_memory_batches(both, local, world, seed, drop_last, prefetch, cycled):
-    """Every rank's batches from mapped shards through the prefetch thread equal, byte for byte, the
+def test_prefetched_batches_from_shards_equal_in_memory_batches(both, local, world, seed, drop_last, prefetch,
+                                                                cycled):
+    """Every rank's batches read from shards through the prefetch thread equal, byte for byte, the
     in-memory loader's, and the ranks' slices put together are the global batch of the permutation."""
-    memory, mapped = both
+    memory, sharded = both
     if cycled:  # views that repeat samples across shard boundaries
-        memory, mapped = memory.repeat(47), mapped.repeat(47)
+        memory, sharded = memory.repeat(47), sharded.repeat(47)
     b, key = local * world, jr.key(seed)
     order = jr.permutation(key, len(memory))
     everything = memory.images, memory.masks
     per_rank = []
     for rank in range(world):
         ref = Loader(memory, b, shard=(rank, world), drop_last=drop_last, prefetch=0)
-        got = Loader(mapped, b, shard=(rank, world), drop_last=drop_last, prefetch=prefetch)
+        got = Loader(sharded, b, shard=(rank, world), drop_last=drop_last, prefetch=prefetch)
         ref_batches, got_batches = list(ref.epoch(key)), list(got.epoch(key))
         assert len(ref_batches) == len(got_batches) == len(ref)
         for (ri, rm), (gi, gm) in zip(ref_batches, got_batches):
@@ -240,8 +241,8 @@ def test_mapped_prefetched_batches_equal_in_memory_batches(both, local, world, s
 
 
 def test_an_epoch_can_start_at_a_later_batch(both, key):
-    _, mapped = both
-    loader = Loader(mapped, 4)
+    _, sharded = both
+    loader = Loader(sharded, 4)
     full = list(loader.epoch(key))
     late = list(loader.epoch(key, start=3))
     assert len(late) == len(full) - 3
@@ -251,9 +252,9 @@ def test_an_epoch_can_start_at_a_later_batch(both, key):
 def test_an_abandoned_epoch_stops_its_thread(both, key):
     import threading
 
-    _, mapped = both
+    _, sharded = both
     before = threading.active_count()
-    batches = Loader(mapped, 2, prefetch=2).epoch(key)
+    batches = Loader(sharded, 2, prefetch=2).epoch(key)
     next(batches)
     batches.close()
     assert threading.active_count() == before
@@ -269,10 +270,10 @@ def test_storage_follows_the_size_and_the_memory(pets, tmp_path, monkeypatch):
     assert _prepare(pets, tmp_path).storage == "memory"  # 30 KB
     monkeypatch.setattr(store_module, "RESIDENT_MAX_BYTES", 1000)
     data = _prepare(pets, tmp_path)
-    assert data.storage == "mapped" and data.nbytes == N * 4 * 16 * 16
+    assert data.storage == "shards" and data.nbytes == N * 4 * 16 * 16
 
 
-def _mapped_rss_kb(folder: Path) -> int:
+def _rss_kb_of_files_in(folder: Path) -> int:
     """Resident kB of this process's mappings of files in ``folder`` (/proc/self/smaps)."""
     total, inside = 0, False
     with open("/proc/self/smaps") as f:
@@ -285,18 +286,15 @@ def _mapped_rss_kb(folder: Path) -> int:
     return total
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-def test_mapped_pages_leave_the_rss_after_each_gather(pets, tmp_path, monkeypatch):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_reading_from_shards_holds_none_of_them_in_this_process(pets, tmp_path):
     data = _prepare(pets, tmp_path, in_memory=False)
-    data.gather(range(N))
-    assert _mapped_rss_kb(data.cache_path) == 0  # copied out, then the mappings were dropped
-    monkeypatch.setattr(store_module, "RELEASE_AFTER_GATHER", False)
     images, _ = data.gather(range(N))
-    assert _mapped_rss_kb(data.cache_path) > 0
-    data._store.release()
-    assert _mapped_rss_kb(data.cache_path) == 0
-    monkeypatch.setattr(store_module, "RELEASE_AFTER_GATHER", True)
-    assert torch.equal(data.gather(range(N))[0], images)  # the page cache still had every byte
+    assert _rss_kb_of_files_in(data.cache_path) == 0  # read through the page cache, never mapped
+    opened = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(
+        f"/proc/self/fd/{fd}")}
+    assert sum(p.startswith(str(data.cache_path)) for p in opened) == 8  # one descriptor per shard
+    assert torch.equal(images, data.images)
 
 
 def test_strict_failure_then_skip_bad_decodes_nothing_again(pets, tmp_path, monkeypatch):

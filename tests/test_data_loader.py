@@ -101,14 +101,14 @@ def test_cuda_batches(key, resident):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_batches_from_mapped_shards_gathered_into_pinned_buffers(tmp_path, key):
+def test_cuda_batches_from_shards_gathered_into_pinned_buffers(tmp_path, key):
     """The prefetch thread gathers into pinned host buffers; the batches on the GPU equal the CPU
     loader.s."""
     root = make_synthetic_dataset(tmp_path / "syn", n_trainval=20, n_test=2, size=(24, 32))
     data = prepare(root, "trainval", (16, 24), cache_dir=tmp_path / "cache", workers=1, in_memory=False,
                    shard_samples=3)
     loader = Loader(data, 4, device="cuda")
-    assert loader.pinned and data.storage == "mapped"
+    assert loader.pinned and data.storage == "shards"
     host = loader._host_batch
     pinned = []
 

@@ -67,8 +67,8 @@ def test_sigterm_to_fseg_prepare_leaves_no_worker(tmp_path):
         workers = wait_children(proc, 2)
         assert len(workers) == 2, proc.communicate()[1][-2000:] if proc.poll() is not None else "no workers"
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+        _, err = proc.communicate(timeout=90)  # generous: a loaded 2-core machine exits a torch process slowly
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, (proc.returncode, err[-2000:])
         assert survivors(workers) == []
     finally:
         if proc.poll() is None:

@@ -3,7 +3,7 @@
 Data flows one way::
 
     files --prepare--> shards on disk --> PreparedData (uint8 [N, 3, H, W], masks uint8 [N, H, W],
-          names, class_names; in memory or memory-mapped)
+          names, class_names; in memory, or read from the shards per batch)
           --Loader.epoch(key)--> uint8 images [B, 3, H, W], int64 masks [B, H, W] on the device
           --to_float, augment(key, ..., cfg), normalize--> float model input
 

@@ -35,8 +35,8 @@ own state and resharded by node and worker counts) and the resume point (a sampl
 their state dict). Here the order is ``core.random.permutation`` of the epoch key, gathered as a
 global batch and sliced by rank, which is what makes world-size invariance and bit-exact resume
 follow from the key alone. Used only as a file format either would add a dependency (LitData's
-``optimize`` runs its own worker pool) to hold what two uint8 tensors in a safetensors file hold,
-which every safetensors reader opens and ``mmap`` maps with no copy.
+``optimize`` runs its own worker pool) to hold what two uint8 tensors in a safetensors file hold:
+every safetensors reader opens them, and a row is one ``pread`` at a computed offset (``store``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from .pool import cpu_count, parallel_map
 from .prepared import PreparedData
 from .progress import Progress
 from .sample import SampleTask, load_sample, mask_max_label
-from .shards import ShardError, encode_meta, open_shard, read_header, tensor_digest, write_shard
+from .shards import ShardError, ShardFile, encode_meta, read_header, read_shard, tensor_digest, write_shard
 from .source import Source
 from .store import MemorySegment, ShardSegment, Store, keep_in_memory
 
@@ -229,7 +229,7 @@ class _Job:
         result hashes to ``sha256`` (decoding is deterministic); whether that worked."""
         with _building(path.parent):
             try:
-                open_shard(path, mapped=False, expect=sha256)
+                read_shard(path, expect=sha256)
                 return True  # another process repaired it while this one waited
             except ShardError:
                 return self._rebuild(path, a, b, sha256)
@@ -267,7 +267,7 @@ def _kept_shard(path: Path, job: _Job, a: int, b: int) -> dict | None:
         meta = header.meta
         if header.hw != job.hw or json.loads(meta["sources"]) != [a, b]:
             return None
-        open_shard(path, mapped=True, expect=meta["sha256"])  # its tensors are the ones it recorded
+        ShardFile(path, expect=meta["sha256"]).close()  # its tensors are the ones it recorded
     except (ShardError, KeyError, ValueError):
         return None
     return meta
@@ -373,6 +373,7 @@ def _read_index(directory: Path, job_key: dict, hw: tuple[int, int], quiet: bool
 
 
 def _open(job: _Job, directory: Path, index: dict, sink: _Sink | None, in_memory: bool | None) -> Store:
+    """The store of the split the index describes: its shards read per gather, or into memory."""
     n = len(index["names"])
     memory = keep_in_memory(n * 4 * job.hw[0] * job.hw[1]) if in_memory is None else bool(in_memory)
     segments = []
@@ -381,14 +382,12 @@ def _open(job: _Job, directory: Path, index: dict, sink: _Sink | None, in_memory
             segments.append(sink.memory[k])
             continue
         (a, b), path = s["sources"], directory / s["file"]
-        segments.append(ShardSegment(path, s["rows"][1] - s["rows"][0], s["sha256"], mapped=not memory,
+        segments.append(ShardSegment(path, s["rows"][1] - s["rows"][0], s["sha256"],
                                      rebuild=lambda path=path, a=a, b=b, sha=s["sha256"]: job.rebuild(path, a, b, sha)))
     counts = np.sum([np.asarray(s["label_counts"], dtype=np.int64) for s in index["shards"]], axis=0,
                     dtype=np.int64) if index["shards"] else np.zeros(256, dtype=np.int64)
     store = Store(segments, job.hw, label_counts=counts)
-    if memory:
-        store.verify_all()  # read and check every shard now
-    return store
+    return store.in_memory() if memory else store  # in memory: every shard read and checked now
 
 
 def _report(index: dict, total: int, split: str, strict: bool, where: str) -> None:
@@ -434,8 +433,9 @@ def prepare(
         download: let torchvision fetch Oxford-IIIT Pet if ``root`` holds no layout.
         progress: while decoding (never on a cache hit), report on stderr: a tqdm bar on a
             terminal, else a plain line every ~10%. None: only when stderr is a terminal.
-        in_memory: read the split into this process's memory (True) or map its shards (False);
-            None decides from its size and the memory available (``store.keep_in_memory``).
+        in_memory: read the split into this process's memory (True) or read each batch from its
+            shards (False); None decides from its size and the memory available
+            (``store.keep_in_memory``).
         shard_samples: source samples per shard (default: as many as fit in 64 MiB).
 
     Returns:

@@ -5,7 +5,7 @@ on the device. The order is ``core.random.permutation(key, N)`` cut into GLOBAL 
 with ``shard=(rank, world)`` each process gathers only its slice of every global batch, so the
 maths does not depend on the world size and a resumed run replays the same batches.
 
-Each batch is copied out of the split with ``PreparedData.gather`` (memory-mapped shards or
+Each batch is copied out of the split with ``PreparedData.gather`` (from its shard files or from
 memory: the same call) into fresh buffers, pinned when the device is CUDA so the copy to the
 device is asynchronous; masks travel as uint8 and become int64 on the device. A background
 thread gathers up to ``prefetch`` batches ahead of the step, so the step waits on neither the
@@ -34,7 +34,7 @@ class Loader:
     """Shuffled (or ordered) batches of a ``PreparedData`` on a device.
 
     Args:
-        data: a prepared split (images uint8 [N, 3, H, W], masks uint8 [N, H, W]), in memory or mapped.
+        data: a prepared split (images uint8 [N, 3, H, W], masks uint8 [N, H, W]), in memory or in shards.
         batch_size: samples per (global) batch B.
         device: where batches land.
         shuffle: permute the samples each epoch with the key given to ``epoch``.

@@ -1,5 +1,5 @@
-"""``PreparedData``: a prepared split, the same object whether its samples sit in memory or in
-memory-mapped shard files.
+"""``PreparedData``: a prepared split, the same object whether its samples sit in memory or are
+read from its shard files per batch.
 
 A split holds N samples: uint8 images ``[N, 3, H, W]`` (RGB) and masks ``[N, H, W]`` (labels
 0..C-1, ``IGNORE_INDEX`` where the mask said ignore or the "pad" policy padded), their names and
@@ -9,8 +9,8 @@ build one from tensors (``PreparedData(images=..., masks=..., names=..., class_n
 Samples are read through ``gather(indices)`` (what the loader calls per batch), which copies just
 those rows out of the ``store.Store``; ``subset``, ``repeat`` and ``carve`` are cheap views (an
 index over the same store, nothing copied). ``images`` and ``masks`` still give the whole split
-as tensors: free for a split built from tensors, a full copy for a mapped one (tests, plots and
-small splits; training code uses ``gather``).
+as tensors: free for a split built from tensors, a full copy otherwise (tests, plots and small
+splits; training code uses ``gather``).
 """
 
 from __future__ import annotations
@@ -115,9 +115,9 @@ class PreparedData:
 
     @property
     def storage(self) -> str:
-        """"memory" (held by this process) or "mapped" (memory-mapped shard files, shared by every
-        process on the machine through the page cache)."""
-        return "mapped" if self._store.mapped else "memory"
+        """"memory" (held by this process) or "shards" (read from the cache's shard files at each
+        gather, through the page cache that every process on the machine shares)."""
+        return "shards" if self._store.on_disk else "memory"
 
     @property
     def nbytes(self) -> int:
@@ -155,9 +155,9 @@ class PreparedData:
 
     def _part(self, which: str) -> torch.Tensor:
         store = self._store
-        if self._rows is None and len(store.segments) == 1 and not store.mapped:
-            images, masks = store.segments[0].arrays()
-            return torch.from_numpy(images if which == "images" else masks)
+        if self._rows is None and len(store.segments) == 1 and not store.on_disk:
+            segment = store.segments[0]
+            return torch.from_numpy(segment.images if which == "images" else segment.masks)
         h, w = self.hw
         rows = np.arange(len(store), dtype=np.int64) if self._rows is None else self._rows
         if which == "images":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ import numpy as np
 from ..core.files import write_atomic
 from .errors import DataError
 
-__all__ = ["SHARD_FORMAT", "ShardHeader", "encode_meta", "write_shard", "read_header", "open_shard",
-           "tensor_digest"]
+__all__ = ["SHARD_FORMAT", "ShardHeader", "ShardError", "ShardFile", "encode_meta", "write_shard", "read_header",
+           "read_shard", "tensor_digest"]
 
 SHARD_FORMAT = "functional_seg.shard/1"
 _MAX_HEADER = 64 * 2**20  # a header names at most a few thousand samples; more is a damaged length field
@@ -74,20 +73,6 @@ def tensor_digest(images: np.ndarray, masks: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(images).data)  # hashlib releases the GIL for large buffers
     h.update(np.ascontiguousarray(masks).data)
-    return h.hexdigest()
-
-
-def _file_digest(f, start: int, length: int, path: Path) -> str:
-    """sha256 of ``length`` bytes of the open file ``f`` from ``start``, read in 4 MiB pieces."""
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(min(length, 4 << 20)))
-    f.seek(start)
-    while length:
-        n = f.readinto(buf[: min(len(buf), length)])
-        if not n:
-            raise ShardError(f"{path}: prepared shard is truncated")
-        h.update(buf[:n])
-        length -= n
     return h.hexdigest()
 
 
@@ -169,81 +154,112 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
         raise ShardError(f"{path}: cannot read prepared shard ({e.strerror or e})") from None
 
 
-@dataclass
-class OpenShard:
-    """A shard's arrays, mapped (read-only, backed by the page cache) or read into private memory."""
+class ShardFile:
+    """A shard opened for random reads of its rows (``os.preadv`` into the caller's buffers).
 
-    header: ShardHeader
-    images: np.ndarray  # uint8 [k, 3, H, W]
-    masks: np.ndarray  # uint8 [k, H, W]
-    mapping: mmap.mmap | None = None
-
-    def release(self) -> None:
-        """Drop this process's resident pages of a mapped shard (the page cache keeps them; the next
-        read maps them again without touching the disk), so RSS stays bounded over an epoch."""
-        self._advise("MADV_DONTNEED")
-
-    def willneed(self, rows) -> None:
-        """Ask the kernel to read these rows' bytes now, one request per row and tensor, before they
-        are copied (a mapped shard is read at random, with the kernel's read-around off)."""
-        if self.mapping is None:
-            return
-        h, w = self.header.hw
-        start, n_img = self.header.data_start, self.header.image_bytes
-        for i in rows:
-            self._advise("MADV_WILLNEED", start + i * 3 * h * w, 3 * h * w)
-            self._advise("MADV_WILLNEED", start + n_img + i * h * w, h * w)
-
-    def _advise(self, name: str, start: int = 0, length: int = 0) -> None:
-        if self.mapping is None or not hasattr(mmap, name):
-            return
-        try:
-            if length:
-                aligned = start - start % mmap.PAGESIZE  # madvise takes page-aligned starts
-                self.mapping.madvise(getattr(mmap, name), aligned, length + start - aligned)
-            else:
-                self.mapping.madvise(getattr(mmap, name))
-        except (OSError, ValueError):
-            pass  # advice only
-
-
-def open_shard(path: str | os.PathLike, *, mapped: bool, expect: str | None = None) -> OpenShard:
-    """Open a shard for reading, optionally checking its tensors against a digest.
+    Rows are read through the page cache (one copy for every process on the machine) straight
+    into the batch buffers: nothing is mapped, so this process's RSS never holds the split. The
+    file is advised ``POSIX_FADV_RANDOM`` (no read-ahead around each read: on a disk whose
+    read-ahead is 8 MiB that would read 128 times a 64 KiB sample), and ``willneed`` asks for a
+    batch's rows before they are read, so a cold batch is one burst of reads the disk serves together.
 
     Args:
-        mapped: memory-map the file (no copy; pages shared with every process reading it) or read
-            it into this process's memory.
-        expect: the sha256 its tensors must have (the index's); None checks only the header.
+        path: the shard file.
+        expect: the sha256 its tensors must have (the index's), checked now by reading the file in
+            4 MiB pieces; None checks only the header.
+
+    Raises:
+        ShardError: damaged header, wrong size, or a digest that differs.
+    """
+
+    def __init__(self, path: str | os.PathLike, expect: str | None = None):
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise ShardError(f"{self.path}: cannot read prepared shard ({e.strerror or e})") from None
+        h = self.header
+        self._image, self._mask = 3 * h.hw[0] * h.hw[1], h.hw[0] * h.hw[1]
+        if expect is not None:
+            got = self._digest()
+            if got != expect:
+                self.close()
+                raise ShardError(f"{self.path}: prepared shard is damaged (the sha256 of its tensors is "
+                                 f"{got[:16]}..., the index says {expect[:16]}...)")
+        self._advise(0, 0, "POSIX_FADV_RANDOM")
+
+    def _digest(self) -> str:
+        h = hashlib.sha256()
+        start, length = self.header.data_start, self.header.image_bytes + self.header.mask_bytes
+        buf = memoryview(bytearray(max(1, min(length, 4 << 20))))
+        self._advise(start, length, "POSIX_FADV_SEQUENTIAL")
+        while length:
+            n = os.preadv(self.fd, [buf[: min(len(buf), length)]], start)
+            if not n:
+                raise ShardError(f"{self.path}: prepared shard is truncated")
+            h.update(buf[:n])
+            start, length = start + n, length - n
+        return h.hexdigest()
+
+    def _advise(self, offset: int, length: int, name: str) -> None:
+        if hasattr(os, "posix_fadvise") and hasattr(os, name):
+            try:
+                os.posix_fadvise(self.fd, offset, length, getattr(os, name))
+            except OSError:
+                pass  # advice only
+
+    def willneed(self, rows) -> None:
+        """Start reading these rows' bytes (both tensors) in the background."""
+        start = self.header.data_start
+        for i in rows:
+            self._advise(start + i * self._image, self._image, "POSIX_FADV_WILLNEED")
+            self._advise(start + self.header.image_bytes + i * self._mask, self._mask, "POSIX_FADV_WILLNEED")
+
+    def read_rows(self, rows, positions, images: np.ndarray | None, masks: np.ndarray | None) -> None:
+        """Row ``rows[k]`` into ``images[positions[k]]`` and ``masks[positions[k]]`` (C-contiguous
+        uint8 [B, 3, H, W] and [B, H, W]; either may be None)."""
+        start = self.header.data_start
+        for i, j in zip(rows, positions):
+            if images is not None:
+                self._read(images[j], start + i * self._image)
+            if masks is not None:
+                self._read(masks[j], start + self.header.image_bytes + i * self._mask)
+
+    def _read(self, out: np.ndarray, offset: int) -> None:
+        if os.preadv(self.fd, [out], offset) != out.nbytes:
+            raise ShardError(f"{self.path}: prepared shard is truncated (it changed after it was opened)")
+
+    def close(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.close()
+
+
+def read_shard(path: str | os.PathLike, expect: str | None = None) -> tuple[ShardHeader, np.ndarray, np.ndarray]:
+    """A whole shard read into memory: (header, images uint8 [k, 3, H, W], masks uint8 [k, H, W]).
 
     Raises:
         ShardError: damaged header, wrong size, or (with ``expect``) a digest that differs.
     """
     path = Path(path)
     header = read_header(path)
-    n_img, n_mask = header.image_bytes, header.mask_bytes
-    shape_i, shape_m = (header.count, 3, *header.hw), (header.count, *header.hw)
-    mapping, got = None, None
+    data = np.empty(header.image_bytes + header.mask_bytes, dtype=np.uint8)
     try:
         with open(path, "rb") as f:
-            if mapped and header.count:
-                if expect is not None:  # hashed through read(): a mapping would pull the whole shard into RSS
-                    got = _file_digest(f, header.data_start, n_img + n_mask, path)
-                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                data = np.frombuffer(mapping, dtype=np.uint8, count=n_img + n_mask, offset=header.data_start)
-            else:
-                data = np.empty(n_img + n_mask, dtype=np.uint8)
-                f.seek(header.data_start)
-                if f.readinto(memoryview(data)) != data.size:
-                    raise ShardError(f"{path}: prepared shard is truncated")
+            f.seek(header.data_start)
+            if f.readinto(memoryview(data)) != data.size:
+                raise ShardError(f"{path}: prepared shard is truncated")
     except OSError as e:
         raise ShardError(f"{path}: cannot read prepared shard ({e.strerror or e})") from None
-    shard = OpenShard(header, data[:n_img].reshape(shape_i), data[n_img:].reshape(shape_m), mapping)
-    # Samples are then read at random: without this every page fault reads the device's whole
-    # read-ahead window around it (8 MiB on some virtual disks: 128 times a 64 KiB sample).
-    shard._advise("MADV_RANDOM")
+    images = data[: header.image_bytes].reshape(header.count, 3, *header.hw)
+    masks = data[header.image_bytes:].reshape(header.count, *header.hw)
     if expect is not None:
-        got = got if got is not None else tensor_digest(shard.images, shard.masks)
+        got = tensor_digest(images, masks)
         if got != expect:
             raise ShardError(f"{path}: prepared shard is damaged (the sha256 of its tensors is {got[:16]}..., "
                              f"the index says {expect[:16]}...)")
-    return shard
+    return header, images, masks
