@@ -14,12 +14,12 @@ repeats); plus 2,000 samples of 500 scenes at 480-640 px prepared at 512 px. Sec
    decoding worker, and time.
 2. one epoch of reads (``Loader``, batch 64, shuffled, from the shards, prefetch 2), each in a
    fresh process: peak RSS, peak anonymous RSS (sampled every 10 ms) and images/s.
-3. read throughput on the 8,000-sample split, each loader in a fresh process: the in-memory
-   loader (``index_select`` on whole-split tensors, as the Loader was before shards), the Loader
-   on a split held in memory, and on its shards with the page cache warm and cold (this
-   split's files evicted first with ``posix_fadvise(DONTNEED)``); the loader alone (a whole
-   epoch) and into a train step (the library's eager step on SegNet widths 8,16, flip
-   augmentation, batch 64; 12 batches after a warm-up step).
+3. read throughput on the 8,000-sample split, every loader in one process in interleaved turns
+   (so a shared machine's load falls on all alike; medians): the in-memory loader as it was
+   before shards (``index_select`` on whole-split tensors), the Loader on the split held in
+   memory, and on its shards with the page cache warm and cold (the split's files evicted with
+   ``posix_fadvise(DONTNEED)`` before each turn); the loader alone (touching every byte) and
+   into a train step (the library's eager step on SegNet widths 8,16, flip augmentation, batch 64).
 4. two processes reading the same split at once: RSS and PSS (``/proc/PID/smaps_rollup``) of
    each after both read every sample, from shards vs in memory, and the page cache's share
    (``Cached`` in /proc/meminfo before and after): one copy for both readers.
@@ -38,6 +38,7 @@ Writes ``experiments/results/bench_data_scale_<cpu|cpu_quick>.{json,md}``. Not a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -229,8 +230,48 @@ def _child_fit(a) -> dict:
             "peak_rss_mb": _status()["VmHWM"]}
 
 
+_ROWS = ("tensors (the Loader before shards)", "Loader, in memory", "Loader, shards, warm", "Loader, shards, cold")
+
+
+def _child_throughput(a) -> dict:
+    """Every row in this one process, interleaved (row 1, 2, 3, 4, 1, 2, ...) ``a.repeats`` times,
+    ``a.batches`` batches a turn, so the load of a shared machine falls on all rows alike; medians."""
+    import itertools
+    import statistics
+
+    from functional_seg.core import random as jr
+    from functional_seg.data import Loader, prepare
+
+    memory = prepare(a.root, "train", a.size, cache_dir=a.cache, in_memory=True, progress=False)
+    shards = prepare(a.root, "train", a.size, cache_dir=a.cache, in_memory=False, progress=False)
+    tensors = memory.images, memory.masks
+    step = _step_fn(a.size) if a.step else None
+    if step is not None:  # the first step allocates; time the ones after
+        with contextlib.closing(Loader(memory, a.batch_size).epoch(jr.key(0))) as warm:
+            step(*next(warm))
+
+    def turn(row: int, key) -> float:
+        if row == 3:
+            _evict(shards.cache_path)
+        batches = (_batches(argparse.Namespace(loader="tensors", batch_size=a.batch_size), tensors, key) if row == 0
+                   else Loader(memory if row == 1 else shards, a.batch_size).epoch(key))
+        t0 = time.perf_counter()
+        n = 0
+        with contextlib.closing(iter(batches)) as it:
+            for images, masks in itertools.islice(it, a.batches):
+                step(images, masks) if step is not None else images.float().mean()
+                n += images.shape[0]
+        return n / (time.perf_counter() - t0)
+
+    rates: dict[int, list[float]] = {r: [] for r in range(len(_ROWS))}
+    for rep in range(a.repeats):
+        for row in range(len(_ROWS)):
+            rates[row].append(turn(row, jr.fold_in(jr.key(1), rep)))
+    return {_ROWS[r]: {"images_per_s": statistics.median(v), "turns": v} for r, v in rates.items()}
+
+
 def _child(a) -> None:
-    fn = {"prepare": _child_prepare, "read": _child_read, "fit": _child_fit}[a.child]
+    fn = {"prepare": _child_prepare, "read": _child_read, "fit": _child_fit, "throughput": _child_throughput}[a.child]
     print(MARK + json.dumps(fn(a)), flush=True)
 
 
@@ -421,11 +462,17 @@ def _tables(args, results: dict) -> list[str]:
            "", f"Peak RSS growth {small} -> {large}: {C.fmt(_growth(results['read'], 'peak_rss_mb', small, large))} "
                "(target < 0.10)", ""]
     tp = results["throughput"]
-    ref_alone, ref_step = tp.get("tensors", {}).get("alone", {}), tp.get("tensors", {}).get("step", {})
-    rows = [{"loader": k, "alone": v["alone"].get("images_per_s"), "x_alone": _ratio(v["alone"], ref_alone),
-             "step": v["step"].get("images_per_s"), "x_step": _ratio(v["step"], ref_step),
-             "status": v["alone"].get("status", v["step"].get("status", "ok"))} for k, v in tp.items()]
-    out += [f"## 3. read throughput, {args.sizes[1]}@128 (fresh process each; x = over the in-memory tensors)", "",
+    alone, step = tp.get("alone", {}), tp.get("step", {})
+    ref = "Loader, in memory"
+    rows = []
+    for name in _ROWS:
+        a, b = alone.get(name, {}), step.get(name, {})
+        rows.append({"loader": name, "alone": a.get("images_per_s"), "x_alone": _ratio(a, alone.get(ref, {})),
+                     "step": b.get("images_per_s"), "x_step": _ratio(b, step.get(ref, {})),
+                     "status": alone.get("status", step.get("status", "ok"))})
+    out += [f"## 3. read throughput, {args.sizes[1]}@128: every row in one process, interleaved turns "
+            "(alone: 5 turns of 16 batches; into a train step: 4 turns of 3 steps), medians; x = over the "
+            "Loader on the split in memory", "",
             C.md_table(rows, [("loader", "loader"), ("alone", "loader alone, images/s"), ("x_alone", "x"),
                               ("step", "into a train step, images/s"), ("x_step", "x")]), ""]
     pss = [{"storage": k, "rss": " + ".join(C.fmt(x) for x in v.get("rss_mb", [])),
@@ -459,7 +506,8 @@ def parse_args(argv=None):
     for name, kw in (("--root", {}), ("--size", {"type": int}), ("--cache", {}), ("--storage", {"default": "auto"}),
                      ("--batch-size", {"type": int, "default": 64}), ("--prefetch", {"type": int, "default": 2}),
                      ("--loader", {"default": "loader"}), ("--max-steps", {"type": int, "default": 40}),
-                     ("--step-batches", {"type": int, "default": 12})):
+                     ("--step-batches", {"type": int, "default": 12}), ("--batches", {"type": int, "default": 16}),
+                     ("--repeats", {"type": int, "default": 5})):
         p.add_argument(name, help=argparse.SUPPRESS, **kw)
     for flag in ("--step", "--cold", "--hold"):
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
@@ -489,14 +537,10 @@ def _sections(args, datasets: dict, cache: Path) -> dict:
             results["read"][name] = _run("read", args, *common[name], "--storage", "shards")
     mid = common[f"{args.sizes[1]}@128"]
     if "throughput" in todo:
-        for row, extra in (("tensors", ["--storage", "memory", "--loader", "tensors"]),
-                           ("Loader, in memory, prefetch 0", ["--storage", "memory", "--prefetch", "0"]),
-                           ("Loader, in memory, prefetch 2", ["--storage", "memory"]),
-                           ("Loader, shards, warm", ["--storage", "shards"]),
-                           ("Loader, shards, cold", ["--storage", "shards", "--cold"])):
-            print(f"throughput {row}", flush=True)
-            results["throughput"][row] = {"alone": _run("read", args, *mid, *extra),
-                                          "step": _run("read", args, *mid, *extra, "--step")}
+        for label, extra in (("alone", ["--batches", "16", "--repeats", "5"]),
+                             ("step", ["--step", "--batches", "3", "--repeats", "4"])):
+            print(f"throughput, {label}", flush=True)
+            results["throughput"][label] = _run("throughput", args, *mid, *extra)
     if "pss" in todo:
         for storage in ("shards", "memory"):
             print(f"two readers, {storage}", flush=True)
