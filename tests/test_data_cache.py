@@ -294,7 +294,13 @@ def test_reading_from_shards_holds_none_of_them_in_this_process(pets, tmp_path):
     opened = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(
         f"/proc/self/fd/{fd}")}
     assert sum(p.startswith(str(data.cache_path)) for p in opened) == 8  # one descriptor per shard
-    assert torch.equal(images, data.images)
+    for shard in data.cache_path.glob("shard-*.safetensors"):  # out of the page cache: read from the disk
+        fd = os.open(shard, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    assert torch.equal(data.gather(range(N))[0], images)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(data.gather(order)[1], data.masks[order])
 
 
 def test_strict_failure_then_skip_bad_decodes_nothing_again(pets, tmp_path, monkeypatch):

@@ -154,14 +154,19 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
         raise ShardError(f"{path}: cannot read prepared shard ({e.strerror or e})") from None
 
 
+_NOWAIT = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")  # Linux >= 4.14: read only what is cached
+
+
 class ShardFile:
     """A shard opened for random reads of its rows (``os.preadv`` into the caller's buffers).
 
     Rows are read through the page cache (one copy for every process on the machine) straight
     into the batch buffers: nothing is mapped, so this process's RSS never holds the split. The
     file is advised ``POSIX_FADV_RANDOM`` (no read-ahead around each read: on a disk whose
-    read-ahead is 8 MiB that would read 128 times a 64 KiB sample), and ``willneed`` asks for a
-    batch's rows before they are read, so a cold batch is one burst of reads the disk serves together.
+    read-ahead is 8 MiB that would read 128 times a 64 KiB sample). ``read_cached`` copies the
+    rows already in the page cache without waiting (``RWF_NOWAIT``), ``willneed`` asks for the
+    rest at once and ``read_rows`` then reads them, so a cold batch is one burst of reads the disk
+    serves together and a warm one costs one system call per row and tensor.
 
     Args:
         path: the shard file.
@@ -208,6 +213,31 @@ class ShardFile:
                 os.posix_fadvise(self.fd, offset, length, getattr(os, name))
             except OSError:
                 pass  # advice only
+
+    def read_cached(self, rows, positions, images: np.ndarray | None, masks: np.ndarray | None) -> list[int]:
+        """``read_rows`` for the rows whose bytes are in the page cache, without waiting for the disk
+        (``RWF_NOWAIT``); returns the indices (into ``rows``) of the others, still to read. Where the
+        kernel cannot say, nothing is read and every index comes back."""
+        if not _NOWAIT:
+            return list(range(len(rows)))
+        start, misses = self.header.data_start, []
+        for k, (i, j) in enumerate(zip(rows, positions)):
+            hit = images is None or self._read_nowait(images[j], start + i * self._image)
+            mask_at = start + self.header.image_bytes + i * self._mask
+            hit = hit and (masks is None or self._read_nowait(masks[j], mask_at))
+            if not hit:
+                misses.append(k)
+        return misses
+
+    def _read_nowait(self, out: np.ndarray, offset: int) -> bool:
+        global _NOWAIT
+        try:
+            return os.preadv(self.fd, [out], offset, os.RWF_NOWAIT) == out.nbytes
+        except BlockingIOError:
+            return False
+        except OSError:  # EOPNOTSUPP and the like: this file system cannot say; stop asking
+            _NOWAIT = False
+            return False
 
     def willneed(self, rows) -> None:
         """Start reading these rows' bytes (both tensors) in the background."""
