@@ -10,12 +10,14 @@ which release the GIL and never start torch's thread pool from the loader's back
 Rows already in the page cache are copied without waiting; the others are asked for together
 (``posix_fadvise(WILLNEED)``) and then read (``shards.ShardFile``).
 
-Why ``pread`` and not ``mmap``: both read the same page cache, but measured on this project's
-CPU machine (kernel 6.18, ext4, whose page cache holds large folios) gathering 64 random 128 px
-samples from a mapped 2 GB split took 7-11 ms (page faults, then ``MADV_DONTNEED`` to keep RSS
-bounded) against 3.1-4.4 ms with ``preadv`` (1.6-1.8 ms from memory); and without dropping the
-mappings a 64 KiB read mapped up to a 2 MiB folio, so RSS grew to 1.7 GB after 200 MB of reads
-(``benchmarks/bench_data_scale.py``; the mapped variant is in this file's history).
+Why ``pread`` and not ``mmap``: both read the same page cache, but on this project's CPU machine
+(kernel 6.18, ext4, whose page cache holds large folios), gathering 64 random 128 px samples of
+a 2 GB split, side by side in one process on a loaded machine, took 7-11 ms mapped (page
+faults, then ``MADV_DONTNEED`` to keep RSS bounded) against 3.1-4.4 ms with ``preadv`` and
+1.6-1.8 ms from memory; in a quiet moment 0.73 ms with ``preadv`` (rows in the page cache read
+with ``RWF_NOWAIT``) against 0.44 ms from memory. And a mapping left in place mapped up to a
+2 MiB folio per 64 KiB read: RSS grew to 1.7 GB after 200 MB of reads. (The mapped variant is
+in this file's history; ``benchmarks/bench_data_scale.py`` measures the loader.)
 
 Integrity: a shard's tensors are checked against the sha256 its index recorded the first time
 this process opens it (the first gather that touches it, on the loader's prefetch thread; all
