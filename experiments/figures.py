@@ -101,5 +101,5 @@ def write_figures(curves: dict[str, dict], predictions: dict[str, dict], test, o
         [("train_loss", loss_label), ("val_pixel_accuracy", "val pixel accuracy"), ("val_mean_iou", "val mean IoU")],
         out / f"{stem}_curves.png", title)})
     guarded("predictions", lambda: {"path": plot_predictions(
-        *test.gather(range(4)), {n: r["_preds"] for n, r in predictions.items()},
+        *test.gather(range(min(4, len(test)))), {n: r["_preds"] for n, r in predictions.items()},
         out / f"{stem}_predictions.png", "test images (clean)")})

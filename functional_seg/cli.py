@@ -187,19 +187,34 @@ def cmd_audit(args) -> int:
 
 def cmd_eval(args) -> int:
     from .core.files import dumps
-    from .data import prepare
     from .models import load_checkpoint
-    from .train.evaluation import evaluate_checkpoint
     from .train.log import format_evaluation
 
     runtime = _runtime(args)
     member = "all" if args.member is None else args.member
     loaded = load_checkpoint(args.checkpoint, device=runtime.device, weights=args.weights, member=member)
+    if args.size:
+        loaded = dataclasses.replace(loaded, preprocess=dataclasses.replace(loaded.preprocess, size=args.size))
     pre = loaded.preprocess
-    data_cfg = _settings(_data_config(), args, size=args.size or pre.size, policy=pre.policy)
-    data = prepare(Path(args.data), args.split, data_cfg.size, progress=True, **data_cfg.prepare_kwargs())
-    result = evaluate_checkpoint(loaded, data, runtime=runtime, batch_size=args.batch_size, progress=True,
-                                 data_label=f"{args.data} ({args.split})", boundary_ratio=args.boundary_ratio)
+    data_cfg = _settings(_data_config(), args, size=pre.size, policy=pre.policy)
+    label = f"{args.data} ({args.split})"
+    if args.full_res:
+        from .train.full_res import evaluate_full_res
+
+        result = evaluate_full_res(loaded, Path(args.data), args.split, runtime=runtime,
+                                   binary_255=data_cfg.binary_255, strict=not data_cfg.skip_bad, tile=args.tile,
+                                   tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+                                   boundary_ratio=args.boundary_ratio, workers=data_cfg.workers or 2,
+                                   data_label=label)
+        where = "at full resolution (each image at its own size, scored against its original mask)"
+    else:
+        from .data import prepare
+        from .train.evaluation import evaluate_checkpoint
+
+        data = prepare(Path(args.data), args.split, data_cfg.size, progress=True, **data_cfg.prepare_kwargs())
+        result = evaluate_checkpoint(loaded, data, runtime=runtime, batch_size=args.batch_size, progress=True,
+                                     data_label=label, boundary_ratio=args.boundary_ratio)
+        where = f"at {result['resolution']}, the prepared images and masks"
     if args.reliability:
         from .reliability import save_summary_diagrams
 
@@ -208,8 +223,8 @@ def cmd_eval(args) -> int:
     if args.json:
         print(dumps(result, indent=2))
         return 0
-    header = (f"{args.checkpoint}: {loaded.meta['model']} on {args.split} ({len(data)} images at {data_cfg.size}px, "
-              f"{runtime.precision})")
+    header = (f"{args.checkpoint}: {loaded.meta['model']} on {args.split}, {result['images']} images {where} "
+              f"({runtime.precision})")
     print(format_evaluation(result, result["class_names"], header=header))
     return 0
 
@@ -259,7 +274,8 @@ def cmd_export(args) -> int:
     if result.note:
         print(f"note: {result.note}")
     shape = "[N, 3, H, W], H and W multiples of the stride" if result.dynamic_hw else \
-        f"[N, 3, {result.example_size}, {result.example_size}]"
+        "[N, 3, {}, {}]".format(*result.example_size if isinstance(result.example_size, tuple)
+                                else (result.example_size,) * 2)
     print(f"{args.checkpoint} -> {result.path} ({result.format}; input float32 RGB in [0, 1] {shape}; "
           "output logits [N, C, H, W])")
     return 0
@@ -324,6 +340,19 @@ def _positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return n
+
+
+def _size(value: str) -> int | tuple[int, int]:
+    """S or HxW, positive (``data.splits.parse_size``)."""
+    from .data.splits import parse_size
+
+    try:
+        size = parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if min(size if isinstance(size, tuple) else (size,)) < 1:
+        raise argparse.ArgumentTypeError(f"expected S or HxW in positive pixels, got {value!r}")
+    return size
 
 
 def _member(value: str) -> int | str:
@@ -393,7 +422,16 @@ def _add_eval(sub) -> None:
     e.add_argument("--checkpoint", required=True, metavar="FILE")
     e.add_argument("--data", required=True, metavar="DIR")
     e.add_argument("--split", default="test")
-    e.add_argument("--size", type=_positive_int, default=None, help="default: the training size")
+    e.add_argument("--size", type=_size, default=None, metavar="S",
+                   help="S or HxW (default: the training size); the prepared images' size, or with --full-res "
+                        "the size whole images are fitted to before their logits are resized back")
+    e.add_argument("--full-res", action="store_true",
+                   help="score every image at its own size against its original mask file (the protocol papers "
+                        "report) instead of the prepared, resized split; an ensemble is scored as its mean "
+                        "prediction")
+    e.add_argument("--tile", type=_positive_int, default=None, metavar="T",
+                   help="with --full-res: sliding windows of side T instead of whole images")
+    e.add_argument("--tile-overlap", type=float, default=0.25, help="with --tile: fraction of T windows share")
     e.add_argument("--batch-size", type=_positive_int, default=32)
     e.add_argument("--device", default="auto")
     e.add_argument("--member", type=_member, default=None,
@@ -419,7 +457,8 @@ def _add_predict(sub) -> None:
                         "<name> keeps each input's path relative to the inputs' common folder (a/cat.jpg and "
                         "b/cat.jpg -> a/cat_mask.png, b/cat_mask.png), plus _<suffix> when two inputs in one "
                         "folder share a stem (cat.jpg, cat.png -> cat_jpg, cat_png)")
-    p.add_argument("--size", type=_positive_int, default=None, help="default: the training size")
+    p.add_argument("--size", type=_size, default=None, metavar="S",
+                   help="S or HxW: the size whole images are fitted to (default: the training size)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--member", type=_member, default=None,

@@ -120,12 +120,21 @@ class ExportResult:
     path: Path
     format: str
     dynamic_hw: bool
-    example_size: int
+    example_size: int | tuple[int, int]  # S (square) or (H, W), as ``Preprocess.size`` records it
     note: str = ""
 
 
-def _example(model, size: int, batch: int = 2) -> torch.Tensor:
-    return torch.rand(batch, model.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _text(size: int | tuple[int, int]) -> str:
+    h, w = _hw(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def _example(model, size: int | tuple[int, int], batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, model.in_channels, *_hw(size), generator=torch.Generator().manual_seed(0))
 
 
 def _dynamic_shapes(model, dynamic_hw: bool):
@@ -137,7 +146,7 @@ def _dynamic_shapes(model, dynamic_hw: bool):
     return ({0: batch, 2: model.stride * h_blocks, 3: model.stride * w_blocks},)
 
 
-def _trace(module: ExportModule, size: int, dynamic_hw: bool) -> torch.export.ExportedProgram:
+def _trace(module: ExportModule, size: int | tuple[int, int], dynamic_hw: bool) -> torch.export.ExportedProgram:
     x = _example(module.model, size)
     with torch.no_grad():
         return torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(module.model, dynamic_hw),
@@ -149,13 +158,13 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
-def _in_words(err: BaseException, model, size: int) -> str:
+def _in_words(err: BaseException, model, size: int | tuple[int, int]) -> str:
     """Why H, W could not stay symbolic, in words (torch's own text is a constraint dump)."""
     text = str(err)
-    cells = size // model.stride
+    cells = min(_hw(size)) // model.stride
     if "Constraints violated" in text or "specializ" in text.lower():
         if cells == 1:
-            return (f"at the training size {size} px the model's coarsest feature map is 1 x 1 (stride "
+            return (f"at the training size {_text(size)} px the model's coarsest feature map is 1 x 1 (stride "
                     f"{model.stride}), and torch.export fixes every dimension of size 1; a model trained at --size "
                     f"{2 * model.stride} or more exports with dynamic H, W")
         return "tracing fixed H and W to the example's size (the model computes with them as plain numbers)"
@@ -164,19 +173,20 @@ def _in_words(err: BaseException, model, size: int) -> str:
     return f"tracing with symbolic H, W failed ({_first_line(err)})"
 
 
-def _probe(program: torch.export.ExportedProgram, model, size: int) -> None:
+def _probe(program: torch.export.ExportedProgram, model, size: int | tuple[int, int]) -> None:
     """Run the program at another H and W: a graph that guards on its example size fails here.
 
     ``torch.export`` accepts a branch on the input size (ViT's "is this the trained grid?") by
     adding a runtime assertion, so a dynamic export is only trusted after one call off its example.
     """
     s = model.stride
-    x = torch.zeros(1, model.in_channels, size + s, size + 2 * s)
+    h, w = _hw(size)
+    x = torch.zeros(1, model.in_channels, h + s, w + 2 * s)
     with torch.no_grad():
         program.module()(x)
 
 
-def trace(module: ExportModule, size: int, *, dynamic_hw: bool | None = None
+def trace(module: ExportModule, size: int | tuple[int, int], *, dynamic_hw: bool | None = None
           ) -> tuple[torch.export.ExportedProgram, bool, str]:
     """``torch.export`` the module: ``(program, dynamic_hw, note)``.
 
@@ -199,7 +209,7 @@ def trace(module: ExportModule, size: int, *, dynamic_hw: bool | None = None
         program = _trace(module, size, False)
     except Exception as err:
         raise ExportError(f"{module.model.name}: cannot be exported with torch.export: {_first_line(err)}") from err
-    return program, False, (f"{module.model.name}: exported with static H, W = {size} (dynamic batch only): "
+    return program, False, (f"{module.model.name}: exported with static H, W = {_text(size)} (dynamic batch only): "
                             f"{reason}")
 
 
@@ -280,8 +290,8 @@ def export_model(model, params: dict, state: dict, preprocess: Preprocess, out: 
         raise ExportError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
     check_target(out)
     size = preprocess.size or 8 * model.stride
-    if size % model.stride:
-        raise ExportError(f"{model.name}: size {size} is not a multiple of the model's stride {model.stride}")
+    if any(side % model.stride for side in _hw(size)):
+        raise ExportError(f"{model.name}: size {_text(size)} is not a multiple of the model's stride {model.stride}")
     module = ExportModule(model, params, state, preprocess).eval()
     program, dynamic, note = trace(module, size, dynamic_hw=dynamic_hw)
     data = to_pt2_bytes(program) if format == "pt2" else to_onnx_bytes(program)

@@ -500,13 +500,14 @@ def boundary_iou(intersection: Tensor, union: Tensor, *, average: str | None = N
 # ----------------------------------------------------------------------------- calibration
 
 CALIBRATION_ROWS = ("count", "confidence_sum", "correct_sum")
+CALIBRATION_BINS = 15  # the default B of calibration_counts (Guo et al.'s 15 bins)
 
 
 def calibration_counts(
     probs: Tensor,
     target: Tensor,
     *,
-    num_bins: int = 15,
+    num_bins: int = CALIBRATION_BINS,
     ignore_index: int | None = None,
 ) -> Tensor:
     """Per-bin counts of top-label confidence and correctness, for ECE and reliability diagrams.
@@ -696,7 +697,10 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must be a positive number (it keeps absent classes finite); got {eps!r}")
 
 
-def series_custom_iou(logits: Tensor, target: Tensor, *, ignore_index: int | None = None, eps: float = 1e-3,
+SERIES_EPS = 1e-3  # the series' smoothing of its custom IoU
+
+
+def series_custom_iou(logits: Tensor, target: Tensor, *, ignore_index: int | None = None, eps: float = SERIES_EPS,
                       reduction: str = "mean") -> Tensor:
     """The article series' "custom IoU": per-image soft IoU, classes pooled, averaged over images.
 

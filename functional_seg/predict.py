@@ -75,8 +75,8 @@ _UNCERTAINTY_NEEDS = ("--uncertainty needs several predictions per pixel: an ens
                       "members) or --tta flip")
 
 
-def _fit(image: np.ndarray, size: int, policy: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """uint8 [H, W, 3] -> (uint8 [S, S, 3], (x0, y0, w, h) of the image inside it), as training data
+def _fit(image: np.ndarray, size: int | tuple[int, int], policy: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """uint8 [H, W, 3] -> (uint8 [S, S, 3] (or the training (H, W)), (x0, y0, w, h) of the image inside it), as training data
     was fitted (``data.sample.fit_image``)."""
     from PIL import Image
 
@@ -147,8 +147,9 @@ class Predictor:
             self.tile -= self.tile % stride
         elif not self.preprocess.size:
             raise ValueError("the checkpoint records no training size; pass --size S (or --tile T)")
-        elif self.preprocess.size % stride:
-            raise ValueError(f"size {self.preprocess.size} is not a multiple of the model's stride {stride}")
+        elif any(side % stride for side in self.preprocess.hw):
+            h, w = self.preprocess.hw
+            raise ValueError(f"size {h if h == w else f'{h}x{w}'} is not a multiple of the model's stride {stride}")
         self.params, self.state = tree_map(lambda t: t.to(self.device), (self.params, self.state))
 
     @property

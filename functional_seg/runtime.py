@@ -12,6 +12,7 @@ benchmarks) resolves these settings through this module, so "auto" means the sam
                   widths it is 2x faster but needs ~3,400 steps cold (~300 warm) to pay back
                   (``benchmarks/bench_compile_cache.py``). ``--compile on`` is there for long runs.
     CPU memory    ``reuse_freed_cpu_memory()``: freed blocks stay in the process for the next step
+    host memory   ``host_memory_available()``: MemAvailable, capped by the process's cgroup limit
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .options import PRECISIONS
 
 __all__ = ["PRECISIONS", "Runtime", "resolve_runtime", "resolve_device", "resolve_precision", "resolve_channels_last",
            "resolve_compile",
-           "autocast", "reuse_freed_cpu_memory"]
+           "autocast", "reuse_freed_cpu_memory", "host_memory_available"]
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -141,3 +142,77 @@ def reuse_freed_cpu_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return _reused
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (cgroup v2: no limit) reads as None
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes this process's memory cgroup may still charge (limit - usage + its inactive file pages,
+    which the kernel reclaims before it fails an allocation), or None without a limit.
+
+    cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``, whose "no limit" is a huge number).
+    """
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":  # v2: the one unified hierarchy
+            base, names = f"/sys/fs/cgroup{rel}", ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, names = (f"/sys/fs/cgroup/memory{rel}",
+                           ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+        else:
+            continue
+        limit = _read_int(f"{base}/{names[0]}")
+        if limit is None or limit >= 1 << 60:
+            continue
+        usage = _read_int(f"{base}/{names[1]}") or 0
+        inactive = 0
+        try:
+            with open(f"{base}/memory.stat") as f:
+                for stat in f:
+                    key, _, value = stat.partition(" ")
+                    if key == names[2]:
+                        inactive = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(limit - usage + inactive, 0)
+    return None
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory this process can still use, or None where that is not known.
+
+    ``MemAvailable`` from /proc/meminfo (else free pages x page size), capped by what the process's
+    memory cgroup still allows: in a container or a job slot the machine's free memory is not the
+    process's. The one CPU answer behind ``summary.available_memory`` and the prepared data's
+    choice between holding a split in memory and mapping its shards.
+    """
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = None
+    headroom = _cgroup_headroom()
+    if headroom is None:
+        return available
+    return headroom if available is None else min(available, headroom)

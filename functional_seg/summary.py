@@ -41,7 +41,6 @@ estimate, so ``widths=100000,...`` is refused in well under a second instead of 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -53,6 +52,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .core import random as jr
 from .core.tree import flatten_with_names, tree_bytes, tree_map, tree_size
+from .runtime import host_memory_available
 
 __all__ = ["LayerRow", "ModelSummary", "summarize", "format_summary", "available_memory", "check_fits"]
 
@@ -230,22 +230,12 @@ class _LayerTracer(TorchDispatchMode):
 def available_memory(device: str | torch.device = "cpu") -> int | None:
     """Bytes that can be allocated on ``device`` now, or None where that is not known.
 
-    CPU: ``MemAvailable`` from /proc/meminfo, else free pages x page size (``os.sysconf``); CUDA:
+    CPU: ``runtime.host_memory_available`` (MemAvailable, capped by the process's cgroup); CUDA:
     the free memory ``torch.cuda.mem_get_info`` reports; meta: unlimited (None).
     """
     device = torch.device(device)
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
+        return host_memory_available()
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.mem_get_info(device)[0]
     return None

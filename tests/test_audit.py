@@ -7,7 +7,6 @@ Data: a synthetic Oxford-layout set of 40 images at 32 px; a 2-stage SegNet with
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from functional_seg import checkpoint as ckpt
 from functional_seg.audit import audit
 from functional_seg.core.tree import flatten_with_names
-from functional_seg.data import Splits, make_synthetic_dataset, prepare
+from functional_seg.data import PreparedData, Splits, make_synthetic_dataset, prepare
 from functional_seg.data.splits import fold_ids
 from functional_seg.models import create_model
 from functional_seg.train import FitConfig, OptimizerConfig, fit
@@ -42,7 +41,8 @@ def _relabelled(data, names, label):
     images, masks = data.gather(range(len(data)))
     hit = torch.tensor([n in names for n in data.names])
     masks = torch.where(hit[:, None, None] & (masks != 255), torch.tensor(label, dtype=torch.uint8), masks)
-    return dataclasses.replace(data, images=images, masks=masks, cache_path=None)
+    return PreparedData(images, masks, data.names, class_names=data.class_names, layout=data.layout,
+                        policy=data.policy)
 
 
 def _member(tree, k):

@@ -23,7 +23,7 @@ from functional_seg.data import (
     normalize,
     to_float,
 )
-from functional_seg.data.augmentation import _adjust_hue, _blend, _gray, _gray_mean, hsv_to_rgb, rgb_to_hsv
+from functional_seg.data.augmentation import _adjust_hue, _blend, _crop_boxes, _gray, _gray_mean, hsv_to_rgb, rgb_to_hsv
 
 PROPERTY = settings(max_examples=25, deadline=None)
 
@@ -171,6 +171,34 @@ def test_full_area_square_crop_is_identity(key):
     out_img, out_mask = augment(
         key, images, masks, AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
     )
+    torch.testing.assert_close(out_img, images, atol=1e-5, rtol=0)
+    assert torch.equal(out_mask, masks)
+
+
+@PROPERTY
+@given(keys, st.integers(1, 1024), st.integers(1, 1024), geometric_configs)
+def test_crop_boxes_on_non_square_images_keep_area_and_pixel_aspect(key, height, width, cfg):
+    """Cityscapes-like H != W: every box lies inside the image; a box from a candidate that fit has
+    its area fraction in ``crop_scale`` and its aspect IN PIXELS (w W) / (h H) in ``crop_ratio``; the
+    fallback box is the widest (or tallest) centred-ratio crop, as torchvision's."""
+    box = _crop_boxes(key, 64, height, width, cfg).double()
+    x0, y0, w, h = box.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 1 + 1e-6).all() and (y0 + h <= 1 + 1e-6).all()
+    lo, hi = cfg.crop_scale
+    aspect = (w * width) / (h * height)
+    fitted = ((w * h - lo) > -1e-5) & ((w * h - hi) < 1e-5) & (aspect > cfg.crop_ratio[0] * (1 - 1e-5)) & (
+        aspect < cfg.crop_ratio[1] * (1 + 1e-5))
+    in_ratio = width / height
+    fallback = torch.isclose(w, torch.full_like(w, min(1.0, cfg.crop_ratio[1] / in_ratio))) & torch.isclose(
+        h, torch.full_like(h, min(1.0, in_ratio / cfg.crop_ratio[0])))
+    assert (fitted | fallback).all()
+
+
+def test_full_area_crop_of_a_wide_image_is_identity(key):
+    """512x1024-like (here 6 x 12): a full-area crop at the image's own aspect 2 is the image."""
+    images = torch.rand((3, 3, 6, 12), generator=torch.Generator().manual_seed(5))
+    masks = torch.randint(0, 3, (3, 6, 12), generator=torch.Generator().manual_seed(6))
+    out_img, out_mask = augment(key, images, masks, AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(2.0, 2.0)))
     torch.testing.assert_close(out_img, images, atol=1e-5, rtol=0)
     assert torch.equal(out_mask, masks)
 

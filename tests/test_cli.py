@@ -82,7 +82,8 @@ def test_eval_prints_the_table_and_json_equal_to_the_final_test(sample_run, caps
               "--cache-dir", str(cache), "--device", "cpu"]
     assert main(common) == 0
     text = capsys.readouterr().out
-    assert "test (298 images at 64px, fp32)" in text and "mean IoU (macro)" in text
+    assert "on test, 298 images at 64x64 (resize), the prepared images and masks (fp32)" in text
+    assert "mean IoU (macro)" in text
     assert main([*common, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"pixel_accuracy", "mean_iou", "iou", "series_iou", "series_custom_iou"} <= set(result["summary"])

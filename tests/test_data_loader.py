@@ -90,7 +90,7 @@ def test_with_prepared_synthetic_data(tmp_path, key):
 @pytest.mark.parametrize("resident", [False, True])
 def test_cuda_batches(key, resident):
     loader = Loader(_data(10), 5, device="cuda", resident=resident)
-    assert loader._images.is_pinned() != resident
+    assert loader.pinned != resident
     got = []
     for images, masks in loader.epoch(key):
         assert images.is_cuda and masks.is_cuda and masks.dtype == torch.int64
@@ -98,3 +98,29 @@ def test_cuda_batches(key, resident):
     assert sorted(got) == list(range(10))
     cpu = [i for b, _ in Loader(_data(10), 5).epoch(key) for i in _ids(b)]
     assert got == cpu  # the permutation does not depend on the device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_from_shards_gathered_into_pinned_buffers(tmp_path, key):
+    """The prefetch thread gathers into pinned host buffers; the batches on the GPU equal the CPU
+    loader.s."""
+    root = make_synthetic_dataset(tmp_path / "syn", n_trainval=20, n_test=2, size=(24, 32))
+    data = prepare(root, "trainval", (16, 24), cache_dir=tmp_path / "cache", workers=1, in_memory=False,
+                   shard_samples=3)
+    loader = Loader(data, 4, device="cuda")
+    assert loader.pinned and data.storage == "shards"
+    host = loader._host_batch
+    pinned = []
+
+    def watch(idx):
+        images, masks = host(idx)
+        pinned.append(images.is_pinned() and masks.is_pinned())
+        return images, masks
+
+    loader._host_batch = watch
+    cpu = list(Loader(data, 4, prefetch=0).epoch(key))
+    gpu = list(loader.epoch(key))
+    assert len(gpu) == len(cpu) == 5 and pinned == [True] * 5
+    for (gi, gm), (ci, cm) in zip(gpu, cpu):
+        assert gi.is_cuda and gm.is_cuda and gm.dtype == torch.int64 and gi.shape == (4, 3, 16, 24)
+        assert torch.equal(gi.cpu(), ci) and torch.equal(gm.cpu(), cm)

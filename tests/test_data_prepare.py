@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from sample_data import SAMPLE
 
-import functional_seg.data.prepared as prepare_module
+import functional_seg.data.cache as prepare_module
 from functional_seg.data import (
     IGNORE_INDEX,
     DataError,
@@ -157,19 +157,23 @@ def test_cache_is_reused_without_decoding(synthetic, tmp_path, monkeypatch):
     first = prepare(synthetic, "test", 16, cache_dir=tmp_path, workers=1)
     assert first.cache_path is not None and first.cache_path.parent == tmp_path
     assert first.cache_path.name.startswith("oxford_pets-test-16-resize-")
-    mtime = first.cache_path.stat().st_mtime_ns
+    files = sorted(p for p in first.cache_path.iterdir() if not p.name.startswith("."))  # not the .lock
+    mtimes = [p.stat().st_mtime_ns for p in files]
 
     def no_decoding(task):
         raise AssertionError("decoded although a cache existed")
 
     monkeypatch.setattr(prepare_module, "load_sample", no_decoding)
     again = prepare(synthetic, "test", 16, cache_dir=tmp_path, workers=1)
-    assert again.cache_path == first.cache_path and first.cache_path.stat().st_mtime_ns == mtime
+    assert again.cache_path == first.cache_path
+    assert sorted(p for p in again.cache_path.iterdir() if p.name != ".lock") == files
+    assert [p.stat().st_mtime_ns for p in files] == mtimes
     assert torch.equal(again.images, first.images) and torch.equal(again.masks, first.masks)
     assert again.names == first.names
-    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary behind
-    stored = load_file(first.cache_path)
-    assert set(stored) == {"images", "masks"}
+    assert not list(tmp_path.rglob("*.tmp"))  # the atomic writes left no temporary behind
+    assert [p.name for p in files] == ["index.json", "shard-00000.safetensors"]
+    stored = load_file(files[1])  # any safetensors reader opens a shard
+    assert set(stored) == {"images", "masks"} and torch.equal(stored["images"], first.images)
 
 
 def test_cache_key_covers_arguments(synthetic, tmp_path):
@@ -194,13 +198,16 @@ def test_changed_source_invalidates_the_cache(sample_copy, tmp_path):
     assert torch.equal(after.images[1:], before.images[1:])
 
 
-def test_damaged_cache_is_rebuilt(synthetic, tmp_path):
+def test_damaged_index_is_rebuilt_from_the_shards(synthetic, tmp_path, monkeypatch):
     first = prepare(synthetic, "test", 16, cache_dir=tmp_path, workers=1)
-    first.cache_path.write_bytes(b"not a safetensors file")
+    index = first.cache_path / "index.json"
+    good = index.read_bytes()
+    index.write_bytes(b"not an index")
+    monkeypatch.setattr(prepare_module, "load_sample", lambda task: pytest.fail("decoded a whole shard again"))
     with pytest.warns(RuntimeWarning, match="unreadable cache"):
         again = prepare(synthetic, "test", 16, cache_dir=tmp_path, workers=1)
-    assert torch.equal(again.images, first.images)
-    assert load_file(again.cache_path)["images"].shape == first.images.shape
+    assert torch.equal(again.images, first.images) and again.names == first.names
+    assert index.read_bytes() == good
 
 
 def test_default_cache_dir_is_never_inside_the_data(tmp_path, monkeypatch):

@@ -7,7 +7,9 @@
 - a rank that fails at step 2 ends the job non-zero with a line naming it and no checkpoint;
 - a 2-rank run stopped after epoch 1 and resumed ends bit-identical to one run straight through.
 
-Synthetic data: 16 training images at 32 px, 2 steps per epoch. Each ``torchrun`` takes ~10-20 s
+Synthetic data: 16 training images at 32 px, 2 steps per epoch. The ranks read it from shards of 5
+samples at each batch, through the loader's prefetch thread; the single processes they are compared
+with hold it in memory, so the comparisons also hold across the two storages. Each ``torchrun`` takes ~10-20 s
 on two cores (two interpreters importing torch).
 """
 
@@ -54,7 +56,8 @@ if fail_at and os.environ.get("RANK") == "1":
             return step(ts, batch)
         return wrapped
     build.make_train_step = failing
-train = prepare(spec["root"], "trainval", 32, cache_dir=spec["cache"], workers=1)
+train = prepare(spec["root"], "trainval", 32, cache_dir=spec["cache"], workers=1, in_memory=False, shard_samples=5)
+assert train.storage == "shards"
 config = FitConfig(batch_size=8, epochs=spec["epochs"], optimizer=OptimizerConfig(lr=1e-2),
                    augment=augment_preset("flip_jitter_crop"), log_every=1)
 fit(bn_free_model(), Splits(train), config, out_dir=spec["out"], resume=spec.get("resume", False), hooks=[])
@@ -80,7 +83,8 @@ def data(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     root = make_synthetic_dataset(base / "pets", n_trainval=16, n_test=8, size=48)
     cache = base / "cache"
-    return base, root, cache, prepare(root, "trainval", 32, cache_dir=cache, workers=1)
+    prepare(root, "trainval", 32, cache_dir=cache, workers=1, shard_samples=5)  # the ranks' shards
+    return base, root, cache, prepare(root, "trainval", 32, cache_dir=cache, workers=1, in_memory=True)
 
 
 def _worker(tmp_path, data, out, **spec):

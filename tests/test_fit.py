@@ -24,11 +24,27 @@ from functional_seg.train import loop as loop_mod
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = make_synthetic_dataset(tmp_path_factory.mktemp("syn") / "pets", n_trainval=16, n_test=8, size=48)
+def pets(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn") / "pets", n_trainval=16, n_test=8, size=48)
+
+
+@pytest.fixture(scope="module")
+def data(pets, tmp_path_factory):
+    """Train and val held in memory."""
     cache = tmp_path_factory.mktemp("cache")
-    train = prepare(root, "trainval", 32, cache_dir=cache, workers=1)
-    val = prepare(root, "test", 32, cache_dir=cache, workers=1)
+    train = prepare(pets, "trainval", 32, cache_dir=cache, workers=1, in_memory=True)
+    val = prepare(pets, "test", 32, cache_dir=cache, workers=1, in_memory=True)
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def sharded(pets, tmp_path_factory):
+    """The same splits read from shards of 5 samples at each batch (every batch crosses shards):
+    the resumed runs below read these and must match ``one_go``, which read memory."""
+    cache = tmp_path_factory.mktemp("shards")
+    train = prepare(pets, "trainval", 32, cache_dir=cache, workers=1, in_memory=False, shard_samples=5)
+    val = prepare(pets, "test", 32, cache_dir=cache, workers=1, in_memory=False, shard_samples=5)
+    assert train.storage == val.storage == "shards"
     return train, val
 
 
@@ -88,10 +104,10 @@ def test_fit_writes_the_run_directory(one_go, model):
     assert best_meta["extra"]["best_mean_iou"] == pytest.approx(best_score)
 
 
-def test_resume_from_an_epoch_end_is_bit_identical(one_go, model, data, tmp_path):
-    first = _fit(model, data, tmp_path, epochs=1)
+def test_resume_from_an_epoch_end_is_bit_identical(one_go, model, sharded, tmp_path):
+    first = _fit(model, sharded, tmp_path, epochs=1)
     assert first.step == 2
-    resumed = _fit(model, data, tmp_path, epochs=2, resume=True)
+    resumed = _fit(model, sharded, tmp_path, epochs=2, resume=True)
     assert resumed.step == 4
     assert _params_equal(resumed.train_state, one_go[0].train_state)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -99,10 +115,10 @@ def test_resume_from_an_epoch_end_is_bit_identical(one_go, model, data, tmp_path
     assert json.loads(lines[1])["train_loss"] == one_go[0].history[1]["train_loss"]
 
 
-def test_resume_mid_epoch_is_bit_identical(one_go, model, data, tmp_path):
-    stopped = _fit(model, data, tmp_path, max_steps=3, checkpoint_every=1)
+def test_resume_mid_epoch_is_bit_identical(one_go, model, sharded, tmp_path):
+    stopped = _fit(model, sharded, tmp_path, max_steps=3, checkpoint_every=1)
     assert stopped.step == 3
-    resumed = _fit(model, data, tmp_path, resume=True)
+    resumed = _fit(model, sharded, tmp_path, resume=True)
     assert resumed.step == 4
     assert _params_equal(resumed.train_state, one_go[0].train_state)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -39,20 +39,22 @@ TINY = {
 SIZE = 32
 
 
-def make_checkpoint(path, name: str, *, size: int = SIZE, policy: str = "resize", seed: int = 0,
-                    preprocess: bool = True, class_names=OXFORD_NAMES, **cfg):
+def make_checkpoint(path, name: str, *, size: int | tuple[int, int] = SIZE, policy: str = "resize", seed: int = 0,
+                    preprocess: bool = True, class_names=OXFORD_NAMES, layout: str | None = None, perturb_stats: bool = True, **cfg):
     """Write a checkpoint of a freshly initialised ``name`` (tiny cfg unless given) to ``path``.
 
     Batch-norm statistics are moved off their init values (mean 0, var 1), so eval-mode
-    normalisation is exercised. Returns ``(model, params, state, preprocess)``.
+    normalisation is exercised (``perturb_stats=False`` keeps them: a tiny segnet then predicts
+    every class on a photo, where perturbed ones predict one class everywhere). Returns
+    ``(model, params, state, preprocess)``.
     """
     model = create_model(name, **(cfg or TINY[name]))
     ts = init_train_state(model, make_optimizer(), jr.key(seed))
     gen = torch.Generator().manual_seed(seed)
-    stats = tree_map(lambda t: t + 0.5 * torch.rand(t.shape, generator=gen) if t.is_floating_point() else t,
-                     ts.state)
-    ts = ts._replace(state=stats)
-    pre = Preprocess(size=size, policy=policy, class_names=tuple(class_names))
+    if perturb_stats:
+        ts = ts._replace(state=tree_map(
+            lambda t: t + 0.5 * torch.rand(t.shape, generator=gen) if t.is_floating_point() else t, ts.state))
+    pre = Preprocess(size=size, policy=policy, class_names=tuple(class_names), layout=layout)
     meta = {**model_metadata(model), "args": {"size": size}, "ensemble": 0}
     if preprocess:
         meta["preprocess"] = pre.to_dict()

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,11 @@ def user_cache_dir() -> Path:
     return base / "functional_seg"
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+def write_atomic(path: str | os.PathLike, data: bytes | str | Sequence[bytes | memoryview]) -> Path:
     """Write ``data`` to ``path`` via a fsynced temporary file and ``os.replace``.
+
+    ``data`` may be a list of buffers (bytes, memoryviews of numpy arrays), written one after the
+    other, so a large file is never joined into one copy in memory first.
 
     Raises:
         OSError: as the OS gives it (read-only folder, disk full, a file where a folder should
@@ -81,6 +85,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
+    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
         with contextlib.suppress(OSError):
@@ -91,7 +96,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,9 +1,10 @@
-"""Data: readers per layout, the prepared cache, an in-memory loader and pure on-device augmentation.
+"""Data: readers per layout, the sharded prepared cache, a prefetching loader and pure on-device augmentation.
 
 Data flows one way::
 
-    files --prepare--> PreparedData (uint8 [N, 3, S, S], masks uint8 [N, S, S], names, class_names)
-          --Loader.epoch(key)--> uint8 images [B, 3, S, S], int64 masks [B, S, S] on the device
+    files --prepare--> shards on disk --> PreparedData (uint8 [N, 3, H, W], masks uint8 [N, H, W],
+          names, class_names; in memory, or read from the shards per batch)
+          --Loader.epoch(key)--> uint8 images [B, 3, H, W], int64 masks [B, H, W] on the device
           --to_float, augment(key, ..., cfg), normalize--> float model input
 
 ``prepare(root, ...)`` detects the layout (``detect``): Oxford-IIIT Pet (``oxford_pets``), a
@@ -32,7 +33,8 @@ _EXPORTS = {
     "layouts": ("LAYOUTS", "detect"),
     "loader": ("Loader",),
     "oxford_pets": ("CLASS_NAMES", "NUM_CLASSES", "SPLITS", "find_root", "read_split"),
-    "prepared": ("PreparedData", "overlap", "prepare"),
+    "prepared": ("PreparedData", "overlap"),
+    "cache": ("prepare",),
     "synthetic": ("make_generic_dataset", "make_synthetic_dataset", "make_voc_dataset"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

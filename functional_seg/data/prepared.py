@@ -1,103 +1,103 @@
-"""Decode a split once, resize it to a square, and cache it as one safetensors file.
+"""``PreparedData``: a prepared split, the same object whether its samples sit in memory or are
+read from its shard files per batch.
 
-``prepare(root, split, size)`` detects the layout at ``root`` (Oxford-IIIT Pet, generic
-images/ + masks/, or Pascal VOC; see ``layouts``) and returns ``PreparedData``: uint8 images
-``[N, 3, S, S]`` (RGB), uint8 masks ``[N, S, S]`` (labels 0..C-1, ``IGNORE_INDEX`` where the mask
-said ignore or the "pad" policy padded), the sample names and the C class names. Every layout's
-samples go through the one ``sample.load_sample`` in a process pool over all cores (PIL and
-numpy only in the workers). The result is written atomically to
-``<cache_dir>/<layout>-<split>-<S>-<policy>-<digest>.safetensors`` (``cache_dir`` defaults to
-``$XDG_CACHE_HOME/functional_seg`` or ``~/.cache/functional_seg``: nothing is ever written inside
-the dataset) where the digest covers the layout, resolved root, split, size, policy, seed,
-strictness, class names and every file's name, size and mtime, so a changed source gives a new
-file and the same arguments reuse the old one.
+A split holds N samples: uint8 images ``[N, 3, H, W]`` (RGB) and masks ``[N, H, W]`` (labels
+0..C-1, ``IGNORE_INDEX`` where the mask said ignore or the "pad" policy padded), their names and
+the C class names. ``prepare`` (``data.cache``) makes one from a dataset; tests and tools may
+build one from tensors (``PreparedData(images=..., masks=..., names=..., class_names=...)``).
 
-Resizing: "resize" stretches to S x S (antialiased bilinear for images, nearest for masks);
-"pad" scales the long side to S keeping the aspect ratio, then centres the result on a black
-canvas whose mask is ``IGNORE_INDEX``.
+Samples are read through ``gather(indices)`` (what the loader calls per batch), which copies just
+those rows out of the ``store.Store``; ``subset``, ``repeat`` and ``carve`` are cheap views (an
+index over the same store, nothing copied). ``images`` and ``masks`` still give the whole split
+as tensors: free for a split built from tensors, a full copy otherwise (tests, plots and small
+splits; training code uses ``gather``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
-import warnings
 from collections.abc import Sequence
-from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 
-from ..core.files import user_cache_dir as default_cache_dir  # the library's one cache directory
-from ..core.files import write_atomic
-from .errors import DataError, DataWarning
-from .label_sets import infer_labels
-from .labels import IGNORE_INDEX, POLICIES, LabelMap
-from .layouts import open_source
-from .pool import cpu_count, parallel_map
-from .progress import Progress
-from .sample import SampleTask, load_sample
-from .source import Source, seeded_order
+from .labels import IGNORE_INDEX
+from .source import seeded_order
+from .store import MemorySegment, Store
 
-__all__ = ["PreparedData", "prepare", "overlap", "default_cache_dir", "cache_path"]
+__all__ = ["PreparedData", "overlap"]
 
-_FORMAT = "functional_seg.prepared/2"
+_CHUNK = 256  # rows per scan in class_counts / mean_std: a float64 copy of everything is too big
 
 
-@dataclass(frozen=True, eq=False)
+def _as_rows(indices, n: int, what: str) -> np.ndarray:
+    if isinstance(indices, torch.Tensor):
+        idx = indices.detach().to("cpu", torch.int64).reshape(-1).numpy()
+    else:
+        idx = np.asarray(indices if not isinstance(indices, range) else np.arange(
+            indices.start, indices.stop, indices.step), dtype=np.int64).reshape(-1)
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise IndexError(f"{what}: indices must lie in [0, {n}), got {int(idx.min())}..{int(idx.max())}")
+    return idx
+
+
 class PreparedData:
-    """A prepared split held in memory.
+    """A prepared split (immutable).
 
-    Attributes:
-        images: uint8 [N, 3, S, S], RGB.
-        masks: uint8 [N, S, S], labels 0..C-1 or IGNORE_INDEX (ignored or padded pixels).
+    Args:
+        images: uint8 [N, 3, H, W], RGB (with ``masks``: a split held in memory).
+        masks: uint8 [N, H, W], labels 0..C-1 or IGNORE_INDEX (ignored or padded pixels).
         names: N sample names, in data order.
-        cache_path: the safetensors file it was read from or written to (None if uncached).
+        cache_path: the prepared cache (a folder of shards) it was read from (None if uncached).
         skipped: messages for samples skipped with ``strict=False``.
         class_names: C names, label i is ``class_names[i]``, as the layout named them (required:
             no layout's names are assumed).
         layout: the dataset layout it came from ("oxford_pets", "generic", "voc"), if known.
-        policy: how the images were fitted to the square ("resize" or "pad"); the training
+        policy: how the images were fitted to the training frame ("resize" or "pad"); the training
             contract (``Preprocess.policy``) records it, so predict fits images the same way.
+        store, rows: instead of ``images``/``masks``: the ``store.Store`` its samples live in and
+            which of the store's rows it is (None: all, in order). ``prepare`` and the views pass these.
     """
 
-    images: torch.Tensor
-    masks: torch.Tensor
-    names: tuple[str, ...]
-    cache_path: Path | None = field(default=None, repr=False)
-    skipped: tuple[str, ...] = field(default=(), repr=False)
-    class_names: tuple[str, ...] = ()
-    layout: str | None = None
-    policy: str = "resize"
+    def __init__(self, images: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+                 names: Sequence[str] = (), cache_path: Path | None = None, skipped: Sequence[str] = (),
+                 class_names: Sequence[str] = (), *, layout: str | None = None, policy: str = "resize", store: Store | None = None,
+                 rows: np.ndarray | None = None):
+        if store is None:
+            store = self._memory_store(images, masks)
+        elif images is not None or masks is not None:
+            raise ValueError("PreparedData: pass images and masks, or a store, not both")
+        n = len(store) if rows is None else len(rows)
+        if len(names) != n:
+            raise ValueError(f"PreparedData.names: {len(names)} names for {n} images")
+        if not 1 <= len(class_names) <= IGNORE_INDEX:
+            raise ValueError(f"PreparedData.class_names: need 1 to {IGNORE_INDEX} names, got {len(class_names)}")
+        values = {"_store": store, "_rows": rows, "names": tuple(names), "cache_path": cache_path,
+                  "skipped": tuple(skipped), "class_names": tuple(class_names), "layout": layout, "policy": policy}
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
 
-    def __post_init__(self):
-        im, mk = self.images, self.masks
-        if im.dtype != torch.uint8 or im.ndim != 4 or im.shape[1] != 3:
-            raise ValueError(
-                f"PreparedData.images: expected uint8 [N, 3, S, S], got {im.dtype} {tuple(im.shape)}"
-            )
-        if mk.dtype != torch.uint8 or mk.shape != (im.shape[0], *im.shape[2:]):
-            raise ValueError(
-                f"PreparedData.masks: expected uint8 {(im.shape[0], *im.shape[2:])}, "
-                f"got {mk.dtype} {tuple(mk.shape)}"
-            )
-        if len(self.names) != im.shape[0]:
-            raise ValueError(f"PreparedData.names: {len(self.names)} names for {im.shape[0]} images")
-        object.__setattr__(self, "names", tuple(self.names))
-        object.__setattr__(self, "class_names", tuple(self.class_names))
-        if not 1 <= len(self.class_names) <= IGNORE_INDEX:
-            raise ValueError(
-                f"PreparedData.class_names: need 1 to {IGNORE_INDEX} names, got {len(self.class_names)}"
-            )
+    @staticmethod
+    def _memory_store(images, masks) -> Store:
+        im, mk = images, masks
+        if not isinstance(im, torch.Tensor) or im.dtype != torch.uint8 or im.ndim != 4 or im.shape[1] != 3:
+            got = f"{im.dtype} {tuple(im.shape)}" if isinstance(im, torch.Tensor) else type(im).__name__
+            raise ValueError(f"PreparedData.images: expected uint8 [N, 3, H, W], got {got}")
+        if not isinstance(mk, torch.Tensor) or mk.dtype != torch.uint8 or mk.shape != (im.shape[0], *im.shape[2:]):
+            got = f"{mk.dtype} {tuple(mk.shape)}" if isinstance(mk, torch.Tensor) else type(mk).__name__
+            raise ValueError(f"PreparedData.masks: expected uint8 {(im.shape[0], *im.shape[2:])}, got {got}")
+        return Store([MemorySegment(im.detach().cpu().numpy(), mk.detach().cpu().numpy())], tuple(im.shape[2:]))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"PreparedData is immutable (cannot set {name!r}); subset() or repeat() make new views")
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self._store) if self._rows is None else len(self._rows)
+
+    def __repr__(self) -> str:
+        h, w = self.hw
+        return (f"PreparedData({len(self)} samples, {h}x{w}, {self.num_classes} classes, {self.storage}"
+                + (f", {self.cache_path}" if self.cache_path else "") + ")")
 
     @property
     def num_classes(self) -> int:
@@ -105,18 +105,101 @@ class PreparedData:
         return len(self.class_names)
 
     @property
-    def size(self) -> int:
-        """Side S of the square images."""
-        return self.images.shape[-1]
+    def hw(self) -> tuple[int, int]:
+        """(H, W) of every image and mask."""
+        return self._store.hw
 
-    def gather(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """The samples at ``indices``: (images uint8 [n, 3, S, S], masks uint8 [n, S, S]), copies."""
-        idx = torch.as_tensor(list(indices) if isinstance(indices, range) else indices, dtype=torch.int64)
-        return self.images.index_select(0, idx), self.masks.index_select(0, idx)
+    @property
+    def size(self) -> int | tuple[int, int]:
+        """S for square S x S samples (as ``prepare(size=S)`` and ``Preprocess.size`` say it), else (H, W)."""
+        h, w = self.hw
+        return h if h == w else (h, w)
+
+    @property
+    def storage(self) -> str:
+        """"memory" (held by this process) or "shards" (read from the cache's shard files at each
+        gather, through the page cache that every process on the machine shares)."""
+        return "shards" if self._store.on_disk else "memory"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its images and masks (N x 4 x H x W)."""
+        return len(self) * self._store.sample_bytes
+
+    def gather(self, indices: Sequence[int] | torch.Tensor,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at ``indices`` as fresh tensors (or written into ``out``).
+
+        Args:
+            indices: B ints in [0, N) (a list, range, numpy array or int64 tensor; repeats allowed).
+            out: optional CPU buffers (uint8 [B, 3, H, W], uint8 [B, H, W]) to fill, e.g. pinned ones.
+
+        Returns:
+            (images uint8 [B, 3, H, W], masks uint8 [B, H, W]) on the CPU, never views of the data.
+
+        Raises:
+            IndexError: an index outside [0, N).
+            DataError: a shard of the cache is damaged and cannot be rebuilt (named in the message).
+        """
+        idx = _as_rows(indices, len(self), "gather")
+        rows = idx if self._rows is None else self._rows[idx]
+        h, w = self.hw
+        b = len(rows)
+        if out is None:
+            out = (torch.empty((b, 3, h, w), dtype=torch.uint8), torch.empty((b, h, w), dtype=torch.uint8))
+        images, masks = out
+        want = ((b, 3, h, w), (b, h, w), torch.uint8, torch.uint8)
+        if (images.shape, masks.shape, images.dtype, masks.dtype) != want:
+            raise ValueError(f"gather: out must be uint8 {(b, 3, h, w)} and {(b, h, w)}, got "
+                             f"{tuple(images.shape)} and {tuple(masks.shape)}")
+        self._store.gather(rows, images.numpy(), masks.numpy())
+        return images, masks
+
+    def _part(self, which: str) -> torch.Tensor:
+        store = self._store
+        if self._rows is None and len(store.segments) == 1 and not store.on_disk:
+            segment = store.segments[0]
+            return torch.from_numpy(segment.images if which == "images" else segment.masks)
+        h, w = self.hw
+        rows = np.arange(len(store), dtype=np.int64) if self._rows is None else self._rows
+        if which == "images":
+            out = torch.empty((len(rows), 3, h, w), dtype=torch.uint8)
+            store.gather(rows, out.numpy(), None)
+        else:
+            out = torch.empty((len(rows), h, w), dtype=torch.uint8)
+            store.gather(rows, None, out.numpy())
+        return out
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 [N, 3, H, W]: the whole split (a copy unless it was built from tensors)."""
+        return self._part("images")
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """uint8 [N, H, W]: the whole split's masks (a copy unless it was built from tensors)."""
+        return self._part("masks")
+
+    def _chunks(self, images: bool):
+        """(images or None, masks) numpy chunks of up to ``_CHUNK`` rows, in order."""
+        h, w = self.hw
+        for start in range(0, len(self), _CHUNK):
+            idx = np.arange(start, min(start + _CHUNK, len(self)), dtype=np.int64)
+            rows = idx if self._rows is None else self._rows[idx]
+            im = np.empty((len(rows), 3, h, w), dtype=np.uint8) if images else None
+            mk = np.empty((len(rows), h, w), dtype=np.uint8)
+            self._store.gather(rows, im, mk)
+            yield im, mk
 
     def class_counts(self) -> torch.Tensor:
         """Pixels per class, int64 [C] (ignored and padded pixels not counted)."""
-        counts = torch.bincount(self.masks.reshape(-1).to(torch.int64), minlength=256)
+        if self._rows is None and self._store.label_counts is not None:  # recorded per shard by prepare
+            counts = torch.as_tensor(self._store.label_counts, dtype=torch.int64)
+        else:
+            total = np.zeros(256, dtype=np.int64)
+            for _, masks in self._chunks(images=False):
+                total += np.bincount(masks.reshape(-1), minlength=256)
+            counts = torch.from_numpy(total)
         return counts[: self.num_classes].clone()
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -127,9 +210,9 @@ class PreparedData:
         total = torch.zeros(3, dtype=torch.float64)
         total_sq = torch.zeros(3, dtype=torch.float64)
         count = 0
-        for start in range(0, len(self), 256):  # chunks: a float64 copy of everything is too big
-            x = self.images[start : start + 256].to(torch.float64) / 255.0
-            valid = (self.masks[start : start + 256] != IGNORE_INDEX).unsqueeze(1).to(torch.float64)
+        for images, masks in self._chunks(images=True):
+            x = torch.from_numpy(images).to(torch.float64) / 255.0
+            valid = torch.from_numpy(masks != IGNORE_INDEX).unsqueeze(1).to(torch.float64)
             total += (x * valid).sum(dim=(0, 2, 3))
             total_sq += (x * x * valid).sum(dim=(0, 2, 3))
             count += int(valid.sum())
@@ -146,29 +229,22 @@ class PreparedData:
             raise ValueError(
                 f"repeat: need n_total >= 1 and non-empty data, got {n_total} and {len(self)} samples"
             )
-        return self.subset(torch.arange(n_total) % len(self))
+        return self.subset(np.arange(n_total, dtype=np.int64) % len(self))
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> PreparedData:
-        """The samples at ``indices`` (in that order, repeats allowed), same class names.
+        """The samples at ``indices`` (in that order, repeats allowed), same class names: a view
+        over the same storage, nothing copied.
 
         Args:
-            indices: ints in [0, N) (a list, range or int64 tensor).
+            indices: ints in [0, N) (a list, range, numpy array or int64 tensor).
 
         Returns:
-            PreparedData of len(indices) samples, uncached (``cache_path`` None).
+            PreparedData of len(indices) samples, ``cache_path`` None (it is not the whole cache).
         """
-        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
-            raise IndexError(f"subset: indices must lie in [0, {len(self)}), got {idx.min()}..{idx.max()}")
-        return PreparedData(
-            images=self.images.index_select(0, idx),
-            masks=self.masks.index_select(0, idx),
-            names=tuple(self.names[i] for i in idx.tolist()),
-            skipped=self.skipped,
-            class_names=self.class_names,
-            layout=self.layout,
-            policy=self.policy,
-        )
+        idx = _as_rows(indices, len(self), "subset")
+        rows = idx if self._rows is None else self._rows[idx]
+        return PreparedData(names=tuple(self.names[i] for i in idx.tolist()), skipped=self.skipped,
+                            class_names=self.class_names, layout=self.layout, policy=self.policy, store=self._store, rows=rows)
 
     def carve(self, fraction: float, seed: int) -> tuple[PreparedData, PreparedData]:
         """Split off a seeded fraction of the samples, e.g. a validation split out of trainval.
@@ -203,6 +279,7 @@ class PreparedData:
         return self.subset(rest_idx), self.subset(carved_idx)
 
 
+
 def overlap(a: PreparedData, b: PreparedData) -> list[str]:
     """Sample names present in both ``a`` and ``b``, once each, in ``a``'s order (empty when the
     two are disjoint), e.g. to warn when training and evaluation images overlap."""
@@ -210,202 +287,3 @@ def overlap(a: PreparedData, b: PreparedData) -> list[str]:
     return [x for x in dict.fromkeys(a.names) if x in shared]
 
 
-def _stat(p: Path) -> list[int] | None:
-    try:
-        st = p.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def cache_path(cache_dir: Path, split: str, size: int, policy: str, key: dict) -> Path:
-    """``<cache_dir>/<layout>-<split>-<size>-<policy>-<digest of key>.safetensors``."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    layout = key.get("layout", "oxford_pets")
-    return Path(cache_dir) / f"{layout}-{split}-{size}-{policy}-{digest}.safetensors"
-
-
-def _load_cache(path: Path) -> PreparedData | None:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                return None
-            images, masks = f.get_tensor("images"), f.get_tensor("masks")
-        return PreparedData(
-            images=images,
-            masks=masks,
-            names=tuple(json.loads(meta["names"])),
-            cache_path=path,
-            skipped=tuple(json.loads(meta.get("skipped", "[]"))),
-            class_names=tuple(json.loads(meta["class_names"])),
-            layout=json.loads(meta.get("params", "{}")).get("layout"),
-            policy=json.loads(meta.get("params", "{}")).get("policy", "resize"),
-        )
-    except Exception as e:  # a damaged cache file is rebuilt, never fatal
-        warnings.warn(
-            f"prepare: ignoring unreadable cache {path} ({e}); rebuilding", RuntimeWarning, stacklevel=3
-        )
-        return None
-
-
-def _save_cache(path: Path, data: PreparedData, key: dict) -> bool:
-    """One atomic write (``core.files.write_atomic``): readers never see half a file."""
-    meta = {
-        "format": _FORMAT,
-        "names": json.dumps(list(data.names)),
-        "skipped": json.dumps(list(data.skipped)),
-        "class_names": json.dumps(list(data.class_names)),
-        "params": json.dumps({k: v for k, v in key.items() if k not in ("files", "classes")}),
-    }
-    try:
-        write_atomic(path, save({"images": data.images.contiguous(), "masks": data.masks.contiguous()}, meta))
-        return True
-    except OSError as e:
-        warnings.warn(
-            f"prepare: could not write cache {path} ({e}); continuing uncached", RuntimeWarning, stacklevel=3
-        )
-        return False
-
-
-_SHOWN = 5  # bad files named in a summary; the rest are counted
-
-
-def _bad_summary(bad: list[str], total: int, split: str) -> str:
-    """'3 of 120 samples of split 'train' are bad: <msg>; <msg>; <msg>' (the first few named)."""
-    shown = "; ".join(bad[:_SHOWN]) + (f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else "")
-    return f"{len(bad)} of {total} samples of split {split!r} {'is' if len(bad) == 1 else 'are'} bad: {shown}"
-
-
-def _cache_key(src: Source, size: int, policy: str, seed: int, strict: bool) -> dict:
-    if src.labels is not None:
-        classes: object = src.labels.key()
-    else:  # inferred from every mask: any of them changing changes the key
-        classes = {"inferred_from": [[p.name, _stat(p)] for p in src.infer_from]}
-    return {
-        "format": _FORMAT,
-        "layout": src.layout,
-        "root": str(src.root.resolve()),
-        "split": src.split,
-        "size": size,
-        "policy": policy,
-        "seed": seed if src.seeded else None,
-        "strict": strict,
-        "classes": classes,
-        "files": [[n, ip.name, _stat(ip), _stat(mp)] for n, ip, mp in zip(src.names, src.images, src.masks)],
-    }
-
-
-def _decode(
-    src: Source, stats: list, labels: LabelMap, size: int, policy: str, workers: int, progress: bool | None
-) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Every sample of ``src`` through ``load_sample``: (images [K, 3, S, S], masks [K, S, S], the K
-    loaded names, a message per bad sample). ``stats`` are the cache key's file rows."""
-    bad: list[str] = []  # every bad sample's message, in order of discovery
-    tasks = []
-    for name, ip, mp, (_, _, ist, mst) in zip(src.names, src.images, src.masks, stats):
-        if ist is None:
-            bad.append(f"{src.listed_in} lists {name!r} but its image {ip} is missing; expected an image file there")
-        elif mst is None:
-            bad.append(f"{mp}: {src.mask_what} for image {name!r} is missing; expected {src.mask_expected}")
-        else:
-            tasks.append(SampleTask(len(tasks), name, str(ip), str(mp), size, policy, labels,
-                                    src.mask_what, src.mask_expected))
-    images = np.empty((len(tasks), 3, size, size), dtype=np.uint8)
-    masks = np.empty((len(tasks), size, size), dtype=np.uint8)
-    kept: list[str] = []
-    results = parallel_map(load_sample, tasks, max(1, min(workers, len(tasks))))
-    desc = f"prepare {src.split} ({src.layout}, {size}px)"
-    with closing(results), Progress(len(tasks), desc, progress) as bar:
-        for r in results:
-            bar.update()
-            if r.error is not None:
-                bad.append(r.error)
-                continue
-            images[len(kept)] = r.image
-            masks[len(kept)] = r.mask
-            kept.append(r.name)
-    return images[: len(kept)], masks[: len(kept)], kept, bad
-
-
-def prepare(
-    root: str | os.PathLike,
-    split: str = "trainval",
-    size: int = 128,
-    *,
-    policy: str = "resize",
-    cache_dir: str | os.PathLike | None = None,
-    strict: bool = True,
-    workers: int | None = None,
-    seed: int = 0,
-    download: bool = False,
-    progress: bool | None = None,
-    binary_255: bool = False,
-) -> PreparedData:
-    """Decode, check and resize one split, or load it from the cache.
-
-    Args:
-        root: dataset root in any known layout (``layouts.LAYOUT_HELP``): Oxford-IIIT Pet (or its
-            parent holding ``oxford-iiit-pet/``), generic ``images/`` + ``masks/``, or Pascal VOC.
-        split: Oxford: "trainval" / "test" (official) or "train" / "val" / "holdout" (seeded
-            80/10/10). Generic: "train", "val", "test", "trainval" (split files, or seeded
-            80/10/10 without any). VOC: "train", "val", "trainval" (and "test" where listed).
-        size: side S of the square output.
-        policy: "resize" (stretch to S x S) or "pad" (keep aspect, pad with IGNORE_INDEX).
-        cache_dir: where the safetensors cache goes (default: ``default_cache_dir()``, i.e.
-            ``$XDG_CACHE_HOME/functional_seg`` or ``~/.cache/functional_seg``; never inside ``root``).
-        strict: if any sample is bad, raise one ``DataError`` that counts them and names the
-            first few; if False, skip every bad sample and summarise them in one ``DataWarning``
-            (their messages are kept in ``PreparedData.skipped``).
-        workers: decoding processes (default: all usable cores; 1 decodes in this process).
-        seed: seed of the seeded splits (unused for split files).
-        download: let torchvision fetch Oxford-IIIT Pet if ``root`` holds no layout.
-        binary_255: a generic layout's masks are binary, saved 0/255: 255 is class 1, not ignore.
-        progress: while decoding (never on a cache hit), report on stderr: a tqdm bar on a
-            terminal, else a plain line every ~10%. None: only when stderr is a terminal.
-
-    Returns:
-        PreparedData with uint8 images [N, 3, S, S], masks [N, S, S] and C class names.
-
-    Raises:
-        DataError: missing/empty root, missing split file, or (with ``strict``) any bad sample;
-            the message names the file and what was expected.
-    """
-    if policy not in POLICIES:
-        raise ValueError(f"prepare: unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"prepare: size must be a positive int, got {size!r}")
-    src = open_source(root, split, seed=seed, download=download, binary_255=binary_255)
-    key = _cache_key(src, size, policy, seed, strict)
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = cache_path(cache_dir, split, size, policy, key)
-    if path.is_file():
-        cached = _load_cache(path)
-        if cached is not None and len(cached) > 0 and cached.size == size:
-            if cached.skipped:
-                total = len(cached) + len(cached.skipped)
-                summary = _bad_summary(list(cached.skipped), total, split)
-                warnings.warn(f"prepare: {summary}; skipped them (from cache {path.name})", DataWarning, stacklevel=2)
-            return cached
-
-    n_workers = max(1, workers if workers is not None else cpu_count())
-    labels = src.labels if src.labels is not None else infer_labels(src, n_workers)
-    images, masks, kept_names, bad = _decode(src, key["files"], labels, size, policy, n_workers, progress)
-    if bad and strict:
-        raise DataError(f"{_bad_summary(bad, len(src.names), split)}; strict=False (fseg --skip-bad) skips them")
-    if bad:
-        warnings.warn(f"prepare: {_bad_summary(bad, len(src.names), split)}; skipped them", DataWarning, stacklevel=2)
-    if not kept_names:
-        raise DataError(f"{src.root}: none of the {len(src.names)} samples of split {split!r} could be loaded")
-    data = PreparedData(
-        images=torch.from_numpy(images),
-        masks=torch.from_numpy(masks),
-        names=tuple(kept_names),
-        skipped=tuple(bad),
-        class_names=labels.class_names,
-        layout=src.layout,
-        policy=policy,
-    )
-    if _save_cache(path, data, key):
-        data = dataclasses.replace(data, cache_path=path)
-    return data

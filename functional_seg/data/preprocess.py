@@ -6,8 +6,10 @@ experiments, so a model is always fed the way it was trained::
 
     uint8 [N, 3, H, W] --to_float--> [0, 1] --normalize(mean, std)--> (channels_last) --> model
 
-``size`` (None: any size, for steps and tests that do not care) and ``policy`` say how the
-prepared data was made (stretch to S x S, or keep the aspect ratio and pad with ignored pixels);
+``size`` (None: any size, for steps and tests that do not care; S for S x S, recorded as an int
+as it always was, so every checkpoint still loads; or (H, W), e.g. (512, 1024), with ``hw``
+giving (H, W) either way) and ``policy`` say how the prepared data was made (stretch to the size,
+or keep the aspect ratio and pad with ignored pixels);
 ``precision`` and ``channels_last`` how the model ran; ``class_names`` what label i means
 (C = its length), ``ignore_index`` the label that no loss or metric counts, and ``layout`` the
 dataset layout the labels came from ("oxford_pets", "generic", "voc"; the series' own figures,
@@ -29,9 +31,13 @@ from .labels import IGNORE_INDEX, POLICIES
 __all__ = ["Preprocess"]
 
 
+def _is_side(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    size: int | None = None
+    size: int | tuple[int, int] | None = None
     policy: str = "resize"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -42,8 +48,12 @@ class Preprocess:
     layout: str | None = None
 
     def __post_init__(self):
-        if self.size is not None and (not isinstance(self.size, int) or self.size < 1):
-            raise ValueError(f"preprocess size must be a positive integer, got {self.size!r}")
+        size = self.size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_side(v) for v in size):
+            # one spelling per size: (S, S) is recorded as S, as square sizes always were
+            object.__setattr__(self, "size", int(size[0]) if size[0] == size[1] else (int(size[0]), int(size[1])))
+        elif size is not None and not _is_side(size):
+            raise ValueError(f"preprocess size must be a positive integer S or a pair (H, W), got {size!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"preprocess precision must be fp32 or bf16 (resolved), got {self.precision!r}")
         if self.policy not in POLICIES:
@@ -52,6 +62,13 @@ class Preprocess:
             raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean!r}, {self.std!r}")
         if self.class_names is not None and not self.class_names:
             raise ValueError("class_names must name at least one class (or be None: not known)")
+
+    @property
+    def hw(self) -> tuple[int, int] | None:
+        """(H, W) of the model input: (S, S) for a square size, None when the size is not fixed."""
+        if self.size is None:
+            return None
+        return (self.size, self.size) if isinstance(self.size, int) else self.size
 
     @property
     def num_classes(self) -> int | None:

@@ -76,6 +76,8 @@ class DataConfig:
                              "(default: stop, counting the bad files and naming the first few)")
     binary_255: bool = setting(False, help="binary masks saved 0/255 (images/ + masks/ layout): read 255 as class 1, "
                                "not as ignore")
+    full_res_test: bool = setting(False, help="also score the test split at full resolution: each image at its "
+                                  "own size against its original mask (test.json's full_res), as papers report")
 
     def __post_init__(self):
         size = parse_size(self.size)
@@ -107,6 +109,7 @@ class Splits:
     test: Any = None
     val_note: str = "none"
     test_split: str | None = None
+    root: Path | None = None  # the dataset they were prepared from (full-resolution scoring reads it)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -168,7 +171,8 @@ def split_data(root: str | os.PathLike | None, cfg: DataConfig | None = None, *,
     Raises:
         DataError: a missing or bad dataset (the message names the file and the fix).
     """
-    from .prepared import overlap, prepare
+    from .cache import prepare
+    from .prepared import overlap
 
     cfg = cfg or DataConfig()
     root = Path(root) if root is not None else synthetic_root()
@@ -193,7 +197,7 @@ def split_data(root: str | os.PathLike | None, cfg: DataConfig | None = None, *,
         if shared:
             warnings.warn(f"{len(shared)} of the {len(other)} {name} images are also training images "
                           f"(e.g. {shared[0]}): their scores overstate what the model learned", stacklevel=2)
-    return Splits(train, val, test, note, None if test is None else cfg.test_split)
+    return Splits(train, val, test, note, None if test is None else cfg.test_split, root)
 
 
 def fold_ids(names, folds: int, seed: int):

@@ -7,7 +7,7 @@ Layers, each over the ones before it:
     config.py  FitConfig and the settings that change the maths
     rundir.py  the run directory: files, lock, resume checks, finite checkpoints
     build.py   what a config means as functions (contract, optimizer, loss, steps)
-    evaluation.py, log.py, loop.py (fit)
+    evaluation.py (prepared splits), full_res.py (original images and masks), log.py, loop.py (fit)
 
 The names below are imported on first use (PEP 562): ``import functional_seg.train.step`` loads
 the step and what it needs, not the loop, the data readers or PIL.
@@ -20,6 +20,7 @@ import importlib
 _EXPORTS = {
     "config": ("SWEEPABLE", "FitConfig"),
     "evaluation": ("evaluate", "evaluate_ensemble", "evaluate_checkpoint"),
+    "full_res": ("evaluate_full_res",),
     "log": ("ConsoleLog",),
     "loop": ("fit", "plan_run", "FitResult"),
     "build": ("build_steps", "preprocess_for", "Steps"),

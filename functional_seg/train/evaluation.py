@@ -26,7 +26,7 @@ from ..models.saved import Loaded, load_checkpoint
 from ..runtime import Runtime, resolve_runtime
 from .step import make_eval_step
 
-__all__ = ["evaluate", "evaluate_ensemble", "evaluate_checkpoint", "ClassMismatch"]
+__all__ = ["evaluate", "evaluate_ensemble", "evaluate_checkpoint", "ClassMismatch", "check_classes", "summary_of"]
 
 
 def _batches_padded(loader, ignore_index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -39,8 +39,8 @@ def _batches_padded(loader, ignore_index: int) -> Iterator[tuple[torch.Tensor, t
         yield images, masks, n
 
 
-def _summary(sums: dict, count: int, class_names, series: bool, image_size, boundary_ratio: float,
-             detail: bool = False) -> dict:
+def summary_of(sums: dict, count: int, class_names, series: bool, image_size, boundary_ratio: float,
+               detail: bool = False) -> dict:
     """Every figure of a split from its summed counts (one member's); ``detail`` adds the
     reliability diagram's bins (``reliability_*`` and the raw ``calibration_counts`` [3, B]), left
     out of the per-epoch validation records."""
@@ -110,7 +110,7 @@ def evaluate(model, params, state, loader, *, eval_step: Callable | None = None,
     pre = preprocess or Preprocess()
     step = _steps(model, pre, eval_step, boundary_ratio, ensemble=False)
     sums, count, size = _accumulate(step, params, state, loader, pre.ignore_index, progress)
-    return _summary(sums, count, class_names or pre.class_names, pre.layout == "oxford_pets", size, boundary_ratio,
+    return summary_of(sums, count, class_names or pre.class_names, pre.layout == "oxford_pets", size, boundary_ratio,
                     detail)
 
 
@@ -123,7 +123,7 @@ def evaluate_ensemble(model, params, state, loader, *, eval_step: Callable | Non
     k = int(tree_leaves(params)[0].shape[0])
     sums, count, size = _accumulate(step, params, state, loader, pre.ignore_index, progress)
     names, series = class_names or pre.class_names, pre.layout == "oxford_pets"
-    return [_summary({key: v[i] for key, v in sums.items()}, count, names, series, size, boundary_ratio, detail)
+    return [summary_of({key: v[i] for key, v in sums.items()}, count, names, series, size, boundary_ratio, detail)
             for i in range(k)]
 
 
@@ -164,8 +164,10 @@ def evaluate_checkpoint(path, data, *, runtime: Runtime | None = None, device: s
     runtime's (``runtime`` or one resolved for ``device``), not the training machine's.
 
     Returns:
-        ``{"checkpoint", "weights", "member", "summary"}``: ``summary`` is one ``evaluate`` summary,
-        or a list of them (one per member) for an ensemble scored whole.
+        ``{"checkpoint", "weights", "member", "class_names", "resolution", "images", "summary"}``:
+        ``resolution`` is the prepared size and policy the figures are at (e.g. "128x128 (resize)"; see
+        ``full_res.evaluate_full_res`` for the original masks); ``summary`` is one ``evaluate``
+        summary, or a list of them (one per member) for an ensemble scored whole.
     """
     runtime = runtime or resolve_runtime(device)
     loaded = path if isinstance(path, Loaded) else load_checkpoint(path, device=runtime.device, weights=weights,
@@ -178,5 +180,7 @@ def evaluate_checkpoint(path, data, *, runtime: Runtime | None = None, device: s
     score = evaluate_ensemble if loaded.members else evaluate
     summary = score(loaded.model, loaded.params, loaded.state, loader, preprocess=pre, progress=progress,
                     boundary_ratio=boundary_ratio, detail=True)
+    h, w = data.hw
     return {"checkpoint": str(path), "weights": list(loaded.weights), "member": loaded.member,
-            "class_names": list(names), "summary": summary}
+            "class_names": list(names), "resolution": f"{h}x{w} ({pre.policy})", "images": len(data),
+            "summary": summary}

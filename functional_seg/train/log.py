@@ -120,8 +120,13 @@ def format_fit_result(result) -> str:
         lines += _tables("validation", final["val"], names, labels)
     if result.test:
         chosen = ", ".join(sorted(set(result.test.get("weights") or ["params"])))
-        lines += _tables(f"test ({result.test['split']}, {chosen} weights of {result.selected_checkpoint.name})",
-                         result.test["summary"], names, labels)
+        where = f", at {result.test['resolution']}" if result.test.get("resolution") else ""
+        lines += _tables(f"test ({result.test['split']}{where}, {chosen} weights of "
+                         f"{result.selected_checkpoint.name})", result.test["summary"], names, labels)
+        full = result.test.get("full_res")
+        if full:  # an ensemble's mean prediction: one table
+            lines += _tables(f"test ({result.test['split']}) at full resolution: {full['images']} images at their "
+                             "own size against their original masks", full["summary"], names, None)
     best = ""
     if result.best_checkpoint:
         best = (f", {result.best_checkpoint} (best validation mean IoU {_fmt(result.best_mean_iou)}, "

@@ -46,6 +46,7 @@ from .build import Steps, build_steps, preprocess_for
 from .config import FitConfig, maths_record
 from .distributed import World, agree, broadcast_tree, failure_report, world_from_env
 from .evaluation import evaluate, evaluate_checkpoint, evaluate_ensemble
+from .full_res import evaluate_full_res
 from .log import ConsoleLog, call_hooks
 from .rundir import RunDir, RunDirError, TrainingDiverged
 from .state import TrainState, ensemble_size, init_ensemble, init_train_state, with_ema
@@ -470,6 +471,8 @@ def fit(model, data, config: FitConfig | None = None, *, out_dir: str | os.PathL
         if splits.test is not None and world.is_main and history:
             test = jsonable({"split": splits.test_split, **evaluate_checkpoint(
                 chosen, splits.test, runtime=plan.runtime, batch_size=config.batch_size)})
+            if config.data.full_res_test and splits.root is not None:
+                test["full_res"] = jsonable(_full_res(chosen, splits, config, plan.runtime))
             run.write_test(test)
             run.write_reliability(test["summary"])
     return FitResult(out_dir=run.path, step=_step_of(ts), epoch=_step_of(ts) / plan.steps_per_epoch, history=history,
@@ -477,6 +480,14 @@ def fit(model, data, config: FitConfig | None = None, *, out_dir: str | os.PathL
                      best_checkpoint=run.best if run.best.exists() else None, train_state=ts,
                      preprocess=plan.preprocess, members=config.members, val_note=splits.val_note, test=test,
                      is_main=world.is_main)
+
+
+def _full_res(checkpoint, splits: Splits, config: FitConfig, runtime) -> dict:
+    """The test split scored at full resolution (``full_res``): its resolution, images and summary."""
+    data = config.data
+    full = evaluate_full_res(checkpoint, splits.root, splits.test_split, runtime=runtime, binary_255=data.binary_255,
+                             strict=not data.skip_bad, workers=data.workers or 2, limit=data.test_limit)
+    return {k: full[k] for k in ("resolution", "images", "summary")}
 
 
 def unstack_members(train_state: TrainState) -> list[TrainState]:
