@@ -75,9 +75,10 @@ _UNCERTAINTY_NEEDS = ("--uncertainty needs several predictions per pixel: an ens
                       "members) or --tta flip")
 
 
-def _fit(image: np.ndarray, size: int | tuple[int, int], policy: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """uint8 [H, W, 3] -> (uint8 [S, S, 3] (or the training (H, W)), (x0, y0, w, h) of the image inside it), as training data
-    was fitted (``data.sample.fit_image``)."""
+def _fit(image: np.ndarray, size: int | tuple[int, int], policy: str
+         ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """uint8 [H, W, 3] -> (uint8 [S, S, 3] (or the training (H, W)), (x0, y0, w, h) of the image
+    inside it), as training data was fitted (``data.sample.fit_image``)."""
     from PIL import Image
 
     fitted, box = fit_image(Image.fromarray(image), size, policy)

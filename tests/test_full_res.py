@@ -22,11 +22,11 @@ from functional_seg.cli import main
 from functional_seg.data import make_synthetic_dataset
 from functional_seg.data.errors import DataError
 from functional_seg.data.splits import DataConfig
-from functional_seg.train.full_res import evaluate_full_res
 from functional_seg.models import create_model, load_checkpoint
 from functional_seg.predict import Predictor
 from functional_seg.runtime import resolve_runtime
 from functional_seg.train import FitConfig, fit
+from functional_seg.train.full_res import evaluate_full_res
 from functional_seg.train.log import format_fit_result
 
 PETS = SAMPLE / "oxford-iiit-pet" if (SAMPLE / "oxford-iiit-pet").is_dir() else SAMPLE

@@ -1,8 +1,9 @@
 """The architecture holds: data flows one way, and no function grows past a page.
 
 Layers, lowest first: core -> nn -> data / losses / metrics / uncertainty / label_quality /
-reliability / checkpoint / render / strips -> models -> train -> export / predict / cli. A module may import only
-from its own layer or below; ``checkpoint.py`` reads and writes trees and metadata and imports
+reliability / checkpoint / render / strips -> models -> train / predict (inference, which
+full-resolution scoring in ``train`` runs) -> export / audit / cli. A module may import only from
+its own layer or below; ``checkpoint.py`` reads and writes trees and metadata and imports
 neither ``models`` nor ``train``.
 """
 
@@ -16,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "functional_seg"
 _RANK = {"core": 0, "options": 0, "runtime": 0, "compile_cache": 0, "nn": 1, "data": 2, "losses": 2, "metrics": 2,
          "uncertainty": 2, "label_quality": 2, "reliability": 2, "checkpoint": 2, "render": 2, "strips": 2,
-         "summary": 3, "models": 3, "train": 4, "export": 5, "predict": 5, "audit": 5, "cli": 6}
+         "summary": 3, "models": 3, "train": 4, "predict": 4, "export": 5, "audit": 5, "cli": 6}
 
 
 def _modules():

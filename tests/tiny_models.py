@@ -40,7 +40,8 @@ SIZE = 32
 
 
 def make_checkpoint(path, name: str, *, size: int | tuple[int, int] = SIZE, policy: str = "resize", seed: int = 0,
-                    preprocess: bool = True, class_names=OXFORD_NAMES, layout: str | None = None, perturb_stats: bool = True, **cfg):
+                    preprocess: bool = True, class_names=OXFORD_NAMES, layout: str | None = None,
+                    perturb_stats: bool = True, **cfg):
     """Write a checkpoint of a freshly initialised ``name`` (tiny cfg unless given) to ``path``.
 
     Batch-norm statistics are moved off their init values (mean 0, var 1), so eval-mode

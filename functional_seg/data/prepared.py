@@ -61,7 +61,8 @@ class PreparedData:
 
     def __init__(self, images: torch.Tensor | None = None, masks: torch.Tensor | None = None,
                  names: Sequence[str] = (), cache_path: Path | None = None, skipped: Sequence[str] = (),
-                 class_names: Sequence[str] = (), *, layout: str | None = None, policy: str = "resize", store: Store | None = None,
+                 class_names: Sequence[str] = (), *, layout: str | None = None, policy: str = "resize",
+                 store: Store | None = None,
                  rows: np.ndarray | None = None):
         if store is None:
             store = self._memory_store(images, masks)
@@ -244,7 +245,8 @@ class PreparedData:
         idx = _as_rows(indices, len(self), "subset")
         rows = idx if self._rows is None else self._rows[idx]
         return PreparedData(names=tuple(self.names[i] for i in idx.tolist()), skipped=self.skipped,
-                            class_names=self.class_names, layout=self.layout, policy=self.policy, store=self._store, rows=rows)
+                            class_names=self.class_names, layout=self.layout, policy=self.policy, store=self._store,
+                            rows=rows)
 
     def carve(self, fraction: float, seed: int) -> tuple[PreparedData, PreparedData]:
         """Split off a seeded fraction of the samples, e.g. a validation split out of trainval.

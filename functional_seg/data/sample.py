@@ -70,7 +70,8 @@ def fit_box(width: int, height: int, size: int | tuple[int, int], policy: str) -
     return (out_w - nw) // 2, (out_h - nh) // 2, nw, nh
 
 
-def fit_image(img: Image.Image, size: int | tuple[int, int], policy: str) -> tuple[Image.Image, tuple[int, int, int, int]]:
+def fit_image(img: Image.Image, size: int | tuple[int, int], policy: str
+              ) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """An RGB image fitted to the training frame as training data was (bilinear, antialiased when
     shrinking; "pad" on black): ``(image, fit_box)``."""
     box = fit_box(*img.size, size, policy)

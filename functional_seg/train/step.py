@@ -355,7 +355,8 @@ def _ema_update(ema: dict, params: dict, state: dict, decay: float) -> dict:
 
 
 def make_eval_step(model, *, preprocess: Preprocess | None = None, compile: bool = False,
-                   backend: str = "inductor", boundary_ratio: float = 0.02, calibration_bins: int = M.CALIBRATION_BINS) -> Callable:
+                   backend: str = "inductor", boundary_ratio: float = 0.02,
+                   calibration_bins: int = M.CALIBRATION_BINS) -> Callable:
     """Build ``eval_step(params, state, images uint8 [B,3,S,S], masks int64 [B,S,S]) -> dict``.
 
     No augmentation, ``train=False`` (running batch-norm statistics), nothing returned to the
