@@ -31,8 +31,17 @@ repeats); plus 2,000 samples of 500 scenes at 480-640 px prepared at 512 px. Sec
    (a full CPU epoch of training would take an hour here); the same split forced into memory
    there is the control.
 6. sha256 over shard bytes (the integrity check): GB/s on one core.
+7. ``step`` (``--device``; the GPU suite's part): does the train step wait on the data? The
+   library's train step as ``fseg train`` builds it (``benchmarks._rows.library_steps``: the full
+   SegNet, flip augmentation inside, compiled, bf16 and channels-last on CUDA; ``--step-widths``
+   shrinks it for a CPU dry run) fed by four loaders in interleaved turns in one process: the
+   whole split resident on the device (no loading at all: the floor), the split in host memory,
+   and its shards with and without the prefetch thread; milliseconds per step (device
+   synchronised), medians of the turns, and each loader's time over the resident one's.
 
-Writes ``experiments/results/bench_data_scale_<cpu|cpu_quick>.{json,md}``. Not a test.
+    python -m benchmarks.bench_data_scale --device cuda --sections step      # the GPU suite's call
+
+Writes ``experiments/results/bench_data_scale_<cpu|cpu_quick|cuda>.{json,md}``. Not a test.
 """
 
 from __future__ import annotations
@@ -223,10 +232,10 @@ def _child_fit(a) -> dict:
                        log_every=10**9, optimizer=OptimizerConfig(lr=1e-3))
     t0 = time.perf_counter()
     with tf.TemporaryDirectory() as out:
-        result = fit(model, data, None, config, out_dir=out, hooks=[])
+        result = fit(model, data, config, out_dir=out, hooks=[])
     return {"storage": data.storage, "gb": data.nbytes / 1e9, "available_mb": (available or 0) / MB,
-            "epoch_images": n, "epoch_images_per_s": n / read_s, "steps": result["step"],
-            "fit_s": time.perf_counter() - t0, "final_loss": result["final"]["train_loss"],
+            "epoch_images": n, "epoch_images_per_s": n / read_s, "steps": result.step,
+            "fit_s": time.perf_counter() - t0, "final_loss": result.history[-1]["train_loss"],
             "peak_rss_mb": _status()["VmHWM"]}
 
 
@@ -270,8 +279,75 @@ def _child_throughput(a) -> dict:
     return {_ROWS[r]: {"images_per_s": statistics.median(v), "turns": v} for r, v in rates.items()}
 
 
+STEP_ROWS = ("resident: the split on the device", "in memory, prefetch 2", "shards, prefetch 2",
+             "shards, no prefetch")
+
+
+def _child_step(a) -> dict:
+    """Section 7, in this one process: every loader feeds the same train step in interleaved turns of
+    ``a.batches`` steps (a turn may run over epochs), ``a.repeats`` times; ms per step, medians."""
+    import itertools
+    import statistics
+
+    import torch
+
+    from benchmarks._rows import library_steps
+    from functional_seg.core import random as jr
+    from functional_seg.core.tree import tree_size
+    from functional_seg.data import Loader, prepare
+    from functional_seg.models import create_model
+
+    device = torch.device(a.device)
+    memory = prepare(a.root, "train", a.size, cache_dir=a.cache, in_memory=True, progress=False)
+    shards = prepare(a.root, "train", a.size, cache_dir=a.cache, in_memory=False, progress=False)
+    cfg = {"widths": tuple(int(w) for w in a.step_widths.split(",")), "convs_per_stage": (1,) * 2} \
+        if a.step_widths else {}
+    model = create_model("segnet", num_classes=memory.num_classes, **cfg)
+    row = library_steps(model, device, size=a.size, compile=a.compile == "on", augment="flip", data=memory,
+                        batch_size=a.batch_size)
+    step, held = row.steps.train_step, [row.init(jr.key(0))]
+    loaders = [Loader(memory, a.batch_size, device=device, resident=True), Loader(memory, a.batch_size, device=device),
+               Loader(shards, a.batch_size, device=device), Loader(shards, a.batch_size, device=device, prefetch=0)]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def batches(loader, key):
+        for epoch in itertools.count():
+            yield from loader.epoch(jr.fold_in(key, epoch))
+
+    def turn(loader, key, n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        with contextlib.closing(batches(loader, key)) as it:
+            for batch in itertools.islice(it, n):
+                held[0], metrics = step(held[0], batch)
+        float(metrics["loss"])  # the last step's result on the host: every step has run
+        sync()
+        return (time.perf_counter() - t0) / n * 1000
+
+    t0 = time.perf_counter()
+    turn(loaders[0], jr.key(1), a.warm_steps)  # compilation and the allocator's first blocks
+    warm_s = time.perf_counter() - t0
+    ms: dict[int, list[float]] = {r: [] for r in range(len(loaders))}
+    for rep in range(a.repeats):
+        for r, loader in enumerate(loaders):
+            ms[r].append(turn(loader, jr.fold_in(jr.key(2), rep), a.batches))
+    out = {STEP_ROWS[r]: {"ms_per_step": statistics.median(v), "turns_ms": v} for r, v in ms.items()}
+    floor = out[STEP_ROWS[0]]["ms_per_step"]
+    for row_out in out.values():
+        row_out["x_resident"] = row_out["ms_per_step"] / floor
+    return {"rows": out, "device": str(device), "model": f"segnet {cfg or '(defaults)'}",
+            "params": tree_size(held[0].params), "precision": row.runtime.precision,
+            "channels_last": row.runtime.channels_last,
+            "compiled": a.compile == "on", "warm_s": warm_s, "batch_size": a.batch_size, "size": a.size,
+            "n": len(memory), "steps_per_turn": a.batches, "turns": a.repeats}
+
+
 def _child(a) -> None:
-    fn = {"prepare": _child_prepare, "read": _child_read, "fit": _child_fit, "throughput": _child_throughput}[a.child]
+    fn = {"prepare": _child_prepare, "read": _child_read, "fit": _child_fit, "throughput": _child_throughput,
+          "step": _child_step}[a.child]
     print(MARK + json.dumps(fn(a)), flush=True)
 
 
@@ -299,8 +375,14 @@ def _datasets(args, work: Path) -> dict[str, tuple[Path, int, int]]:
     from functional_seg.data import make_generic_dataset
 
     out = {}
-    specs = [(f"{n}@128", 128, n, args.base, (100, 160)) for n in sorted({*args.sizes, args.cgroup_n})]
-    specs.append((f"{args.big}@512", 512, args.big, args.big_base, (480, 640)))
+    todo = set(args.sections.split(","))
+    counts = set(args.sizes) if todo & {"prepare", "read"} else set()
+    counts |= {args.sizes[1]} if todo & {"throughput", "pss"} else set()
+    counts |= {args.cgroup_n} if "cgroup" in todo else set()
+    counts |= {args.step_n} if "step" in todo else set()
+    specs = [(f"{n}@128", 128, n, args.base, (100, 160)) for n in sorted(counts)]
+    if todo & {"prepare", "read"}:
+        specs.append((f"{args.big}@512", 512, args.big, args.big_base, (480, 640)))
     for name, size, n, base_n, src_size in specs:
         base = work / f"base-{base_n}-{src_size[0]}"
         if not (base / "classes.txt").exists():
@@ -444,7 +526,8 @@ def _ratio(row: dict, ref: dict, key: str = "images_per_s") -> float | None:
 
 
 def _tables(args, results: dict) -> list[str]:
-    from experiments import _common as C
+    """The Markdown of every section that ran."""
+    from experiments import harness as C
 
     small, large = f"{args.sizes[0]}@128", f"{args.sizes[-1]}@128"
     prep = [{"split": k, **v} for k, v in results["prepare"].items()]
@@ -452,44 +535,64 @@ def _tables(args, results: dict) -> list[str]:
     out = ["## 1. prepare (fresh process each, all cores)", "",
            C.md_table(prep, [("split", "split"), ("n", "images"), ("gb", "GB"), ("shards", "shards"),
                              ("seconds", "s"), ("images_per_s", "images/s"), ("base_rss_mb", "RSS after imports MB"),
-                             ("peak_rss_mb", "peak RSS MB"), ("worker_peak_rss_mb", "largest worker peak MB")]),
-           "", f"Peak RSS growth {small} -> {large}: {C.fmt(_growth(results['prepare'], 'peak_rss_mb', small, large))} "
-               "(target < 0.10)", "",
-           "## 2. one epoch of reads (from the shards, Loader batch 64, prefetch 2; fresh process each)", "",
-           C.md_table(read, [("split", "split"), ("storage", "storage"), ("images_per_s", "images/s"),
-                             ("base_rss_mb", "RSS after imports MB"), ("peak_rss_mb", "peak RSS MB"),
-                             ("peak_anon_mb", "peak anon MB"), ("peak_file_mb", "peak file-backed MB")]),
-           "", f"Peak RSS growth {small} -> {large}: {C.fmt(_growth(results['read'], 'peak_rss_mb', small, large))} "
-               "(target < 0.10)", ""]
+                             ("peak_rss_mb", "peak RSS MB"), ("worker_peak_rss_mb", "largest worker peak MB")]), ""]
+    if small in results["prepare"] and large in results["prepare"]:
+        out += [f"Peak RSS growth {small} -> {large}: "
+                f"{C.fmt(_growth(results['prepare'], 'peak_rss_mb', small, large))} (target < 0.10)", ""]
+    if read:
+        out += ["## 2. one epoch of reads (from the shards, Loader batch 64, prefetch 2; fresh process each)", "",
+                C.md_table(read, [("split", "split"), ("storage", "storage"), ("images_per_s", "images/s"),
+                                  ("base_rss_mb", "RSS after imports MB"), ("peak_rss_mb", "peak RSS MB"),
+                                  ("peak_anon_mb", "peak anon MB"), ("peak_file_mb", "peak file-backed MB")]),
+                "", f"Peak RSS growth {small} -> {large}: "
+                    f"{C.fmt(_growth(results['read'], 'peak_rss_mb', small, large))} (target < 0.10)", ""]
     tp = results["throughput"]
-    alone, step = tp.get("alone", {}), tp.get("step", {})
-    ref = "Loader, in memory"
-    rows = []
-    for name in _ROWS:
-        a, b = alone.get(name, {}), step.get(name, {})
-        rows.append({"loader": name, "alone": a.get("images_per_s"), "x_alone": _ratio(a, alone.get(ref, {})),
-                     "step": b.get("images_per_s"), "x_step": _ratio(b, step.get(ref, {})),
-                     "status": alone.get("status", step.get("status", "ok"))})
-    out += [f"## 3. read throughput, {args.sizes[1]}@128: every row in one process, interleaved turns "
-            "(alone: 5 turns of 16 batches; into a train step: 4 turns of 3 steps), medians; x = over the "
-            "Loader on the split in memory", "",
-            C.md_table(rows, [("loader", "loader"), ("alone", "loader alone, images/s"), ("x_alone", "x"),
-                              ("step", "into a train step, images/s"), ("x_step", "x")]), ""]
-    pss = [{"storage": k, "rss": " + ".join(C.fmt(x) for x in v.get("rss_mb", [])),
-            "pss": " + ".join(C.fmt(x) for x in v.get("pss_mb", [])), **v} for k, v in results["pss"].items()]
-    out += [f"## 4. two processes reading the same {args.sizes[1]}@128 split at once (after both read all of it)", "",
-            C.md_table(pss, [("storage", "storage"), ("rss", "RSS MB (each)"), ("pss", "PSS MB (each)"),
-                             ("sum_pss_mb", "sum of PSS MB"), ("page_cache_mb", "split in the page cache MB")]), ""]
-    cg = [{"row": k, **v} for k, v in results["cgroup"].items()]
-    out += [f"## 5. a {args.cgroup_n}@128 split larger than the memory the process may use (its pages evicted "
-            f"first; one Loader epoch over every sample, then fit for {args.max_steps} steps: SegNet 4,8, batch 32)",
-            "",
-            C.md_table(cg, [("row", "row"), ("limit_mb", "cgroup limit MB"), ("gb", "split GB"),
-                            ("storage", "storage"), ("epoch_images", "epoch images"),
-                            ("epoch_images_per_s", "epoch images/s"), ("steps", "fit steps"),
-                            ("final_loss", "loss"), ("cgroup_peak_mb", "cgroup peak MB"),
-                            ("limit_hits", "limit hits"), ("oom_kills", "OOM kills")]), "",
-            f"## 6. integrity: sha256 over shard bytes at {C.fmt(results.get('sha256_gbs'))} GB/s on one core", ""]
+    if tp:
+        alone, step = tp.get("alone", {}), tp.get("step", {})
+        ref = "Loader, in memory"
+        rows = []
+        for name in _ROWS:
+            a, b = alone.get(name, {}), step.get(name, {})
+            rows.append({"loader": name, "alone": a.get("images_per_s"), "x_alone": _ratio(a, alone.get(ref, {})),
+                         "step": b.get("images_per_s"), "x_step": _ratio(b, step.get(ref, {})),
+                         "status": alone.get("status", step.get("status", "ok"))})
+        out += [f"## 3. read throughput, {args.sizes[1]}@128: every row in one process, interleaved turns "
+                "(alone: 5 turns of 16 batches; into a train step: 4 turns of 3 steps), medians; x = over the "
+                "Loader on the split in memory", "",
+                C.md_table(rows, [("loader", "loader"), ("alone", "loader alone, images/s"), ("x_alone", "x"),
+                                  ("step", "into a train step, images/s"), ("x_step", "x")]), ""]
+    if results["pss"]:
+        pss = [{"storage": k, "rss": " + ".join(C.fmt(x) for x in v.get("rss_mb", [])),
+                "pss": " + ".join(C.fmt(x) for x in v.get("pss_mb", [])), **v} for k, v in results["pss"].items()]
+        out += [f"## 4. two processes reading the same {args.sizes[1]}@128 split at once (after both read all of "
+                "it)", "",
+                C.md_table(pss, [("storage", "storage"), ("rss", "RSS MB (each)"), ("pss", "PSS MB (each)"),
+                                 ("sum_pss_mb", "sum of PSS MB"), ("page_cache_mb", "split in the page cache MB")]), ""]
+    if results["cgroup"]:
+        cg = [{"row": k, **v} for k, v in results["cgroup"].items()]
+        out += [f"## 5. a {args.cgroup_n}@128 split larger than the memory the process may use (its pages evicted "
+                f"first; one Loader epoch over every sample, then fit for {args.max_steps} steps: SegNet 4,8, "
+                "batch 32)", "",
+                C.md_table(cg, [("row", "row"), ("limit_mb", "cgroup limit MB"), ("gb", "split GB"),
+                                ("storage", "storage"), ("epoch_images", "epoch images"),
+                                ("epoch_images_per_s", "epoch images/s"), ("steps", "fit steps"),
+                                ("final_loss", "loss"), ("cgroup_peak_mb", "cgroup peak MB"),
+                                ("limit_hits", "limit hits"), ("oom_kills", "OOM kills")]), ""]
+    if "sha256_gbs" in results:
+        out += [f"## 6. integrity: sha256 over shard bytes at {C.fmt(results.get('sha256_gbs'))} GB/s on one core", ""]
+    step = results["step"]
+    if step:
+        rows = [{"loader": k, **v} for k, v in step.get("rows", {}).items()]
+        worst = max((v["x_resident"] for k, v in step.get("rows", {}).items() if k.startswith("shards, prefetch")),
+                    default=None)
+        out += [f"## 7. does the step wait on the data? {step.get('model', '')} train step "
+                f"({'compiled' if step.get('compiled') else 'eager'}, {step.get('precision')}, channels-last "
+                f"{step.get('channels_last')}, flip inside), batch {step.get('batch_size')} at {step.get('size')} px "
+                f"on {step.get('device')}, {step.get('n')} samples; {step.get('turns')} interleaved turns of "
+                f"{step.get('steps_per_turn')} steps per loader, medians", "",
+                C.md_table(rows, [("loader", "loader"), ("ms_per_step", "ms / step"),
+                                  ("x_resident", "x resident")]) if rows else f"failed: {step.get('status')}", "",
+                f"Shards with prefetch against the resident split: {C.fmt(worst)}x (target <= 1.02)", ""]
     return out
 
 
@@ -501,13 +604,21 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads in every child")
     p.add_argument("--cgroup-mb", type=int, default=1024, help="memory limit of section 5's cgroup")
     p.add_argument("--cgroup-n", type=int, default=64000, help="samples (128 px) of section 5's split")
-    p.add_argument("--sections", default="prepare,read,throughput,pss,cgroup,sha")
+    p.add_argument("--sections", default="prepare,read,throughput,pss,cgroup,sha",
+                   help="any of prepare,read,throughput,pss,cgroup,sha,step (step: section 7, on --device)")
+    p.add_argument("--device", default="cpu", help="section 7's device (cpu, cuda)")
+    p.add_argument("--compile", default=None, choices=("on", "off"),
+                   help="section 7: compile the train step (default: on for CUDA, off on the CPU)")
+    p.add_argument("--step-widths", default=None,
+                   help="section 7: SegNet widths, e.g. 8,16 (default: the full SegNet)")
+    p.add_argument("--step-n", type=int, default=None,
+                   help="section 7: samples of its split at 128 px (default: the middle size, 8000 or 400 quick)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     for name, kw in (("--root", {}), ("--size", {"type": int}), ("--cache", {}), ("--storage", {"default": "auto"}),
                      ("--batch-size", {"type": int, "default": 64}), ("--prefetch", {"type": int, "default": 2}),
                      ("--loader", {"default": "loader"}), ("--max-steps", {"type": int, "default": 40}),
                      ("--step-batches", {"type": int, "default": 12}), ("--batches", {"type": int, "default": 16}),
-                     ("--repeats", {"type": int, "default": 5})):
+                     ("--repeats", {"type": int, "default": 5}), ("--warm-steps", {"type": int, "default": 5})):
         p.add_argument(name, help=argparse.SUPPRESS, **kw)
     for flag in ("--step", "--cold", "--hold"):
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
@@ -516,26 +627,26 @@ def parse_args(argv=None):
     args.base, args.big, args.big_base = (200, 100, 50) if args.quick else (2000, 2000, 500)
     if args.quick:
         args.cgroup_n, args.cgroup_mb = 800, max(args.cgroup_mb, 1100)
+    args.step_n = args.step_n or args.sizes[1]
+    args.compile = args.compile or ("on" if args.device.startswith("cuda") else "off")
     return args
 
 
 def _sections(args, datasets: dict, cache: Path) -> dict:
-    results: dict = {"prepare": {}, "read": {}, "throughput": {}, "pss": {}, "cgroup": {}}
+    results: dict = {"prepare": {}, "read": {}, "throughput": {}, "pss": {}, "cgroup": {}, "step": {}}
     todo = set(args.sections.split(","))
     common = {name: ["--root", str(root), "--size", str(size), "--cache", str(cache)]
               for name, (root, size, _) in datasets.items()}
     for name in datasets:  # always: the later sections read these caches
-        if name == f"{args.cgroup_n}@128" and args.cgroup_n not in args.sizes and "cgroup" not in todo:
-            continue
         print(f"prepare {name}", flush=True)
         results["prepare"][name] = _run("prepare", args, *common[name])
     if "read" in todo:
         for name in results["prepare"]:
-            if name == f"{args.cgroup_n}@128" and args.cgroup_n not in args.sizes:
+            if name in (f"{args.cgroup_n}@128", f"{args.step_n}@128") and int(name.split("@")[0]) not in args.sizes:
                 continue
             print(f"read {name}", flush=True)
             results["read"][name] = _run("read", args, *common[name], "--storage", "shards")
-    mid = common[f"{args.sizes[1]}@128"]
+    mid = common.get(f"{args.sizes[1]}@128")
     if "throughput" in todo:
         for label, extra in (("alone", ["--batches", "16", "--repeats", "5"]),
                              ("step", ["--step", "--batches", "3", "--repeats", "4"])):
@@ -553,6 +664,12 @@ def _sections(args, datasets: dict, cache: Path) -> dict:
             results["cgroup"][row] = _in_cgroup(args, args.cgroup_mb, *big, "--storage", storage)
     if "sha" in todo:
         results["sha256_gbs"] = _sha256_gbs(cache)
+    if "step" in todo:
+        print(f"step on {args.device}", flush=True)
+        results["step"] = _run("step", args, *common[f"{args.step_n}@128"], "--device", args.device,
+                               "--compile", args.compile, "--batches", "30", "--repeats", "5",
+                               *(["--step-widths", args.step_widths] if args.step_widths else []),
+                               *(["--batches", "4", "--repeats", "2", "--warm-steps", "2"] if args.quick else []))
     return results
 
 
@@ -566,9 +683,10 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from experiments import _common as C
+    from experiments import harness as C
 
-    prov = C.provenance(torch.device("cpu"))
+    device = torch.device(args.device)
+    prov = C.provenance(device)
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="fseg-scale-")
@@ -591,7 +709,7 @@ def main(argv=None) -> int:
              "a 2-core machine shared with other jobs (load 4-7): times vary by +-20% between runs"]
     md = C.md_header(f"{EXPERIMENT}: the sharded cache as the split grows", prov, notes=notes)
     md += "\n" + "\n".join(_tables(args, results)) + "\n"
-    stem = f"{EXPERIMENT}_{C.device_kind(torch.device('cpu'), args.quick)}"
+    stem = f"{EXPERIMENT}_{C.device_kind(device, args.quick)}"
     C.write_results(args.out, stem, C.payload(EXPERIMENT, prov, args, results), md)
     print(md)
     return 0

@@ -19,8 +19,8 @@
 #                          with the warm compile cache
 #   bench_pretrained_step  the lifted-encoder U-Net's compiled step against the nn.Module    ~100 s  130 s
 #                          under torch.compile + fused AdamW (another engineer's script)
-#   bench_data_scale       the sharded loader against the in-memory one into the compiled     ~40 s   70 s
-#                          step, with and without prefetch (another engineer's script)
+#   bench_data_scale       section 7: the compiled SegNet step fed by the resident split,    ~70 s  100 s
+#                          host memory, shards with and without prefetch (ms per step)
 #   label_audit            K = 5 folds in one vmapped run against 5 sequential trainings      ~40 s   90 s
 #                          (SegNet 16..64, 4 epochs, 128 px; eager: see LABEL_AUDIT_ARGS)
 # Optional parts (only when PARTS names them): bench_memory (a/a'/b/c, a process each), bench_compile_cache,
@@ -77,14 +77,14 @@ bench_pretrained_step bench_data_scale label_audit series_models loss_comparison
 PARTS="${PARTS:-$DEFAULT_PARTS}"
 # cap: the most a part may take (GPU / QUICK on a CPU); share: what it keeps while earlier parts run
 declare -A CAP=([prepare]=40 [bench_train_step]=180 [bench_memory]=150 [bench_compile_cache]=180
-                [bench_ensemble]=60 [bench_end_to_end]=190 [bench_pretrained_step]=130 [bench_data_scale]=70
+                [bench_ensemble]=60 [bench_end_to_end]=190 [bench_pretrained_step]=130 [bench_data_scale]=100
                 [label_audit]=90 [series_models]=150 [loss_comparison]=120 [augmentation]=70 [best_recipe]=480)
 declare -A QUICK_CAP=([prepare]=120 [bench_train_step]=600 [bench_memory]=300 [bench_compile_cache]=300
                       [bench_ensemble]=300 [bench_end_to_end]=300 [bench_pretrained_step]=300
                       [bench_data_scale]=600 [label_audit]=600 [series_models]=600 [loss_comparison]=600
                       [augmentation]=600 [best_recipe]=600)
 declare -A SHARE=([prepare]=5 [bench_train_step]=120 [bench_memory]=60 [bench_compile_cache]=60
-                  [bench_ensemble]=30 [bench_end_to_end]=150 [bench_pretrained_step]=80 [bench_data_scale]=30
+                  [bench_ensemble]=30 [bench_end_to_end]=150 [bench_pretrained_step]=80 [bench_data_scale]=60
                   [label_audit]=40 [series_models]=80 [loss_comparison]=70 [augmentation]=40 [best_recipe]=300)
 declare -A STATUS WALL
 
@@ -207,7 +207,7 @@ if [ -n "$QUICK" ]; then
   CACHE_ARGS=("${TINY[@]}" --batch-size 4 --widths 4,4,8,8 --rows eager --steps 2)
   ENSEMBLE_ARGS=("${TINY[@]}" --batch-size 4 --widths 4,4,8,8 --members 2 --steps 1 --warmup 1)
   read -r -a PRETRAINED <<<"${PRETRAINED_ARGS:---quick --threads 2 --encoder test_efficientnet --rows a,a_eager,b,c --backend aot_eager --steps 2 --warmup 1 --skip-memory}"
-  read -r -a DATA_SCALE <<<"${DATA_SCALE_ARGS:---quick --sections throughput --threads 2}"
+  read -r -a DATA_SCALE <<<"${DATA_SCALE_ARGS:---quick --sections step --threads 2 --step-widths 8,16}"
   read -r -a AUDIT <<<"${LABEL_AUDIT_ARGS:---quick --size 32 --epochs 1 --folds 2 --no-baseline --compile off}"
   EXPERIMENT_ARGS=("${TINY[@]}" --epochs 1)
 else
@@ -217,7 +217,7 @@ else
   CACHE_ARGS=()
   ENSEMBLE_ARGS=()
   read -r -a PRETRAINED <<<"${PRETRAINED_ARGS:---rows a,c --batch-size 64 --steps 20 --warmup 3 --skip-memory}"
-  read -r -a DATA_SCALE <<<"${DATA_SCALE_ARGS:---quick --sections throughput --threads 4}"
+  read -r -a DATA_SCALE <<<"${DATA_SCALE_ARGS:---sections step --step-n 3200 --threads 4}"
   # eager: the K-fold run's own cost against K sequential ones (compiled: ~2 more minutes; --compile on)
   read -r -a AUDIT <<<"${LABEL_AUDIT_ARGS:---model segnet --epochs 4 --size 128 --no-baseline --compile off}"
   EXPERIMENT_ARGS=()
