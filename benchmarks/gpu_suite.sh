@@ -211,7 +211,7 @@ if [ -n "$QUICK" ]; then
   read -r -a AUDIT <<<"${LABEL_AUDIT_ARGS:---quick --size 32 --epochs 1 --folds 2 --no-baseline --compile off}"
   EXPERIMENT_ARGS=("${TINY[@]}" --epochs 1)
 else
-  STEP_ARGS=(--profile)
+  STEP_ARGS=()   # --profile adds ~20 s: TRAIN_STEP_ARGS="--profile" when the lease allows
   E2E_ARGS=()
   MEMORY_ARGS=(--rows a,c)
   CACHE_ARGS=()
@@ -223,6 +223,7 @@ else
   EXPERIMENT_ARGS=()
 fi
 
+[ -n "${TRAIN_STEP_ARGS:-}" ] && read -r -a STEP_ARGS <<<"$TRAIN_STEP_ARGS"
 part bench_train_step "$PY" -m benchmarks.bench_train_step "${COMMON[@]}" --budget BUDGET "${STEP_ARGS[@]}"
 part bench_memory "$PY" -m benchmarks.bench_memory "${COMMON[@]}" --budget BUDGET "${MEMORY_ARGS[@]}"
 part bench_compile_cache "$PY" -m benchmarks.bench_compile_cache "${COMMON[@]}" --budget BUDGET "${CACHE_ARGS[@]}"

@@ -22,6 +22,7 @@ stacked train states over one shared batch, metrics stacked to [K].
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import warnings
@@ -146,6 +147,10 @@ def make_train_step(model, loss_fn: Callable, optimizer, *, preprocess: Preproce
         ``train_step``; batch is ``(images uint8 [b, 3, S, S], masks int64 [b, S, S])`` on the
         state's device, b = B / world size.
     """
+    if ensemble and preprocess is not None and preprocess.channels_last:
+        # each member augments its own copy of the batch, so the input is batched under vmap, and
+        # torch 2.11's vmap cannot make a batched tensor channels-last (NYI): members' inputs stay NCHW
+        preprocess = dataclasses.replace(preprocess, channels_last=False)
     spec = _StepSpec.checked(model, loss_fn, optimizer, preprocess, augment_cfg, accumulate, ema, world, folds,
                              encoder_lr, frozen_encoder)
 
@@ -296,10 +301,11 @@ def _update(spec: _StepSpec, train_state: TrainState, grads, state, sums):
                                              scales=_encoder_scales(train_state.params, spec.encoder_lr))
     cm = sums["confusion"]
     metrics = {"loss": loss, "pixel_accuracy": M.pixel_accuracy(cm).float(), "confusion": cm}
-    new = train_state._replace(params=params, state=state, opt_state=opt_state, step=train_state.step + 1,
-                               hparams=dict(train_state.hparams))
-    if spec.ema is not None:
-        new = new._replace(ema=_ema_update(train_state.ema, params, state, spec.ema))
+    # spelled out, not ``train_state._replace(...)``: dynamo in torch 2.11 returns the replaced
+    # NamedTuple from a compiled step as an empty TrainState (the next step then fails to trace)
+    ema = _ema_update(train_state.ema, params, state, spec.ema) if spec.ema is not None else train_state.ema
+    new = TrainState(params=params, state=state, opt_state=opt_state, step=train_state.step + 1,
+                     key=train_state.key, hparams=dict(train_state.hparams), ema=ema)
     return new, metrics
 
 
