@@ -1,5 +1,12 @@
 #!/usr/bin/env bash
-# Issue 24: every GPU figure in one call, about 8 minutes on one H200, each part under its own time limit.
+# Issue 24: every GPU figure in one call, about 9 minutes on one H200, each part under its own time limit.
+#
+# Measured on 2026-12-04 (two calls, torch 2.11): bench_train_step with every row needs ~130 s (each
+# compile ~30 s), bench_end_to_end ~120 s cold + ~60 s warm, bench_pretrained_step and the step section
+# of bench_data_scale ~90 s each (a compile each). The default parts need SUITE_SECONDS=560: one call
+# with timeout_s 590 fits a 15-minute lease only as its first and only call (start-up ~30 s). With less,
+# the reservation for later parts starves the first ones (SUITE_SECONDS=385 cut bench_train_step
+# at 71 s, before rows a and c): run fewer PARTS instead.
 #
 #   bash benchmarks/gpu_suite.sh [DATA_ROOT]        on the GPU machine (any folder: it moves to the repo root)
 #   PARTS="bench_train_step label_audit" bash benchmarks/gpu_suite.sh      a subset, in the suite's order
@@ -21,7 +28,7 @@
 #                          under torch.compile + fused AdamW (another engineer's script)
 #   bench_data_scale       section 7: the compiled SegNet step fed by the resident split,    ~70 s  100 s
 #                          host memory, shards with and without prefetch (ms per step)
-#   label_audit            K = 5 folds in one vmapped run against 5 sequential trainings      ~40 s   90 s
+#   label_audit            (optional: PARTS=label_audit) K = 5 folds in one vmapped run against 5 sequential   ~40 s   90 s
 #                          (SegNet 16..64, 4 epochs, 128 px; eager: see LABEL_AUDIT_ARGS)
 # Optional parts (only when PARTS names them): bench_memory (a/a'/b/c, a process each), bench_compile_cache,
 # bench_ensemble, series_models, loss_comparison, augmentation, best_recipe.
@@ -53,7 +60,7 @@ else DATA=../shared/data/oxford-pets-sample; fi
 if [ -n "$QUICK" ]; then
   DEVICE="${DEVICE:-cpu}"; TOTAL="${SUITE_SECONDS:-3600}"; RESULTS="${RESULTS:-$OUT/quick_results}"
 else
-  DEVICE="${DEVICE:-cuda}"; TOTAL="${SUITE_SECONDS:-480}"; RESULTS="${RESULTS:-$REPO/experiments/results}"
+  DEVICE="${DEVICE:-cuda}"; TOTAL="${SUITE_SECONDS:-560}"; RESULTS="${RESULTS:-$REPO/experiments/results}"
 fi
 mkdir -p "$RESULTS"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FSEG_DATA="$DATA"
@@ -64,27 +71,30 @@ commit_here() {
   [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] || c="$c-dirty"
   echo "$c"
 }
-COMMIT="${FSEG_COMMIT:-$(commit_here || cat .devdata/COMMIT 2>/dev/null || echo unknown)}"
+# on the device the copy's git metadata may be stale (seen 2026-12-04: it named an older commit), so there
+# .devdata/COMMIT, written by prepare_gpu_carry.sh right before the call, wins
+if [ -z "$QUICK" ] && [ -f .devdata/COMMIT ]; then COMMIT="${FSEG_COMMIT:-$(cat .devdata/COMMIT)}"
+else COMMIT="${FSEG_COMMIT:-$(commit_here || cat .devdata/COMMIT 2>/dev/null || echo unknown)}"; fi
 START=$SECONDS
 EPOCH=$(date +%s)
 STAMP=$(date -u +%Y-%m-%d_%H%M)
 LOG="$OUT/suite.log"
 : >"$LOG"
 
-DEFAULT_PARTS="prepare bench_train_step bench_end_to_end bench_pretrained_step bench_data_scale label_audit"
+DEFAULT_PARTS="prepare bench_train_step bench_end_to_end bench_pretrained_step bench_data_scale"
 ORDER="prepare bench_train_step bench_memory bench_compile_cache bench_ensemble bench_end_to_end \
 bench_pretrained_step bench_data_scale label_audit series_models loss_comparison augmentation best_recipe"
 PARTS="${PARTS:-$DEFAULT_PARTS}"
 # cap: the most a part may take (GPU / QUICK on a CPU); share: what it keeps while earlier parts run
-declare -A CAP=([prepare]=40 [bench_train_step]=180 [bench_memory]=150 [bench_compile_cache]=180
+declare -A CAP=([prepare]=40 [bench_train_step]=150 [bench_memory]=150 [bench_compile_cache]=180
                 [bench_ensemble]=60 [bench_end_to_end]=190 [bench_pretrained_step]=130 [bench_data_scale]=100
                 [label_audit]=90 [series_models]=150 [loss_comparison]=120 [augmentation]=70 [best_recipe]=480)
 declare -A QUICK_CAP=([prepare]=120 [bench_train_step]=600 [bench_memory]=300 [bench_compile_cache]=300
                       [bench_ensemble]=300 [bench_end_to_end]=300 [bench_pretrained_step]=300
                       [bench_data_scale]=600 [label_audit]=600 [series_models]=600 [loss_comparison]=600
                       [augmentation]=600 [best_recipe]=600)
-declare -A SHARE=([prepare]=5 [bench_train_step]=120 [bench_memory]=60 [bench_compile_cache]=60
-                  [bench_ensemble]=30 [bench_end_to_end]=150 [bench_pretrained_step]=80 [bench_data_scale]=60
+declare -A SHARE=([prepare]=5 [bench_train_step]=130 [bench_memory]=60 [bench_compile_cache]=60
+                  [bench_ensemble]=30 [bench_end_to_end]=180 [bench_pretrained_step]=100 [bench_data_scale]=80
                   [label_audit]=40 [series_models]=80 [loss_comparison]=70 [augmentation]=40 [best_recipe]=300)
 declare -A STATUS WALL
 
