@@ -525,6 +525,46 @@ def _ratio(row: dict, ref: dict, key: str = "images_per_s") -> float | None:
     return row[key] / ref[key] if row.get(key) and ref.get(key) else None
 
 
+def _throughput_lines(args, tp: dict) -> list[str]:
+    """Section 3's Markdown (none if it did not run)."""
+    from experiments import harness as C
+
+    if not tp:
+        return []
+    alone, step = tp.get("alone", {}), tp.get("step", {})
+    ref = "Loader, in memory"
+    rows = []
+    for name in _ROWS:
+        a, b = alone.get(name, {}), step.get(name, {})
+        rows.append({"loader": name, "alone": a.get("images_per_s"), "x_alone": _ratio(a, alone.get(ref, {})),
+                     "step": b.get("images_per_s"), "x_step": _ratio(b, step.get(ref, {})),
+                     "status": alone.get("status", step.get("status", "ok"))})
+    return [f"## 3. read throughput, {args.sizes[1]}@128: every row in one process, interleaved turns "
+            "(alone: 5 turns of 16 batches; into a train step: 4 turns of 3 steps), medians; x = over the "
+            "Loader on the split in memory", "",
+            C.md_table(rows, [("loader", "loader"), ("alone", "loader alone, images/s"), ("x_alone", "x"),
+                              ("step", "into a train step, images/s"), ("x_step", "x")]), ""]
+
+
+def _step_lines(step: dict) -> list[str]:
+    """Section 7's Markdown (none if it did not run)."""
+    from experiments import harness as C
+
+    if not step:
+        return []
+    rows = [{"loader": k, **v} for k, v in step.get("rows", {}).items()]
+    worst = max((v["x_resident"] for k, v in step.get("rows", {}).items() if k.startswith("shards, prefetch")),
+                default=None)
+    return [f"## 7. does the step wait on the data? {step.get('model', '')} train step "
+            f"({'compiled' if step.get('compiled') else 'eager'}, {step.get('precision')}, channels-last "
+            f"{step.get('channels_last')}, flip inside), batch {step.get('batch_size')} at {step.get('size')} px "
+            f"on {step.get('device')}, {step.get('n')} samples; {step.get('turns')} interleaved turns of "
+            f"{step.get('steps_per_turn')} steps per loader, medians", "",
+            C.md_table(rows, [("loader", "loader"), ("ms_per_step", "ms / step"),
+                              ("x_resident", "x resident")]) if rows else f"failed: {step.get('status')}", "",
+            f"Shards with prefetch against the resident split: {C.fmt(worst)}x (target <= 1.02)", ""]
+
+
 def _tables(args, results: dict) -> list[str]:
     """The Markdown of every section that ran."""
     from experiments import harness as C
@@ -546,21 +586,7 @@ def _tables(args, results: dict) -> list[str]:
                                   ("peak_anon_mb", "peak anon MB"), ("peak_file_mb", "peak file-backed MB")]),
                 "", f"Peak RSS growth {small} -> {large}: "
                     f"{C.fmt(_growth(results['read'], 'peak_rss_mb', small, large))} (target < 0.10)", ""]
-    tp = results["throughput"]
-    if tp:
-        alone, step = tp.get("alone", {}), tp.get("step", {})
-        ref = "Loader, in memory"
-        rows = []
-        for name in _ROWS:
-            a, b = alone.get(name, {}), step.get(name, {})
-            rows.append({"loader": name, "alone": a.get("images_per_s"), "x_alone": _ratio(a, alone.get(ref, {})),
-                         "step": b.get("images_per_s"), "x_step": _ratio(b, step.get(ref, {})),
-                         "status": alone.get("status", step.get("status", "ok"))})
-        out += [f"## 3. read throughput, {args.sizes[1]}@128: every row in one process, interleaved turns "
-                "(alone: 5 turns of 16 batches; into a train step: 4 turns of 3 steps), medians; x = over the "
-                "Loader on the split in memory", "",
-                C.md_table(rows, [("loader", "loader"), ("alone", "loader alone, images/s"), ("x_alone", "x"),
-                                  ("step", "into a train step, images/s"), ("x_step", "x")]), ""]
+    out += _throughput_lines(args, results["throughput"])
     if results["pss"]:
         pss = [{"storage": k, "rss": " + ".join(C.fmt(x) for x in v.get("rss_mb", [])),
                 "pss": " + ".join(C.fmt(x) for x in v.get("pss_mb", [])), **v} for k, v in results["pss"].items()]
@@ -580,19 +606,7 @@ def _tables(args, results: dict) -> list[str]:
                                 ("limit_hits", "limit hits"), ("oom_kills", "OOM kills")]), ""]
     if "sha256_gbs" in results:
         out += [f"## 6. integrity: sha256 over shard bytes at {C.fmt(results.get('sha256_gbs'))} GB/s on one core", ""]
-    step = results["step"]
-    if step:
-        rows = [{"loader": k, **v} for k, v in step.get("rows", {}).items()]
-        worst = max((v["x_resident"] for k, v in step.get("rows", {}).items() if k.startswith("shards, prefetch")),
-                    default=None)
-        out += [f"## 7. does the step wait on the data? {step.get('model', '')} train step "
-                f"({'compiled' if step.get('compiled') else 'eager'}, {step.get('precision')}, channels-last "
-                f"{step.get('channels_last')}, flip inside), batch {step.get('batch_size')} at {step.get('size')} px "
-                f"on {step.get('device')}, {step.get('n')} samples; {step.get('turns')} interleaved turns of "
-                f"{step.get('steps_per_turn')} steps per loader, medians", "",
-                C.md_table(rows, [("loader", "loader"), ("ms_per_step", "ms / step"),
-                                  ("x_resident", "x resident")]) if rows else f"failed: {step.get('status')}", "",
-                f"Shards with prefetch against the resident split: {C.fmt(worst)}x (target <= 1.02)", ""]
+    out += _step_lines(results["step"])
     return out
 
 
