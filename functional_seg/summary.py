@@ -164,16 +164,8 @@ class _LayerTracer(TorchDispatchMode):
     def finish(self) -> None:
         self._flush(None)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in flop_registry and func is not torch.ops.prim.device.default:
-            with self:  # as FlopCounterMode: look inside composite ops for counted ones
-                r = func.decompose(*args, **kwargs)
-            if r is not NotImplemented:
-                return r
-        out = func(*args, **kwargs)
-        flops = _flops(func, args, kwargs, out)
-
+    def _inputs(self, args, kwargs) -> tuple[list[str], list]:
+        """The layers whose parameters an op reads (in order, once each) and its activations' tags."""
         layers: list[str] = []
         act_tags: list = []
         for t in tree_leaves((args, kwargs)):
@@ -185,6 +177,19 @@ class _LayerTracer(TorchDispatchMode):
                     layers.append(tag[1])
             else:
                 act_tags.append(tag)
+        return layers, act_tags
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in flop_registry and func is not torch.ops.prim.device.default:
+            with self:  # as FlopCounterMode: look inside composite ops for counted ones
+                r = func.decompose(*args, **kwargs)
+            if r is not NotImplemented:
+                return r
+        out = func(*args, **kwargs)
+        flops = _flops(func, args, kwargs, out)
+
+        layers, act_tags = self._inputs(args, kwargs)
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         first = outs[0] if outs else None
 
