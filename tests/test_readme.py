@@ -22,3 +22,13 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in README and "make test" in ci
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^test: install\n(\t.*\n)*\t\$\(PY\) -m pytest -q -n 2$", makefile, flags=re.M)
+
+
+def test_the_own_data_commands_are_the_ones_the_script_runs():
+    """tools/readme_own_data.sh runs the README's four own-data commands as written (it is run by hand:
+    ~2 min); every line of the README's block must be a line of the script."""
+    (block,) = re.findall(r"## Your own data.*?```bash\n(.*?)```", README, flags=re.S)
+    script = (REPO / "tools" / "readme_own_data.sh").read_text().splitlines()
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert sum(line.startswith("fseg ") for line in lines) == 4
+    assert all(line in script for line in lines)
