@@ -154,6 +154,15 @@ def reference_module(model_name: str, model, runtime, seed: int = 0) -> torch.nn
 # The fixed-batch rows (bench_memory, bench_eager_step)
 
 
+def rss_mb(field: str) -> float:
+    """A memory field of this process (``VmRSS``, ``VmHWM``, ...) from /proc/self/status, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def add_malloc_option(parser) -> None:
     parser.add_argument("--malloc", choices=("reuse", "system"), default="reuse",
                         help="CPU: 'reuse' keeps freed memory in the heap as fseg does "

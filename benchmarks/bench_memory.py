@@ -24,6 +24,7 @@ The ratio column is each row's peak over b's. Writes
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -42,25 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps per row (the first included)")
     p.add_argument("--rows", default=",".join(R.ROWS), help="comma separated, from " + ",".join(R.ROWS))
     R.add_malloc_option(p)
-    p.add_argument("--child", default=None, help=argparse_hidden())
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = C.finish_args(p.parse_args(argv), quick_batch=8)
     if args.quick and args.widths is None:
         args.widths = "8,16,32,32"
     return args
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(args) -> dict:
@@ -84,7 +71,7 @@ def child(args) -> dict:
     else:
         with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
             f.write("5")
-        base = _rss_mb("VmRSS")
+        base = R.rss_mb("VmRSS")
     t0 = time.perf_counter()
     data = R.batch(args.batch_size, args.size, 3, device, args.seed)
     step = R.build(args.child, model=args.model, cfg=R.model_cfg(args.widths), device=device, data=data,
@@ -95,7 +82,7 @@ def child(args) -> dict:
         loss = step()
         C.sync(device)
         times.append(time.perf_counter() - t1)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb("VmHWM")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else R.rss_mb("VmHWM")
     return {"baseline_mb": base, "peak_mb": peak, "peak_above_baseline_mb": peak - base,
             "first_step_s": times[0], "last_step_s": times[-1], "total_s": time.perf_counter() - t0,
             "loss": float(loss)}

@@ -22,6 +22,7 @@ Writes ``<out>/bench_predict_memory_cpu[_quick].{json,md}``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -47,29 +48,17 @@ def parse_args(argv=None):
     p.add_argument("--rows", default=",".join(VERSIONS), help="before, after or both")
     p.add_argument("--cases", default=None, help="indices into the cases (default: all), e.g. 0,2")
     p.add_argument("--before", default=BEFORE, help="git revision of the package for the 'before' rows")
-    p.add_argument("--child", default=None, help=argparse_hidden())
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = C.finish_args(p.parse_args(argv))
     args.device = __import__("torch").device("cpu")  # peak RSS: a CPU measurement
     return args
 
 
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(spec: dict) -> dict:
     """One row in this process: import the package from ``spec["package"]`` (nothing of it is imported
     before), reset the high-water mark, predict, report the peak above the post-import baseline."""
+    from benchmarks import _rows as R  # torch only, and before the package's folder joins the path
+
     sys.path.insert(0, spec["package"])
     import torch
 
@@ -82,7 +71,7 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
-    base = _rss_mb("VmRSS")
+    base = R.rss_mb("VmRSS")
     t0 = time.perf_counter()
     loaded = load_checkpoint(spec["checkpoint"], device="cpu", member="auto")
     predictor = Predictor.from_checkpoint(loaded, resolve_runtime("cpu", "fp32"), tile=spec["tile"],
@@ -92,7 +81,7 @@ def child(spec: dict) -> dict:
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(errors[0])
-    return {"baseline_mb": base, "peak_mb": _rss_mb("VmHWM"), "peak_above_baseline_mb": _rss_mb("VmHWM") - base,
+    return {"baseline_mb": base, "peak_mb": R.rss_mb("VmHWM"), "peak_above_baseline_mb": R.rss_mb("VmHWM") - base,
             "seconds": time.perf_counter() - t0}
 
 

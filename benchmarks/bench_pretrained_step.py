@@ -143,7 +143,6 @@ def child(args) -> dict:
     import functional_seg.train  # noqa: F401 - everything the rows import, before the baseline
     from benchmarks import _rows as R
     from benchmarks import reference_modules  # noqa: F401
-    from benchmarks.bench_memory import _rss_mb
     from experiments import harness as C
 
     C.set_threads(args)
@@ -159,13 +158,13 @@ def child(args) -> dict:
     else:
         with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
             f.write("5")
-        base = _rss_mb("VmRSS")
+        base = R.rss_mb("VmRSS")
     data = R.batch(args.batch_size, args.size, 3, args.device, args.seed)
     step = build(args.child, args, data)
     for _ in range(args.mem_steps):
         loss = step()
         C.sync(args.device)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb("VmHWM")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else R.rss_mb("VmHWM")
     return {"peak_above_baseline_mb": peak - base, "loss": float(loss)}
 
 
