@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fault_checks import files, one_line
 
 from functional_seg.cli import main
 
@@ -43,20 +44,6 @@ def _train(pets, out, *extra) -> list[str]:
             "--out", str(out), "--no-progress", "--device", "cpu", "--test-split", "none", *extra]
 
 
-def _one_line(capsys, *needles) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("fseg: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
-            and p.name != ".lock"}
-
-
 @contextlib.contextmanager
 def _tmpfs(path: Path, options: str):
     path.mkdir(parents=True, exist_ok=True)
@@ -73,14 +60,14 @@ def test_out_naming_a_file(pets, tmp_path, capsys):
     target = tmp_path / "notes.txt"
     target.write_text("mine")
     assert main(_train(pets, target)) == 2
-    _one_line(capsys, str(target), "is a file")
+    one_line(capsys, str(target), "is a file")
     assert target.read_text() == "mine"
 
 
 def test_out_on_a_read_only_file_system(pets, tmp_path, capsys):
     with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         assert main(_train(pets, ro / "run")) == 2
-        _one_line(capsys, str(ro / "run"), "read-only")
+        one_line(capsys, str(ro / "run"), "read-only")
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(pets, tmp_path, capsys):
@@ -92,10 +79,10 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(pets, tmp_
     with _tmpfs(tmp_path / "small", f"size={pages * 4096}") as small:
         run = small / "run"
         shutil.copytree(first, run)
-        before = _files(run)
+        before = files(run, ignore=(".lock",))
         assert main([*_train(pets, run, "--resume"), "--epochs", "2"]) == 2
-        _one_line(capsys, f"cannot write {run}", ".safetensors: no space left on the device")
-        after = _files(run)
+        one_line(capsys, f"cannot write {run}", ".safetensors: no space left on the device")
+        after = files(run, ignore=(".lock",))
         for name in ("last.safetensors", "best.safetensors"):
             assert after[name] == before[name], name  # the old checkpoints are whole
         assert not [name for name in after if name.endswith(".tmp")]  # no half-written temporary left
@@ -110,7 +97,7 @@ def test_bad_model_cfgs_stop_before_anything_is_written(pets, tmp_path, capsys, 
     if "widths" not in cfg:
         argv.insert(argv.index("--size"), cfg)
     assert main(argv) == 2
-    _one_line(capsys, named)
+    one_line(capsys, named)
     assert not (tmp_path / "run").exists()
 
 
@@ -120,22 +107,22 @@ def test_results_without_a_checkpoint_are_kept(pets, tmp_path, capsys):
     (run / "config.json").write_text("{}")
     (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 4}\n')
     (run / "best.safetensors").write_bytes(b"the user's best model")
-    before = _files(run)
+    before = files(run, ignore=(".lock",))
     assert main(_train(pets, run)) == 2
-    _one_line(capsys, "already holds a run", "--resume")
+    one_line(capsys, "already holds a run", "--resume")
     assert main(_train(pets, run, "--resume")) == 2
-    _one_line(capsys, "no last.safetensors", "move those files away")
-    assert _files(run) == before
+    one_line(capsys, "no last.safetensors", "move those files away")
+    assert files(run, ignore=(".lock",)) == before
 
 
 def test_resume_with_another_lr_is_refused_and_the_record_stays_true(pets, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_train(pets, run)) == 0
-    before = _files(run)
+    before = files(run, ignore=(".lock",))
     capsys.readouterr()
     assert main([*_train(pets, run, "--resume", "--lr", "0.5"), "--epochs", "2"]) == 2
-    _one_line(capsys, "optimizer.lr was 0.001", "this run has 0.5")
-    assert _files(run) == before
+    one_line(capsys, "optimizer.lr was 0.001", "this run has 0.5")
+    assert files(run, ignore=(".lock",)) == before
 
 
 def test_a_second_live_run_is_refused(pets, tmp_path, capsys):
@@ -147,7 +134,7 @@ def test_a_second_live_run_is_refused(pets, tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(_train(pets, run)) == 2
-        _one_line(capsys, f"another run (pid {holder.pid}) is writing to {run}")
+        one_line(capsys, f"another run (pid {holder.pid}) is writing to {run}")
     finally:
         holder.kill()
         holder.wait()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fault_checks import files, one_line
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -68,29 +69,16 @@ def _train(data, out, *extra) -> list[str]:
             "--workers", "1", "--out", str(out), "--no-progress", "--device", "cpu", "--test-split", "none", *extra]
 
 
-def _one_line(capsys, *needles) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("fseg: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 # ------------------------------------------------------------------------------ item 2: 0/255, one class
 
 
 def test_binary_masks_saved_0_255_are_refused_with_the_flag_named_and_read_with_it(gen, tmp_path, capsys):
     root = _copy(gen, tmp_path)
     _remask(root, lambda m: np.where((m > 0) & (m < 255), 255, 0).astype(np.uint8))
-    before = _files(root)
+    before = files(root)
     assert main(_train(root, tmp_path / "run")) == 2
-    _one_line(capsys, str(root / "masks"), "only 0 and 255", "255 means ignore", "--binary-255")
-    assert not (tmp_path / "run").exists() and _files(root) == before
+    one_line(capsys, str(root / "masks"), "only 0 and 255", "255 means ignore", "--binary-255")
+    assert not (tmp_path / "run").exists() and files(root) == before
 
     data = prepare(root, "train", 32, workers=1, binary_255=True)  # masks are 32 x 32: no resampling
     objects = sum(int((np.asarray(Image.open(root / "masks" / f"{n}.png")) == 255).sum()) for n in data.names)
@@ -105,10 +93,10 @@ def test_one_class_present_is_refused_before_training(gen, tmp_path, capsys):
     _remask(root, lambda m: np.where((m > 0) & (m < 255), 255, 0).astype(np.uint8))
     (root / "classes.txt").write_text("background\nobject\n")  # named, so nothing is inferred
     assert main(_train(root, tmp_path / "run")) == 2
-    _one_line(capsys, "2 classes (background, object)", "hold only background", "--binary-255")
+    one_line(capsys, "2 classes (background, object)", "hold only background", "--binary-255")
     (root / "classes.txt").write_text("object\n")
     assert main(_train(root, tmp_path / "run")) == 2
-    _one_line(capsys, "1 class (object)", "at least 2 classes")
+    one_line(capsys, "1 class (object)", "at least 2 classes")
     assert not (tmp_path / "run").exists()
 
 
@@ -135,7 +123,7 @@ def test_masks_smeared_by_jpeg_are_refused_naming_files(gen, tmp_path, capsys):
     root = _copy(gen, tmp_path)
     _remask(root, _jpeg)
     assert main(_train(root, tmp_path / "run")) == 2
-    line = _one_line(capsys, "isolated pixels", "lossy compression (JPEG)", "classes.txt", str(root / "masks" / "img_"))
+    line = one_line(capsys, "isolated pixels", "lossy compression (JPEG)", "classes.txt", str(root / "masks" / "img_"))
     assert "C = 255" in line or "C = 25" in line  # the class count it refused to infer
     assert not (tmp_path / "run").exists()
 
@@ -206,7 +194,7 @@ def test_eval_of_a_checkpoint_trained_on_other_class_names_is_refused(tmp_path, 
     data = make_generic_dataset(tmp_path / "shapes", n=10, num_classes=3, size=32, split_files=True)
     assert main(["eval", "--checkpoint", str(ck), "--data", str(data), "--split", "test", "--workers", "1",
                  "--device", "cpu"]) == 2
-    _one_line(capsys, str(ck), "trained on classes sky, road, car", "background, shape_1, shape_2")
+    one_line(capsys, str(ck), "trained on classes sky, road, car", "background, shape_1, shape_2")
 
 
 # ---------------------------------------------------------------- item 7: a rank that cannot join
@@ -247,7 +235,7 @@ def test_a_rank_that_cannot_reach_its_rendezvous_says_so_and_ends_in_one_line(pe
 ])
 def test_bad_optimizer_settings_are_refused_before_anything_is_written(pets, tmp_path, capsys, flag, value, said):
     assert main([*_train(pets, tmp_path / "run"), flag, value]) == 2
-    assert _one_line(capsys) == f"fseg: error: {said}"
+    assert one_line(capsys) == f"fseg: error: {said}"
     assert not (tmp_path / "run").exists()
 
 
@@ -255,13 +243,13 @@ def test_resume_of_a_folder_without_a_run_is_refused_and_leaves_no_lock(pets, tm
     """Item 9 (and 13: a refused run left a stale .lock): a new folder is not created, a user's
     folder keeps exactly its files."""
     assert main(_train(pets, tmp_path / "new", "--resume")) == 2
-    _one_line(capsys, f"--resume: {tmp_path / 'new'} holds no run to continue", "drop --resume")
+    one_line(capsys, f"--resume: {tmp_path / 'new'} holds no run to continue", "drop --resume")
     assert not (tmp_path / "new").exists()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     assert main(_train(pets, mine, "--resume")) == 2
-    _one_line(capsys, "holds no run to continue")
+    one_line(capsys, "holds no run to continue")
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
 
 
@@ -287,7 +275,7 @@ def test_voc_without_a_test_list_points_at_the_test_split_flag_before_preparing(
     argv = _train(root, tmp_path / "run")
     argv = argv[:argv.index("--test-split")]  # the default flags
     assert main(argv) == 2
-    _one_line(capsys, "--test-split: split file", "test.txt is missing", "lists train, trainval, val",
+    one_line(capsys, "--test-split: split file", "test.txt is missing", "lists train, trainval, val",
               "pass --test-split none, or --test-split val with --train-split train")
     assert not (tmp_path / "run").exists() and not list(cache.rglob("*.safetensors"))  # nothing prepared
     with warnings.catch_warnings():
@@ -332,8 +320,8 @@ def test_export_onto_a_folder_is_refused_first_naming_it(tmp_path, capsys, monke
     (target / "old.onnx").write_bytes(b"keep")
     _fail_if_traced(monkeypatch)
     assert main(["export", "--checkpoint", str(ck), "--format", "onnx", "--out", str(target)]) == 2
-    _one_line(capsys, f"--out {target} is a folder", str(target / "model.onnx"))
-    assert _files(target) == {"old.onnx": b"keep"}
+    one_line(capsys, f"--out {target} is a folder", str(target / "model.onnx"))
+    assert files(target) == {"old.onnx": b"keep"}
 
 
 def test_export_into_a_read_only_folder_is_refused_first_naming_the_target(tmp_path, capsys, monkeypatch):
@@ -347,7 +335,7 @@ def test_export_into_a_read_only_folder_is_refused_first_naming_the_target(tmp_p
     try:
         _fail_if_traced(monkeypatch)
         assert main(["export", "--checkpoint", str(ck), "--format", "pt2", "--out", str(ro / "m.pt2")]) == 2
-        line = _one_line(capsys, f"cannot write {ro / 'm.pt2'}", "read-only")
+        line = one_line(capsys, f"cannot write {ro / 'm.pt2'}", "read-only")
         assert ".tmp" not in line and ".probe" not in line
     finally:
         subprocess.run(["umount", "-l", str(ro)], capture_output=True)
@@ -381,7 +369,7 @@ def test_a_run_killed_between_last_and_best_resumes_and_gets_its_best(pets, tmp_
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "metrics.jsonl", "last.safetensors"} <= names and "best.safetensors" not in names
-    kept = _files(out)
+    kept = files(out)
     assert main(_train(pets, out, "--resume")) == 0  # the same 1 epoch: nothing left to train
     assert "Traceback" not in capsys.readouterr().err
     last, best = (flatten_with_names(ckpt.load(out / f"{w}.safetensors")[0]) for w in ("last", "best"))
