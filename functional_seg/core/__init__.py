@@ -6,25 +6,10 @@ so ``fseg --help`` stays fast.
 
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_exports
 
 _EXPORTS = {
     "tree": ("flatten_with_names", "stack", "tree_allclose", "tree_bytes", "tree_clone", "tree_leaves", "tree_map",
              "tree_size", "tree_structure", "unflatten_like", "unflatten_names", "unstack"),
 }
-_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted([*_HOME, "random"])
-
-
-def __getattr__(name: str):
-    if name == "random":
-        return importlib.import_module(f"{__name__}.random")
-    if name in _HOME:
-        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, submodules=("random",))

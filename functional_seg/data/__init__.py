@@ -21,7 +21,7 @@ The names below are imported on first use (PEP 562), so the pure train step, whi
 
 from __future__ import annotations
 
-import importlib
+from ..core.lazy import lazy_exports
 
 _EXPORTS = {
     "augmentation": ("IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "AugmentConfig", "augment", "augment_preset",
@@ -37,17 +37,4 @@ _EXPORTS = {
     "cache": ("prepare",),
     "synthetic": ("make_generic_dataset", "make_synthetic_dataset", "make_voc_dataset"),
 }
-_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    if name in _HOME:
-        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -15,7 +15,7 @@ the step and what it needs, not the loop, the data readers or PIL.
 
 from __future__ import annotations
 
-import importlib
+from ..core.lazy import lazy_exports
 
 _EXPORTS = {
     "config": ("SWEEPABLE", "FitConfig"),
@@ -29,17 +29,4 @@ _EXPORTS = {
     "state": ("TrainState", "ensemble_size", "init_ensemble", "init_train_state"),
     "step": ("compile_report", "compile_step", "ensemble_step", "make_eval_step", "make_train_step"),
 }
-_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    if name in _HOME:
-        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
