@@ -45,6 +45,7 @@ import torch
 from .core.files import write_atomic
 from .core.tree import flatten_with_names, unflatten_names
 from .data.preprocess import Preprocess
+from .data.sizes import size_hw, size_text
 
 __all__ = ["FORMATS", "ExportModule", "ExportResult", "ExportError", "export_model", "export_checkpoint",
            "to_pt2_bytes", "to_onnx_bytes", "check_target"]
@@ -124,17 +125,8 @@ class ExportResult:
     note: str = ""
 
 
-def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _text(size: int | tuple[int, int]) -> str:
-    h, w = _hw(size)
-    return str(h) if h == w else f"{h}x{w}"
-
-
 def _example(model, size: int | tuple[int, int], batch: int = 2) -> torch.Tensor:
-    return torch.rand(batch, model.in_channels, *_hw(size), generator=torch.Generator().manual_seed(0))
+    return torch.rand(batch, model.in_channels, *size_hw(size), generator=torch.Generator().manual_seed(0))
 
 
 def _dynamic_shapes(model, dynamic_hw: bool):
@@ -161,10 +153,10 @@ def _first_line(err: BaseException) -> str:
 def _in_words(err: BaseException, model, size: int | tuple[int, int]) -> str:
     """Why H, W could not stay symbolic, in words (torch's own text is a constraint dump)."""
     text = str(err)
-    cells = min(_hw(size)) // model.stride
+    cells = min(size_hw(size)) // model.stride
     if "Constraints violated" in text or "specializ" in text.lower():
         if cells == 1:
-            return (f"at the training size {_text(size)} px the model's coarsest feature map is 1 x 1 (stride "
+            return (f"at the training size {size_text(size)} px the model's coarsest feature map is 1 x 1 (stride "
                     f"{model.stride}), and torch.export fixes every dimension of size 1; a model trained at --size "
                     f"{2 * model.stride} or more exports with dynamic H, W")
         return "tracing fixed H and W to the example's size (the model computes with them as plain numbers)"
@@ -180,7 +172,7 @@ def _probe(program: torch.export.ExportedProgram, model, size: int | tuple[int, 
     adding a runtime assertion, so a dynamic export is only trusted after one call off its example.
     """
     s = model.stride
-    h, w = _hw(size)
+    h, w = size_hw(size)
     x = torch.zeros(1, model.in_channels, h + s, w + 2 * s)
     with torch.no_grad():
         program.module()(x)
@@ -209,7 +201,7 @@ def trace(module: ExportModule, size: int | tuple[int, int], *, dynamic_hw: bool
         program = _trace(module, size, False)
     except Exception as err:
         raise ExportError(f"{module.model.name}: cannot be exported with torch.export: {_first_line(err)}") from err
-    return program, False, (f"{module.model.name}: exported with static H, W = {_text(size)} (dynamic batch only): "
+    return program, False, (f"{module.model.name}: exported with static H, W = {size_text(size)} (dynamic batch only): "
                             f"{reason}")
 
 
@@ -290,8 +282,9 @@ def export_model(model, params: dict, state: dict, preprocess: Preprocess, out: 
         raise ExportError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
     check_target(out)
     size = preprocess.size or 8 * model.stride
-    if any(side % model.stride for side in _hw(size)):
-        raise ExportError(f"{model.name}: size {_text(size)} is not a multiple of the model's stride {model.stride}")
+    if any(side % model.stride for side in size_hw(size)):
+        raise ExportError(f"{model.name}: size {size_text(size)} is not a multiple of the model's stride "
+                          f"{model.stride}")
     module = ExportModule(model, params, state, preprocess).eval()
     program, dynamic, note = trace(module, size, dynamic_hw=dynamic_hw)
     data = to_pt2_bytes(program) if format == "pt2" else to_onnx_bytes(program)

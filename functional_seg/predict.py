@@ -59,6 +59,7 @@ from .core.files import write_atomic
 from .core.tree import tree_map
 from .data.preprocess import Preprocess
 from .data.sample import fit_image
+from .data.sizes import size_text
 from .render import is_ours, mask_image, overlay_image, png_bytes
 from .runtime import Runtime, resolve_runtime
 from .strips import blended_strips, resized_strips, strip_rows, tiling
@@ -149,8 +150,7 @@ class Predictor:
         elif not self.preprocess.size:
             raise ValueError("the checkpoint records no training size; pass --size S (or --tile T)")
         elif any(side % stride for side in self.preprocess.hw):
-            h, w = self.preprocess.hw
-            raise ValueError(f"size {h if h == w else f'{h}x{w}'} is not a multiple of the model's stride {stride}")
+            raise ValueError(f"size {size_text(self.preprocess.size)} is not a multiple of the model's stride {stride}")
         self.params, self.state = tree_map(lambda t: t.to(self.device), (self.params, self.state))
 
     @property

@@ -64,6 +64,7 @@ from .prepared import PreparedData
 from .progress import Progress
 from .sample import SampleTask, load_sample
 from .shards import ShardError, ShardFile, encode_meta, read_header, read_shard, tensor_digest, write_shard
+from .sizes import size_hw, size_text
 from .source import Source
 from .store import MemorySegment, ShardSegment, Store, keep_in_memory
 
@@ -84,23 +85,17 @@ def _stat(p: Path) -> list[int] | None:
 
 
 def _hw(size) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
-        return size, size
-    if (isinstance(size, (tuple, list)) and len(size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
-        return int(size[0]), int(size[1])
-    raise ValueError(f"prepare: size must be a positive int S or a pair (H, W) of them, got {size!r}")
-
-
-def _size_text(hw: tuple[int, int]) -> str:
-    return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
+    try:
+        return size_hw(size)
+    except ValueError as e:
+        raise ValueError(f"prepare: {e}") from None
 
 
 def cache_path(cache_dir: Path, split: str, size: int | tuple[int, int], policy: str, key: dict) -> Path:
     """``<cache_dir>/<layout>-<split>-<S or HxW>-<policy>-<digest of key>``: the split's cache folder."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     layout = key.get("layout", "oxford_pets")
-    return Path(cache_dir) / f"{layout}-{split}-{_size_text(_hw(size))}-{policy}-{digest}"
+    return Path(cache_dir) / f"{layout}-{split}-{size_text(size)}-{policy}-{digest}"
 
 
 def _shard_name(k: int) -> str:
@@ -309,7 +304,7 @@ def _build(job: _Job, directory: Path, workers: int, progress: bool | None) -> t
     results = parallel_map(load_sample, tasks, n_workers, chunksize=chunk, in_flight=2 * n_workers)
     sink = _Sink(directory)
     buffers = job.buffers(job.shard_samples)
-    desc = f"prepare {job.src.split} ({job.src.layout}, {_size_text(job.hw)}px)"
+    desc = f"prepare {job.src.split} ({job.src.layout}, {size_text(job.hw)}px)"
     with closing(results), Progress(len(tasks), desc, progress) as bar:
         for k in todo:
             kept[k] = sink.put(k, job.decode(*ranges[k], results, bar, buffers))

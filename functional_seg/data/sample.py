@@ -19,9 +19,10 @@ from PIL import Image
 from .decode import open_mask, open_rgb
 from .errors import DataError
 from .labels import IGNORE_INDEX, POLICIES, LabelMap
+from .sizes import size_hw
 
 __all__ = ["IGNORE_INDEX", "POLICIES", "LabelMap", "SampleTask", "SampleResult", "load_sample", "mask_max_label",
-           "size_hw", "fit_box", "fit_image", "resize_pair", "load_original"]
+           "fit_box", "fit_image", "resize_pair", "load_original"]
 
 
 class SampleTask(NamedTuple):
@@ -47,11 +48,6 @@ class SampleResult:
     image: np.ndarray | None = None  # uint8 [3, H, W]
     mask: np.ndarray | None = None  # uint8 [H, W]
     error: str | None = None
-
-
-def size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    """A training size as ``(H, W)``: S means S x S."""
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def fit_box(width: int, height: int, size: int | tuple[int, int], policy: str) -> tuple[int, int, int, int]:
