@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -28,23 +26,12 @@ from torchmetrics.functional.classification import multiclass_jaccard_index
 from functional_seg.metrics import confusion_matrix, mean_iou
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeat: int, warmup: int) -> tuple[float, torch.Tensor]:
     """Median wall time in milliseconds over ``repeat`` synced calls, and the last result."""
-    for _ in range(warmup):
-        out = fn()
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), out
+    from experiments.harness import timed
+
+    seconds, out = timed(fn, device, warmup=warmup, iters=repeat)
+    return 1e3 * seconds, out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,36 +27,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from experiments.harness import timed
 from functional_seg import label_quality as Q
 from functional_seg import metrics as M
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable, device: torch.device, repeat: int, warmup: int):
-    """Median seconds over ``repeat`` synced calls after ``warmup`` calls, and the last result."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def _blobs(n: int, c: int, size: int, g: torch.Generator) -> torch.Tensor:
@@ -120,16 +98,16 @@ def _boundary_rows(args, device, g, rows: list) -> None:
     target = _blobs(args.boundary_batch, c, s, g).to(device)
     pred = torch.where(_blobs(args.boundary_batch, 2, s, g).to(device) == 1, _blobs(args.boundary_batch, c, s, g)
                        .to(device), target)
-    ours_s, ours = _time(lambda: M.boundary_counts(pred, target, c), device, args.repeat, args.warmup)
+    ours_s, ours = timed(lambda: M.boundary_counts(pred, target, c), device, warmup=args.warmup, iters=args.repeat)
     label = f"boundary_counts [{args.boundary_batch}, {c}, {s}, {s}], d = {M.boundary_width(s, s, 0.02)}"
     rows.append((label, "ours", ours_s, None, ""))
     if args.compile:
         compiled = torch.compile(lambda: M.boundary_counts(pred, target, c), fullgraph=True)
-        comp_s, comp = _time(compiled, device, args.repeat, max(1, args.warmup))
+        comp_s, comp = timed(compiled, device, warmup=max(1, args.warmup), iters=args.repeat)
         same = all(torch.equal(a, b) for a, b in zip(comp, ours))
         rows.append((label, "ours, torch.compile", comp_s, None, "equal" if same else "DIFFERS"))
     if _available("scipy"):
-        ref_s, ref = _time(lambda: _scipy_boundary(pred, target, c, 0.02), device, args.ref_repeat, 0)
+        ref_s, ref = timed(lambda: _scipy_boundary(pred, target, c, 0.02), device, warmup=0, iters=args.ref_repeat)
         same = ref[0].tolist() == ours[0].tolist() and ref[1].tolist() == ours[1].tolist()
         rows.append((label, "scipy reference (host)", ref_s, ref_s / ours_s, "equal" if same else "DIFFERS"))
 
@@ -138,14 +116,15 @@ def _calibration_rows(args, device, g, rows: list) -> None:
     c, s = args.classes, args.size
     probs = (2 * torch.randn(args.boundary_batch, c, s, s, generator=g)).softmax(1).to(device)
     target = torch.randint(0, c, (args.boundary_batch, s, s), generator=g).to(device)
-    ours_s, ours = _time(lambda: M.ece(M.calibration_counts(probs, target)), device, args.repeat, args.warmup)
+    ours_s, ours = timed(lambda: M.ece(M.calibration_counts(probs, target)), device, warmup=args.warmup,
+                         iters=args.repeat)
     label = f"ECE (15 bins) [{args.boundary_batch}, {c}, {s}, {s}]"
     rows.append((label, "ours", ours_s, None, ""))
     if _available("torchmetrics"):
         from torchmetrics.functional.classification import multiclass_calibration_error
 
-        ref_s, ref = _time(lambda: multiclass_calibration_error(probs, target, c, n_bins=15), device,
-                           args.repeat, args.warmup)
+        ref_s, ref = timed(lambda: multiclass_calibration_error(probs, target, c, n_bins=15), device,
+                           warmup=args.warmup, iters=args.repeat)
         agree = abs(ref.item() - ours.item()) < 1e-5
         rows.append((label, "torchmetrics (device)", ref_s, ref_s / ours_s, "equal" if agree else "DIFFERS"))
 
@@ -158,18 +137,19 @@ def _audit_rows(args, device, g, rows: list) -> None:
     probs = logits.softmax(1)
     labels = torch.where(torch.rand(n, s, s, generator=g) < 0.05, torch.randint(0, c, (n, s, s), generator=g), truth)
     probs_d, labels_d = probs.to(device), labels.to(device)
-    ours_s, (image, issues) = _time(lambda: _ours_audit(probs_d, labels_d, args.batch), device, args.repeat,
-                                    args.warmup)
+    ours_s, (image, issues) = timed(lambda: _ours_audit(probs_d, labels_d, args.batch), device,
+                                    warmup=args.warmup, iters=args.repeat)
     label = f"label audit, both passes, [{n}, {c}, {s}, {s}]"
     rows.append((label, "ours", ours_s, None, f"{int(issues.sum())} issue px"))
     if _available("cleanlab"):
         p64, l64 = probs.double().numpy(), labels.numpy()
-        ref_s, (ref_image, ref_issues) = _time(lambda: _cleanlab_audit(p64, l64), device, args.ref_repeat, 0)
+        ref_s, (ref_image, ref_issues) = timed(lambda: _cleanlab_audit(p64, l64), device, warmup=0,
+                                               iters=args.ref_repeat)
         agree = np.abs(ref_image - image.cpu().numpy()).max() < 1e-6
         same_mask = np.array_equal(ref_issues, issues.cpu().numpy())
         note = ("scores equal" if agree else "scores DIFFER") + (", mask equal" if same_mask else ", mask DIFFERS")
         rows.append((label, "cleanlab softmin + confident_learning (host)", ref_s, ref_s / ours_s, note))
-        seg_s, seg = _time(lambda: _cleanlab_segmentation(p64, l64), device, args.ref_repeat, 0)
+        seg_s, seg = timed(lambda: _cleanlab_segmentation(p64, l64), device, warmup=0, iters=args.ref_repeat)
         rows.append((label, "cleanlab.segmentation find_label_issues (host)", seg_s, seg_s / ours_s,
                      f"{int(seg.sum())} issue px (its own rule)"))
 

@@ -304,15 +304,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, iters: int = 10) -> float:
-    """Median wall time of ``fn()`` in milliseconds, synchronising CUDA around each call."""
+def timed(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, iters: int = 10) -> tuple[float, Any]:
+    """Median wall time of ``fn()`` in seconds over ``iters`` calls after ``warmup`` calls, CUDA
+    synchronised around each, and the last call's result."""
+    out = None
     for _ in range(warmup):
-        fn()
+        out = fn()
     sync(device)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, iters: int = 10) -> float:
+    """Median wall time of ``fn()`` in milliseconds (:func:`timed`)."""
+    return timed(fn, device, warmup=warmup, iters=iters)[0] * 1e3
