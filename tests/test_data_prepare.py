@@ -7,6 +7,8 @@ touched.
 
 from __future__ import annotations
 
+import os
+
 import shutil
 import warnings
 from pathlib import Path
@@ -185,6 +187,14 @@ def test_cache_key_covers_arguments(synthetic, tmp_path):
         prepare(synthetic, "val", 16, seed=1, cache_dir=tmp_path, workers=1).cache_path,
     }
     assert len(paths) == 5
+
+
+def test_a_touched_mask_alone_gives_a_new_cache_folder(sample_copy, tmp_path):
+    before = prepare(sample_copy, "trainval", 16, cache_dir=tmp_path, workers=1)
+    assert prepare(sample_copy, "trainval", 16, cache_dir=tmp_path, workers=1).cache_path == before.cache_path
+    os.utime(sample_copy / "annotations" / "trimaps" / f"{before.names[-1]}.png", ns=(1, 1))
+    after = prepare(sample_copy, "trainval", 16, cache_dir=tmp_path, workers=1)
+    assert after.cache_path != before.cache_path and torch.equal(after.masks, before.masks)
 
 
 def test_changed_source_invalidates_the_cache(sample_copy, tmp_path):

@@ -46,7 +46,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,18 +70,41 @@ from .store import MemorySegment, ShardSegment, Store, keep_in_memory
 
 __all__ = ["prepare", "default_cache_dir", "cache_path", "SHARD_BYTES", "INDEX"]
 
-_FORMAT = "functional_seg.prepared/3"
+_FORMAT = "functional_seg.prepared/4"
 SHARD_BYTES = 64 << 20  # default shard: as many samples as fit in this
 INDEX = "index.json"
 _IN_FLIGHT_BYTES = 64 << 20  # decoded samples travelling back from the pool at once, at most
 
 
-def _stat(p: Path) -> list[int] | None:
+def _stat(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a file; (-1, -1) when it is missing or unreadable."""
     try:
-        st = p.stat()
+        st = os.stat(path)
     except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _file_stats(images: Sequence[str], masks: Sequence[str] = ()) -> np.ndarray:
+    """int64 [N, 4] (image size, image mtime_ns, mask size, mask mtime_ns; -1 where missing), or
+    [N, 2] without masks: 32 bytes a sample where a list of lists held ~500 (ADE20K has 20k)."""
+    out = np.full((len(images), 4 if masks else 2), -1, dtype=np.int64)
+    for i, path in enumerate(images):
+        out[i, :2] = _stat(path)
+    for i, path in enumerate(masks):
+        out[i, 2:] = _stat(path)
+    return out
+
+
+def _files_digest(names: Sequence[str], paths: Sequence[str], stats: np.ndarray) -> str:
+    """sha256 over each sample's name, file name and stats: any file renamed, resized or touched
+    changes it."""
+    h = hashlib.sha256()
+    for column in (names, (os.path.basename(p) for p in paths)):
+        for text in column:
+            h.update(text.encode("utf-8", "surrogateescape") + b"\0")
+    h.update(np.ascontiguousarray(stats, dtype="<i8").tobytes())
+    return h.hexdigest()
 
 
 def _hw(size) -> tuple[int, int]:
@@ -131,11 +154,14 @@ def _bad_summary(bad: list[str], total: int, split: str) -> str:
     return f"{len(bad)} of {total} samples of split {split!r} {'is' if len(bad) == 1 else 'are'} bad: {shown}"
 
 
-def _cache_key(src: Source, hw: tuple[int, int], policy: str, seed: int, shard_samples: int) -> dict:
+def _cache_key(src: Source, hw: tuple[int, int], policy: str, seed: int, shard_samples: int,
+               stats: np.ndarray) -> dict:
+    """What the cache depends on (``stats``: ``_file_stats`` of the split's images and masks)."""
     if src.labels is not None:
         classes: object = src.labels.key()
     else:  # inferred from every mask: any of them changing changes the key
-        classes = {"inferred_from": [[p.name, _stat(p)] for p in src.infer_from]}
+        masks = src.infer_from
+        classes = {"inferred_from": _files_digest([os.path.basename(p) for p in masks], masks, _file_stats(masks))}
     return {
         "format": _FORMAT,
         "layout": src.layout,
@@ -146,7 +172,7 @@ def _cache_key(src: Source, hw: tuple[int, int], policy: str, seed: int, shard_s
         "seed": seed if src.seeded else None,
         "shard_samples": shard_samples,
         "classes": classes,
-        "files": [[n, ip.name, _stat(ip), _stat(mp)] for n, ip, mp in zip(src.names, src.images, src.masks)],
+        "files": _files_digest(src.names, src.images, stats),
     }
 
 
@@ -156,6 +182,7 @@ class _Job:
 
     src: Source
     key: dict
+    stats: np.ndarray  # _file_stats of src's images and masks, int64 [N, 4]
     labels: LabelMap
     hw: tuple[int, int]
     policy: str
@@ -170,11 +197,11 @@ class _Job:
 
     def missing(self, i: int) -> str | None:
         """The message of sample i when its files are missing (known without decoding), else None."""
-        name, _, ist, mst = self.key["files"][i]
-        if ist is None:
+        name, stats = self.src.names[i], self.stats[i]
+        if stats[0] < 0:
             return f"{self.src.listed_in} lists {name!r} but its image {self.src.images[i]} is missing; " \
                    "expected an image file there"
-        if mst is None:
+        if stats[2] < 0:
             return f"{self.src.masks[i]}: {self.src.mask_what} for image {name!r} is missing; " \
                    f"expected {self.src.mask_expected}"
         return None
@@ -225,7 +252,7 @@ class _Job:
 
     def _rebuild(self, path: Path, a: int, b: int, sha256: str) -> bool:
         for i in range(a, b):
-            if [_stat(self.src.images[i]), _stat(self.src.masks[i])] != self.key["files"][i][2:]:
+            if (*_stat(self.src.images[i]), *_stat(self.src.masks[i])) != tuple(self.stats[i].tolist()):
                 return False
         tasks = [self.task(i) for i in range(a, b) if self.missing(i) is None]
         part = self.decode(a, b, map(load_sample, tasks), None, self.buffers(b - a))
@@ -442,7 +469,8 @@ def prepare(
     if shard_samples is not None and (not isinstance(shard_samples, int) or shard_samples < 1):
         raise ValueError(f"prepare: shard_samples must be a positive int, got {shard_samples!r}")
     src = open_source(root, split, seed=seed, download=download, binary_255=binary_255)
-    key = _cache_key(src, hw, policy, seed, shard_samples or max(1, SHARD_BYTES // (4 * hw[0] * hw[1])))
+    stats = _file_stats(src.images, src.masks)
+    key = _cache_key(src, hw, policy, seed, shard_samples or max(1, SHARD_BYTES // (4 * hw[0] * hw[1])), stats)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     directory = cache_path(cache_dir, split, hw, policy, key)
     n_workers = max(1, workers if workers is not None else cpu_count())
@@ -452,10 +480,10 @@ def prepare(
         with _building(directory):
             index = _read_index(directory, key, hw, quiet=True)  # another process may have built it meanwhile
             if index is None:
-                job = _Job(src, key, src.labels or infer_labels(src, n_workers), hw, policy)
+                job = _Job(src, key, stats, src.labels or infer_labels(src, n_workers), hw, policy)
                 index, sink = _build(job, directory, n_workers, progress)
     if sink is None:
-        job = _Job(src, key, src.labels or LabelMap.indices(tuple(index["class_names"])), hw, policy)
+        job = _Job(src, key, stats, src.labels or LabelMap.indices(tuple(index["class_names"])), hw, policy)
     where = "" if sink is not None else f" (from cache {directory.name})"
     _report(index, len(src.names), split, strict, where)
     if not index["names"]:
