@@ -8,7 +8,6 @@ touched.
 from __future__ import annotations
 
 import os
-
 import shutil
 import warnings
 from pathlib import Path
