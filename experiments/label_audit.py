@@ -15,15 +15,19 @@ experiments), copied as an Oxford-layout folder (images linked, trimaps rewritte
 The audit is ``functional_seg.audit.audit`` (what ``fseg audit`` runs): K folds trained in one
 vmapped step, each image scored by the member that never learned its labels. Reported for every
 pixel-score method of ``label_quality``: precision and recall of the corrupted images among the top
-30, 45 and 60 of the ranking. Against:
+30, 45 and 60 of the ranking, from out-of-sample probabilities of each image alone and of the
+image and its mirror averaged (the audit's default, ``tta="flip"``). Against:
 
 - the baseline: one model trained on all 270 (same settings, no folds), images ranked by their
-  in-sample cross-entropy loss (highest first);
+  in-sample cross-entropy loss (highest first), with and without the same flip averaging;
 - cleanlab (where installed): ``cleanlab.segmentation.rank.get_label_quality_scores`` on the SAME
   out-of-sample probabilities.
 
 Timing: the K-fold run (one process, one vmapped step) against K sequential trainings of the same
 members (member k on the images outside fold k, same epochs), wall time of each, ratio from one run.
+
+``--reuse`` keeps finished audit and baseline runs found in ``--runs`` (scores them again without
+training; their training time is read from their records).
 
 Writes ``<out>/label_audit_<device-kind>.{json,md}`` and copies the audit's contact sheet there.
 """
@@ -59,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--corrupt", type=int, default=30, help="corrupted masks, split evenly over the three kinds")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-model loss baseline")
     p.add_argument("--no-timing", action="store_true", help="skip the K sequential trainings")
+    p.add_argument("--reuse", action="store_true", help="keep finished audit/baseline runs in --runs: score only")
     args = H.finish_args(p.parse_args(argv), quick_epochs=2, quick_batch=16, quick_train=None, quick_test=None)
     if args.quick and "--model" not in (argv or sys.argv):
         args.model = "segnet_tiny"
@@ -185,17 +190,20 @@ def _oos_arrays(result, data, runtime, batch_size: int):
 
 
 def rank_methods(result, data, runtime, args) -> dict[str, list[str]]:
-    """Every label_quality method's ranking from the audit's one checkpoint, and cleanlab's."""
+    """Every label_quality method's ranking from the audit's one checkpoint, with and without flip
+    averaging, and cleanlab's on the audit's default (flip) probabilities."""
     import torch
 
     from functional_seg import label_quality as Q
     from functional_seg.audit import score_dataset
 
     rankings = {}
-    for method in Q.METHODS:
-        scores = score_dataset(result.fit.checkpoint, data, torch.tensor(result.folds), runtime=runtime,
-                               batch_size=args.batch_size, method=method, ignore_index=255)
-        rankings[f"audit ({method})"] = [data.names[i] for i in Q.rank_images(scores["image_score"]).tolist()]
+    for tta in ("flip", "none"):
+        for method in Q.METHODS:
+            scores = score_dataset(result.fit.checkpoint, data, torch.tensor(result.folds), runtime=runtime,
+                                   batch_size=args.batch_size, method=method, ignore_index=255, tta=tta)
+            label = f"audit ({method}{', flip' if tta == 'flip' else ', no flip'})"
+            rankings[label] = [data.names[i] for i in Q.rank_images(scores["image_score"]).tolist()]
     try:
         from cleanlab.segmentation.rank import get_label_quality_scores
     except ImportError:
@@ -203,32 +211,51 @@ def rank_methods(result, data, runtime, args) -> dict[str, list[str]]:
     probs, labels = _oos_arrays(result, data, runtime, args.batch_size)
     labels = np.where(labels == 255, np.argmax(probs, axis=1), labels)  # cleanlab has no ignore label
     image_scores, _ = get_label_quality_scores(labels, probs, verbose=False)
-    rankings["cleanlab softmin (same probabilities)"] = [data.names[i] for i in np.argsort(image_scores, kind="stable")]
+    label = "cleanlab softmin (same probabilities as audit (self_confidence, flip))"
+    rankings[label] = [data.names[i] for i in np.argsort(image_scores, kind="stable")]
     return rankings
 
 
-def baseline(args, data, out: Path) -> tuple[list[str], float]:
-    """One model on all the data; images ranked by their in-sample loss, highest first."""
+def _train_seconds(result) -> float:
+    return sum(r.get("train_time_s") or 0.0 for r in result.history)
+
+
+def _run(out: Path, reuse: bool) -> tuple[Path, bool]:
+    """(run folder, resume it?): a finished run is kept with ``--reuse``, else the folder is emptied."""
+    if reuse and (out / "last.safetensors").is_file():
+        return out, True
+    return C._fresh_run_dir(out), False
+
+
+def baseline(args, data, out: Path) -> tuple[dict[str, list[str]], float]:
+    """One model on all the data; images ranked by their in-sample loss, highest first (its logits,
+    and the log of the mean softmax of the image and its mirror); and its training time."""
     import torch
 
     from functional_seg.data import Splits
     from functional_seg.losses import cross_entropy
     from functional_seg.models import load_checkpoint
     from functional_seg.train import fit
+    from functional_seg.uncertainty import flip_views, mean_probs
 
-    t0 = time.perf_counter()
-    result = fit(_model(args), Splits(data), _config(args), out_dir=C._fresh_run_dir(out), hooks=[])
-    seconds = time.perf_counter() - t0
+    run, resume = _run(out, args.reuse)
+    result = fit(_model(args), Splits(data), _config(args), out_dir=run, resume=resume, hooks=[])
     loaded = load_checkpoint(result.checkpoint)
-    losses = []
+
+    def predict(x):
+        return loaded.model.apply(loaded.params, loaded.state, x, train=False)[0].float()
+
+    losses = {"none": [], "flip": []}
     with torch.no_grad():
         for i in range(len(data)):
             images, masks = data.gather([i])
-            logits, _ = loaded.model.apply(loaded.params, loaded.state, loaded.preprocess.model_input(images),
-                                           train=False)
-            losses.append(float(cross_entropy(logits.float(), masks.long(), ignore_index=255)))
-    order = np.argsort(-np.asarray(losses), kind="stable")
-    return [data.names[i] for i in order], seconds
+            x = loaded.preprocess.model_input(images)
+            scores = {"none": predict(x), "flip": mean_probs(flip_views(predict, x)).clamp_min(1e-30).log()}
+            for tta, s in scores.items():
+                losses[tta].append(float(cross_entropy(s, masks.long(), ignore_index=255)))
+    rankings = {f"baseline: one model's in-sample loss{', flip' if tta == 'flip' else ''}":
+                [data.names[i] for i in np.argsort(-np.asarray(v), kind="stable")] for tta, v in losses.items()}
+    return rankings, _train_seconds(result)
 
 
 def sequential(args, data, folds: list[int], out: Path) -> float:
@@ -255,18 +282,21 @@ def main(argv=None) -> int:
     names, kinds = build_dataset(Path(args.data), runs / "data", n_corrupt=args.corrupt, seed=args.seed)
     data = prepare(runs / "data", "trainval", args.size)
     corrupted = set(kinds)
+    run, resume = _run(runs / "audit", args.reuse)
     t0 = time.perf_counter()
-    result = audit(_model(args), data, _config(args), folds=args.folds, out_dir=C._fresh_run_dir(runs / "audit"),
+    result = audit(_model(args), data, _config(args), folds=args.folds, out_dir=run, resume=resume,
                    top=16, hooks=[C._EpochLines("audit")])
-    kfold_s = time.perf_counter() - t0
+    timing = {"kfold_train_s": _train_seconds(result.fit)}
+    if not resume:
+        timing["kfold_s"] = time.perf_counter() - t0
     runtime = resolve_runtime(args.device)
     rankings = rank_methods(result, data, runtime, args)
-    timing = {"kfold_s": kfold_s}
     if not args.no_baseline:
-        rankings["baseline: one model's in-sample loss"], timing["baseline_s"] = baseline(args, data, runs / "one")
-    if not args.no_timing:
+        ranked, timing["baseline_train_s"] = baseline(args, data, runs / "one")
+        rankings.update(ranked)
+    if not args.no_timing and "kfold_s" in timing:  # a wall-time ratio needs both runs made here
         timing["sequential_s"] = sequential(args, data, result.folds, runs / "sequential")
-        timing["sequential_over_kfold"] = timing["sequential_s"] / kfold_s
+        timing["sequential_over_kfold"] = timing["sequential_s"] / timing["kfold_s"]
     rows = [{"ranking": label, **precision_recall(ranking, corrupted),
              **{f"{kind} in top 45": sum(1 for n in ranking[:45] if kinds.get(n) == kind) for kind in KINDS}}
             for label, ranking in rankings.items()]
@@ -279,10 +309,12 @@ def main(argv=None) -> int:
         f"model `{args.model}` {MODELS[args.model]}, {args.size} px, {args.epochs} epochs, batch {args.batch_size}, "
         f"AdamW lr {args.lr}, flip augmentation; folds and corruptions seeded by --seed {args.seed}",
         "target: >= 70% of the corrupted images in the top 45, clearly above the baseline",
-        f"timing (wall, one run): K-fold in one vmapped step {timing['kfold_s']:.0f} s"
-        + (f"; K sequential trainings {timing['sequential_s']:.0f} s (x{timing['sequential_over_kfold']:.2f})"
+        f"training time (the runs' epoch records): K-fold in one vmapped step {timing['kfold_train_s']:.0f} s"
+        + (f"; baseline model {timing['baseline_train_s']:.0f} s" if "baseline_train_s" in timing else "")
+        + (f"; wall, one run: K-fold audit {timing['kfold_s']:.0f} s, K sequential trainings "
+           f"{timing['sequential_s']:.0f} s (x{timing['sequential_over_kfold']:.2f})"
            if "sequential_s" in timing else "")
-        + (f"; baseline model {timing['baseline_s']:.0f} s" if "baseline_s" in timing else ""),
+        + ("; runs reused (--reuse): scored again, not retrained" if args.reuse else ""),
     ])
     md += "\n" + H.md_table(rows, columns) + "\n"
     H.write_results(args.out, stem, H.payload(EXPERIMENT, prov, args, rows, corrupted=kinds, timing=timing), md)

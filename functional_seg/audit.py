@@ -7,7 +7,10 @@
    fold k (they are ``ignore_index`` for it), so the ensemble machinery, EMA, accumulation, data
    parallelism, the run directory's guarantees and ``--resume`` apply unchanged.
 2. Out-of-sample probabilities: image i is predicted by the member that never learned its labels,
-   fold by fold (one forward pass per image), float [N, C, S, S] in batches, never all at once.
+   fold by fold, float [N, C, S, S] in batches, never all at once. With ``tta="flip"`` (the
+   default) they are the mean softmax of the image and its mirror: two forward passes per image,
+   steadier probabilities, and more corrupted masks ranked near the top in
+   ``experiments/label_audit`` (its table has both).
 3. ``label_quality``'s two passes over those probabilities: per-class confident-learning
    thresholds, then per-pixel scores, likely-issue masks and per-image scores (softmin), ranked
    from the most suspicious.
@@ -38,11 +41,12 @@ from .core.files import write_atomic, write_json
 from .data.loader import Loader
 from .data.splits import Splits, fold_ids
 from .models.saved import load_checkpoint
+from .options import TTA_MODES
 from .render import colour_labels, png_bytes
 from .runtime import resolve_runtime
 from .train.config import FitConfig
 from .train.loop import FitResult, fit
-from .uncertainty import heatmap
+from .uncertainty import flip_views, heatmap, mean_probs
 
 __all__ = ["audit", "AuditResult", "out_of_sample_probs", "score_dataset", "contact_sheet"]
 
@@ -65,9 +69,16 @@ class AuditResult:
     files: dict[str, str]
 
 
-def out_of_sample_probs(checkpoint, data, folds: torch.Tensor, *, runtime, batch_size: int):
+def _check_tta(tta: str) -> None:
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown tta {tta!r}; expected one of {', '.join(TTA_MODES)}")
+
+
+def out_of_sample_probs(checkpoint, data, folds: torch.Tensor, *, runtime, batch_size: int, tta: str = "flip"):
     """Yield ``(indices int64 [b], probs float [b, C, S, S], labels int64 [b, S, S])`` for every image,
-    each predicted by the member of ``checkpoint`` that never learned the labels of its fold."""
+    each predicted by the member of ``checkpoint`` that never learned the labels of its fold
+    (``tta="flip"``: the mean softmax of the image and its mirror)."""
+    _check_tta(tta)
     k = int(folds.max()) + 1
     for member in range(k):
         index = torch.nonzero(folds == member).flatten()
@@ -75,19 +86,24 @@ def out_of_sample_probs(checkpoint, data, folds: torch.Tensor, *, runtime, batch
             continue
         loaded = load_checkpoint(checkpoint, device=runtime.device, weights="params", member=member)
         pre = dataclasses.replace(loaded.preprocess, precision=runtime.precision, channels_last=runtime.channels_last)
+
+        def predict(x, loaded=loaded):
+            return loaded.model.apply(loaded.params, loaded.state, x, train=False)[0]
+
         loader = Loader(data.subset(index), batch_size, device=runtime.device, shuffle=False, drop_last=False)
         start = 0
         with torch.no_grad():
             for images, masks in loader.epoch(None):
                 with runtime.autocast():
-                    logits, _ = loaded.model.apply(loaded.params, loaded.state, pre.model_input(images), train=False)
+                    x = pre.model_input(images)
+                    views = flip_views(predict, x) if tta == "flip" else predict(x)[None]  # [V, b, C, S, S]
                 b = images.shape[0]
-                yield index[start:start + b], logits.float().softmax(1), masks
+                yield index[start:start + b], mean_probs(views.float()), masks
                 start += b
 
 
 def score_dataset(checkpoint, data, folds: torch.Tensor, *, runtime, batch_size: int, method: str,
-                  ignore_index: int) -> dict:
+                  ignore_index: int, tta: str = "flip") -> dict:
     """The two passes: thresholds over every out-of-sample pixel, then each image's scores.
 
     Returns:
@@ -96,14 +112,15 @@ def score_dataset(checkpoint, data, folds: torch.Tensor, *, runtime, batch_size:
         ``thresholds`` [C].
     """
     counts = None
-    for _, probs, masks in out_of_sample_probs(checkpoint, data, folds, runtime=runtime, batch_size=batch_size):
+    oos = dict(runtime=runtime, batch_size=batch_size, tta=tta)
+    for _, probs, masks in out_of_sample_probs(checkpoint, data, folds, **oos):
         c = Q.threshold_counts(probs, masks, ignore_index=ignore_index)
         counts = c if counts is None else counts + c
     thresholds = Q.class_thresholds(counts)
     n = len(data)
     out = {key: torch.full((n,), float("nan"), dtype=torch.float64)
            for key in ("image_score", "issue_fraction", "agreement")}
-    for index, probs, masks in out_of_sample_probs(checkpoint, data, folds, runtime=runtime, batch_size=batch_size):
+    for index, probs, masks in out_of_sample_probs(checkpoint, data, folds, **oos):
         scored = Q.score_batch(probs, masks, thresholds.to(probs.device), method=method, ignore_index=ignore_index)
         valid = masks != ignore_index
         agree = ((probs.argmax(1) == masks) & valid).sum((1, 2)).double() / valid.sum((1, 2)).clamp_min(1).double()
@@ -115,7 +132,7 @@ def score_dataset(checkpoint, data, folds: torch.Tensor, *, runtime, batch_size:
 
 
 def contact_sheet(checkpoint, data, folds: torch.Tensor, indices: Sequence[int], *, runtime, ignore_index: int,
-                  method: str, thresholds: torch.Tensor, rank_offset: int = 1):
+                  method: str, thresholds: torch.Tensor, rank_offset: int = 1, tta: str = "flip"):
     """A PIL image: one row per image in ``indices`` (image, given mask, out-of-sample prediction,
     issue heat map), labelled with its rank and name."""
     from PIL import Image, ImageDraw
@@ -123,7 +140,8 @@ def contact_sheet(checkpoint, data, folds: torch.Tensor, indices: Sequence[int],
     chosen = torch.as_tensor(list(indices), dtype=torch.int64)
     sub = data.subset(chosen)
     rows: dict[int, np.ndarray] = {}
-    for local, probs, masks in out_of_sample_probs(checkpoint, sub, folds[chosen], runtime=runtime, batch_size=8):
+    for local, probs, masks in out_of_sample_probs(checkpoint, sub, folds[chosen], runtime=runtime, batch_size=8,
+                                                     tta=tta):
         scored = Q.score_batch(probs, masks, thresholds.to(probs.device), method=method, ignore_index=ignore_index)
         images, _ = sub.gather(local)
         for j, i in enumerate(local.tolist()):
@@ -158,7 +176,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def audit(model, data, config: FitConfig, *, folds: int = 5, out_dir: str | os.PathLike, resume: bool = False,
-          method: str = "self_confidence", top: int = 16, hooks=None, args: dict | None = None) -> AuditResult:
+          method: str = "self_confidence", tta: str = "flip", top: int = 16, hooks=None,
+          args: dict | None = None) -> AuditResult:
     """Train the K-fold ensemble (or resume it), score every image out of sample, write the files.
 
     Args:
@@ -167,10 +186,12 @@ def audit(model, data, config: FitConfig, *, folds: int = 5, out_dir: str | os.P
         config: the training settings (``folds`` is set to ``folds``; ``ensemble`` and ``sweep``
             must be left alone).
         method: the pixel score (``label_quality.METHODS``).
+        tta: "flip" (out-of-sample probabilities of the image and its mirror, averaged) or "none".
         top: images on the contact sheet.
     """
     if method not in Q.METHODS:
         raise ValueError(f"unknown audit method {method!r}; expected one of {', '.join(Q.METHODS)}")
+    _check_tta(tta)
     if folds < 2:
         raise ValueError(f"--folds must be at least 2 (each image needs a member that held it out), got {folds}")
     config = dataclasses.replace(config, folds=folds, ensemble=1)
@@ -181,20 +202,21 @@ def audit(model, data, config: FitConfig, *, folds: int = 5, out_dir: str | os.P
     fold = fold_ids(data.names, folds, config.seed)
     ignore = result.preprocess.ignore_index
     scores = score_dataset(result.checkpoint, data, fold, runtime=runtime, batch_size=config.batch_size,
-                           method=method, ignore_index=ignore)
+                           method=method, ignore_index=ignore, tta=tta)
     order = Q.rank_images(scores["image_score"]).tolist()
     out = Path(result.out_dir)
     rows = [{"rank": r + 1, "name": data.names[i], "fold": int(fold[i]), "image_score": float(scores["image_score"][i]),
              "issue_fraction": float(scores["issue_fraction"][i]), "agreement": float(scores["agreement"][i])}
             for r, i in enumerate(order)]
     _write_csv(out / "audit.csv", rows)
-    write_json(out / "audit.json", {"method": method, "folds": folds, "checkpoint": str(result.checkpoint),
+    write_json(out / "audit.json", {"method": method, "tta": tta, "folds": folds,
+                                    "checkpoint": str(result.checkpoint),
                                     "class_names": list(data.class_names),
                                     "thresholds": scores["thresholds"].tolist(), "images": rows})
     files = {"csv": str(out / "audit.csv"), "json": str(out / "audit.json")}
     if top:
         sheet = contact_sheet(result.checkpoint, data, fold, order[:top], runtime=runtime, ignore_index=ignore,
-                              method=method, thresholds=scores["thresholds"])
+                              method=method, thresholds=scores["thresholds"], tta=tta)
         files["contact_sheet"] = str(write_atomic(out / "audit_top.png", png_bytes(sheet)))
     return AuditResult(result, tuple(data.names), fold.tolist(), order, scores["image_score"].tolist(),
                        scores["issue_fraction"].tolist(), scores["agreement"].tolist(),

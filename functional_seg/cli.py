@@ -175,7 +175,7 @@ def cmd_audit(args) -> int:
           f"at {config.data.size}px -> {out}", file=sys.stderr)
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     result = audit(model, data, config, folds=args.folds, out_dir=out, resume=args.resume, method=args.method,
-                   top=args.top, hooks=[ConsoleLog(progress=not args.no_progress)], args=record)
+                   tta=args.tta, top=args.top, hooks=[ConsoleLog(progress=not args.no_progress)], args=record)
     if result is None:  # a rank other than 0 under torchrun
         return 0
     print(f"most suspicious first ({result.method}; files: {', '.join(result.files.values())}):")
@@ -393,7 +393,7 @@ def _add_train(sub) -> None:
 
 
 def _add_audit(sub) -> None:
-    from .options import AUDIT_METHODS
+    from .options import AUDIT_METHODS, TTA_MODES
     from .train.config import FitConfig
 
     a = sub.add_parser("audit", help="find likely label errors: K-fold models in one vmapped run score every mask "
@@ -403,6 +403,8 @@ def _add_audit(sub) -> None:
     a.add_argument("--folds", type=_positive_int, default=5, help="K: member k never learns from fold k's labels")
     a.add_argument("--method", default="self_confidence", choices=AUDIT_METHODS,
                    help="the per-pixel label-quality score")
+    a.add_argument("--tta", default="flip", choices=TTA_MODES,
+                   help="flip: score with the mean of each image's and its mirror's out-of-sample probabilities")
     a.add_argument("--top", type=int, default=16, help="images on the contact sheet audit_top.png")
     a.add_argument("--show", type=int, default=20, help="ranked images printed")
     a.add_argument("--model", default="segnet", help="registered model name (fseg models)")
@@ -447,6 +449,8 @@ def _add_eval(sub) -> None:
 
 
 def _add_predict(sub) -> None:
+    from .options import TTA_MODES
+
     p = sub.add_parser("predict", help="write predicted masks and overlays for images or folders of images")
     p.add_argument("--checkpoint", required=True, metavar="FILE")
     p.add_argument("images", nargs="+", metavar="IMAGE",
@@ -469,7 +473,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--tile", type=_positive_int, default=None, metavar="T",
                    help="sliding-window inference at the image's own scale in T x T windows (large images)")
     p.add_argument("--tile-overlap", type=float, default=0.25, help="fraction of a tile its neighbours share")
-    p.add_argument("--tta", default="none", choices=("none", "flip"),
+    p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="flip: average the logits with those of the horizontally flipped image")
     p.add_argument("--no-overlay", action="store_true", help="write the masks (and uncertainty maps) only")
     p.add_argument("--uncertainty", action="store_true",

@@ -8,3 +8,4 @@ WEIGHTS = ("auto", "params", "ema")
 LOSSES = ("ce", "soft_iou", "soft_iou_log", "dice", "tversky", "focal", "ce_dice")
 AUGMENT_PRESETS = ("none", "flip", "flip_jitter", "flip_jitter_full", "flip_jitter_crop")
 AUDIT_METHODS = ("self_confidence", "normalized_margin", "adjusted_self_confidence")
+TTA_MODES = ("none", "flip")  # test-time views: the image, or the image and its mirror

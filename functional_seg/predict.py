@@ -60,6 +60,7 @@ from .core.tree import tree_map
 from .data.preprocess import Preprocess
 from .data.sample import fit_image
 from .data.sizes import size_text
+from .options import TTA_MODES
 from .render import is_ours, mask_image, overlay_image, png_bytes
 from .runtime import Runtime, resolve_runtime
 from .strips import blended_strips, resized_strips, strip_rows, tiling
@@ -69,7 +70,6 @@ __all__ = ["IMAGE_SUFFIXES", "Predictor", "PredictResult", "PredictReport", "out
            "expand_inputs", "find_inputs", "predict_files", "format_result", "mask_of", "MAX_BATCH_PIXELS"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-TTA_MODES = ("none", "flip")
 #: Decoded pixels a batch may hold before it is predicted (~100 MB of uint8 RGB); one image always fits.
 MAX_BATCH_PIXELS = 1 << 25
 _UNCERTAINTY_NEEDS = ("--uncertainty needs several predictions per pixel: an ensemble checkpoint (all its "

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from functional_seg import checkpoint as ckpt
-from functional_seg.audit import audit
+from functional_seg.audit import audit, out_of_sample_probs
 from functional_seg.core.tree import flatten_with_names
 from functional_seg.data import PreparedData, Splits, make_synthetic_dataset, prepare
 from functional_seg.data.splits import fold_ids
-from functional_seg.models import create_model
+from functional_seg.models import create_model, load_checkpoint
+from functional_seg.runtime import resolve_runtime
 from functional_seg.train import FitConfig, OptimizerConfig, fit
 
 
@@ -63,6 +64,32 @@ def test_member_k_never_learns_the_labels_of_fold_k(data, tmp_path):
     assert not all(torch.equal(a1[n], b1[n]) for n in a1)
 
 
+def test_out_of_sample_probabilities_come_from_the_member_that_held_the_image_out(data, tmp_path):
+    """Each image's probabilities, recomputed by hand from its fold's member: softmax of the image
+    (tta="none"), or the mean of the softmax of the image and of its mirror, flipped back ("flip")."""
+    folds = fold_ids(data.names, 2, seed=0)
+    run = fit(_model(), Splits(data), _config(folds=2), out_dir=tmp_path / "run", hooks=[])
+    members = [load_checkpoint(run.checkpoint, weights="params", member=k) for k in (0, 1)]
+    runtime = resolve_runtime("cpu")
+    for tta in ("none", "flip"):
+        seen = torch.zeros(len(data), dtype=torch.bool)
+        for index, probs, masks in out_of_sample_probs(run.checkpoint, data, folds, runtime=runtime, batch_size=8,
+                                                       tta=tta):
+            images, want_masks = data.gather(index)
+            assert torch.equal(masks, want_masks.long())
+            for j, i in enumerate(index.tolist()):
+                m = members[int(folds[i])]
+                x = m.preprocess.model_input(images[j:j + 1])
+                with torch.no_grad():
+                    want = m.model.apply(m.params, m.state, x, train=False)[0].softmax(1)
+                    if tta == "flip":
+                        mirror = m.model.apply(m.params, m.state, x.flip(-1), train=False)[0].softmax(1).flip(-1)
+                        want = (want + mirror) / 2
+                torch.testing.assert_close(probs[j:j + 1], want, rtol=1e-5, atol=1e-6)
+                seen[i] = True
+        assert seen.all()
+
+
 def test_the_audit_ranks_grossly_wrong_masks_first_and_writes_its_files(data, tmp_path):
     wrong = set(data.names[:3])
     corrupted = _relabelled(data, wrong, 1)  # three pets labelled background everywhere
@@ -74,6 +101,7 @@ def test_the_audit_ranks_grossly_wrong_masks_first_and_writes_its_files(data, tm
     assert [int(r["rank"]) for r in rows] == list(range(1, len(data) + 1))
     saved = json.loads((tmp_path / "run" / "audit.json").read_text())
     assert saved["folds"] == 4 and len(saved["thresholds"]) == 3 and saved["method"] == "self_confidence"
+    assert saved["tta"] == "flip"  # the default: out-of-sample probabilities of the image and its mirror
     assert (tmp_path / "run" / "audit_top.png").stat().st_size > 0
     # a resumed audit of a finished run trains nothing and ranks the same
     again = audit(_model(), corrupted, _config(epochs=6), folds=4, out_dir=tmp_path / "run", resume=True, top=0,
@@ -86,3 +114,5 @@ def test_an_audit_needs_two_folds_and_a_known_method(data, tmp_path):
         audit(_model(), data, _config(), folds=1, out_dir=tmp_path / "a")
     with pytest.raises(ValueError, match="unknown audit method"):
         audit(_model(), data, _config(), folds=2, method="vibes", out_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match="unknown tta 'sideways'; expected one of none, flip"):
+        audit(_model(), data, _config(), folds=2, tta="sideways", out_dir=tmp_path / "c")
