@@ -113,6 +113,23 @@ def test_training_writes_nothing_inside_the_data_folder(tmp_path, monkeypatch):
     assert any((tmp_path / "cache").rglob("*.safetensors"))
 
 
+def test_audit_command_scores_with_the_views_asked_for(tmp_path, capsys, monkeypatch):
+    from functional_seg.data import make_synthetic_dataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = make_synthetic_dataset(tmp_path / "pets", n_trainval=12, n_test=2, size=40)
+    base = ["audit", "--data", str(root), *TINY, "--folds", "2", "--size", "32", "--epochs", "1", "--batch-size",
+            "4", "--top", "2", "--no-progress", "--device", "cpu"]
+    assert main([*base, "--tta", "none", "--out", str(tmp_path / "run")]) == 0
+    saved = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert saved["tta"] == "none" and len(saved["images"]) == 12
+    ranked = [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert ranked == [row["name"] for row in saved["images"]]
+    with pytest.raises(SystemExit):
+        main([*base, "--tta", "sideways", "--out", str(tmp_path / "other")])
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
 def test_prepare_and_models(tmp_path, capsys):
     from functional_seg.data import make_synthetic_dataset
 
