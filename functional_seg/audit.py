@@ -41,12 +41,11 @@ from .core.files import write_atomic, write_json
 from .data.loader import Loader
 from .data.splits import Splits, fold_ids
 from .models.saved import load_checkpoint
-from .options import TTA_MODES
 from .render import colour_labels, png_bytes
 from .runtime import resolve_runtime
 from .train.config import FitConfig
 from .train.loop import FitResult, fit
-from .uncertainty import flip_views, heatmap, mean_probs
+from .uncertainty import check_tta, flip_views, heatmap, mean_probs
 
 __all__ = ["audit", "AuditResult", "out_of_sample_probs", "score_dataset", "contact_sheet"]
 
@@ -69,16 +68,11 @@ class AuditResult:
     files: dict[str, str]
 
 
-def _check_tta(tta: str) -> None:
-    if tta not in TTA_MODES:
-        raise ValueError(f"unknown tta {tta!r}; expected one of {', '.join(TTA_MODES)}")
-
-
 def out_of_sample_probs(checkpoint, data, folds: torch.Tensor, *, runtime, batch_size: int, tta: str = "flip"):
     """Yield ``(indices int64 [b], probs float [b, C, S, S], labels int64 [b, S, S])`` for every image,
     each predicted by the member of ``checkpoint`` that never learned the labels of its fold
     (``tta="flip"``: the mean softmax of the image and its mirror)."""
-    _check_tta(tta)
+    check_tta(tta)
     k = int(folds.max()) + 1
     for member in range(k):
         index = torch.nonzero(folds == member).flatten()
@@ -191,7 +185,7 @@ def audit(model, data, config: FitConfig, *, folds: int = 5, out_dir: str | os.P
     """
     if method not in Q.METHODS:
         raise ValueError(f"unknown audit method {method!r}; expected one of {', '.join(Q.METHODS)}")
-    _check_tta(tta)
+    check_tta(tta)
     if folds < 2:
         raise ValueError(f"--folds must be at least 2 (each image needs a member that held it out), got {folds}")
     config = dataclasses.replace(config, folds=folds, ensemble=1)

@@ -60,11 +60,19 @@ from .core.tree import tree_map
 from .data.preprocess import Preprocess
 from .data.sample import fit_image
 from .data.sizes import size_text
-from .options import TTA_MODES
 from .render import is_ours, mask_image, overlay_image, png_bytes
 from .runtime import Runtime, resolve_runtime
 from .strips import blended_strips, resized_strips, strip_rows, tiling
-from .uncertainty import flip_views, heatmap, mean_probs, overlay, to_uint16, uncertainty_maps, write_uint16_png
+from .uncertainty import (
+    check_tta,
+    flip_views,
+    heatmap,
+    mean_probs,
+    overlay,
+    to_uint16,
+    uncertainty_maps,
+    write_uint16_png,
+)
 
 __all__ = ["IMAGE_SUFFIXES", "Predictor", "PredictResult", "PredictReport", "output_names", "output_paths",
            "expand_inputs", "find_inputs", "predict_files", "format_result", "mask_of", "MAX_BATCH_PIXELS"]
@@ -136,8 +144,7 @@ class Predictor:
         self.device = self.runtime.device
         self.precision = self.runtime.precision
         self.channels_last = self.runtime.channels_last
-        if self.tta not in TTA_MODES:
-            raise ValueError(f"unknown tta {self.tta!r}; expected one of {', '.join(TTA_MODES)}")
+        check_tta(self.tta)
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"tile overlap must be in [0, 1), got {self.tile_overlap}")
         if self.uncertainty and self.members is None and self.tta != "flip":

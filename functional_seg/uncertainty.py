@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .core.files import write_atomic
+from .options import TTA_MODES
 
 __all__ = [
     "UINT16_PER_NAT",
@@ -36,6 +37,7 @@ __all__ = [
     "mutual_information",
     "uncertainty_maps",
     "flip_views",
+    "check_tta",
     "to_uint16",
     "from_uint16",
     "write_uint16_png",
@@ -126,6 +128,12 @@ def flip_views(predict: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
     if plain.ndim == 5:
         return torch.cat([plain, mirrored])
     raise ValueError(f"predict must return logits [N, C, H, W] or [K, N, C, H, W]; got shape {list(plain.shape)}")
+
+
+def check_tta(tta: str) -> None:
+    """Refuse a test-time view mode other than ``options.TTA_MODES`` ("none"; "flip": ``flip_views``)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown tta {tta!r}; expected one of {', '.join(TTA_MODES)}")
 
 
 def to_uint16(nats: Tensor) -> Tensor:
