@@ -97,8 +97,8 @@ def _file_stats(images: Sequence[str], masks: Sequence[str] = ()) -> np.ndarray:
 
 
 def _files_digest(names: Sequence[str], paths: Sequence[str], stats: np.ndarray) -> str:
-    """sha256 over each sample's name, file name and stats: any file renamed, resized or touched
-    changes it."""
+    """sha256 over the sample names (may be empty), each path's file name and the stats: any file
+    renamed, resized or touched changes it."""
     h = hashlib.sha256()
     for column in (names, (os.path.basename(p) for p in paths)):
         for text in column:
@@ -160,8 +160,7 @@ def _cache_key(src: Source, hw: tuple[int, int], policy: str, seed: int, shard_s
     if src.labels is not None:
         classes: object = src.labels.key()
     else:  # inferred from every mask: any of them changing changes the key
-        masks = src.infer_from
-        classes = {"inferred_from": _files_digest([os.path.basename(p) for p in masks], masks, _file_stats(masks))}
+        classes = {"inferred_from": _files_digest((), src.infer_from, _file_stats(src.infer_from))}
     return {
         "format": _FORMAT,
         "layout": src.layout,
@@ -251,9 +250,8 @@ class _Job:
                 return self._rebuild(path, a, b, sha256)
 
     def _rebuild(self, path: Path, a: int, b: int, sha256: str) -> bool:
-        for i in range(a, b):
-            if (*_stat(self.src.images[i]), *_stat(self.src.masks[i])) != tuple(self.stats[i].tolist()):
-                return False
+        if not np.array_equal(_file_stats(self.src.images[a:b], self.src.masks[a:b]), self.stats[a:b]):
+            return False
         tasks = [self.task(i) for i in range(a, b) if self.missing(i) is None]
         part = self.decode(a, b, map(load_sample, tasks), None, self.buffers(b - a))
         if tensor_digest(part["images"], part["masks"]) != sha256:
