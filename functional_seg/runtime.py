@@ -118,7 +118,9 @@ def reuse_freed_cpu_memory() -> bool:
     in a plain ``nn.Module`` alike (``python -m benchmarks.bench_eager_step --malloc system``).
     With mmap off and trimming off, freed blocks stay in the heap and the next step reuses them.
     The cost: the process keeps its peak memory until it exits, which a training or inference
-    loop reaches on every batch anyway.
+    loop reaches on every batch anyway; small allocations between the large blocks can split the
+    kept heap, so it may settle somewhat above one step's peak (four 32 MiB blocks a round settle
+    at 1.25-2.75 times their bytes in ``tests/test_runtime.py``, glibc's own counters).
 
     Process-wide and idempotent. Does nothing (returns False) where malloc is not glibc's (macOS,
     Windows, musl), or where the user already chose: any ``MALLOC_*`` variable,
