@@ -52,8 +52,9 @@ def _rounds(mode: str, **env) -> tuple[str, int, list[int]]:
     return out[0], int(out[1]), [int(c) for c in out[2:]]
 
 
-# mallinfo2 is glibc 2.33's (Debian 12, Ubuntu 22.04 and later)
-ON_GLIBC_233 = ON_GLIBC and tuple(int(p) for p in platform.libc_ver()[1].split(".")[:2]) >= (2, 33)
+# mallinfo2 is glibc 2.33's (Debian 12, Ubuntu 22.04 and later); the running glibc's version, not
+# the one the interpreter was built against (platform.libc_ver)
+ON_GLIBC_233 = ON_GLIBC and tuple(map(int, os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])) >= (2, 33)
 
 
 @pytest.mark.skipif(not ON_GLIBC_233, reason="the setting is glibc's; its counters (mallinfo2) are 2.33's")
