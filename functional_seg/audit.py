@@ -1,6 +1,6 @@
 """``fseg audit``: which masks of a dataset are likely wrong, from K-fold out-of-sample predictions.
 
-    result = audit(model, data, FitConfig(epochs=20, ...), folds=5, out_dir="runs/audit")
+    result = audit(model, data, FitConfig(epochs=40, ...), folds=5, out_dir="runs/audit")
 
 1. K members train in ONE vmapped step: ``fit`` with ``config.folds = K``. Fold of an image = a
    seeded function of its name (``data.splits.fold_ids``); member k's loss ignores the labels of
